@@ -1,0 +1,141 @@
+"""The ASGI application: start-up wiring of every service, and the routes."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from dhp.api import http
+from dhp.api.fhir import FHIRApp
+from dhp.conformance import Registry, load_registry
+from dhp.errors import FHIRError
+from dhp.interactions.context import Server
+from dhp.interactions.packages import install_packages
+from dhp.settings import Settings
+from dhp.store import Store
+
+log = logging.getLogger("dhp")
+
+
+def _optional(module: str) -> Any:
+    """Import a sibling service package if it is present in this build."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return None
+        raise
+
+
+async def build_server(settings: Settings, registry: Registry | None = None, *, install: bool = True) -> Server:
+    """Open the store, load the packages and create every service; the same in every process."""
+    registry = registry or load_registry(settings)
+    store = Store(settings.database_url, settings.database_read_url)
+    await store.open(migrate=settings.auto_migrate)
+    server = Server(settings, registry, store)
+    terminology = _optional("dhp.terminology.engine")
+    if terminology is not None and hasattr(terminology, "Terminology"):
+        server.terminology = terminology.Terminology(registry)
+    else:
+        term_pkg = _optional("dhp.terminology")
+        if term_pkg is not None and hasattr(term_pkg, "Terminology"):
+            server.terminology = term_pkg.Terminology(registry)
+    validation = _optional("dhp.validation")
+    if validation is not None and hasattr(validation, "Validator"):
+        server.validator = validation.Validator(registry, server.terminology,
+                                                require_meta_profile=settings.require_meta_profile)
+    search = _optional("dhp.search")
+    if search is not None and hasattr(search, "SearchEngine"):
+        server.search = search.SearchEngine(registry, server.terminology)
+    documents = _optional("dhp.documents")
+    if documents is not None and hasattr(documents, "DocumentService"):
+        server.documents = documents.DocumentService(server)
+    if install:
+        await install_packages(server)
+    await server.sync_conformance()
+    return server
+
+
+def _auth_module(settings: Settings) -> Any:
+    if settings.auth == "off":
+        return None
+    auth = _optional("dhp.auth")
+    if auth is None or not hasattr(auth, "authenticate"):
+        raise RuntimeError("DHP_AUTH=on but the auth module is missing; set DHP_AUTH=off explicitly to run open")
+    return auth
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    fhir = FHIRApp()
+    auth = _auth_module(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        server = await build_server(settings, registry)
+        app.state.server = server
+        app.state.admin_client = None
+        if auth is not None:
+            await auth.start(server)
+            server.check_resource = auth.check_resource
+            app.state.admin_client = await auth.ensure_admin_client(server)
+
+            async def authenticate(request: Request) -> Any:
+                try:
+                    return await auth.authenticate(server, request.headers)
+                except auth.AuthError as e:
+                    raise FHIRError(401, str(e) or "Invalid or missing access token", "login",
+                                    message_id="invalid-token",
+                                    headers={"WWW-Authenticate": e.www_authenticate}) from None
+
+            fhir.authenticate = authenticate
+        else:
+            log.warning("DHP_AUTH=off: the FHIR API is open to anyone who can reach it")
+        fhir.server = server
+        try:
+            yield
+        finally:
+            await server.store.close()
+
+    async def root(_: Request) -> Response:
+        return RedirectResponse("/fhir/metadata")
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    routes: list[BaseRoute] = [Route("/", root), Route("/healthz", health)]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    if auth is not None:
+        # Auth routes need the Server, which exists only after start-up: resolve it lazily.
+        for r in auth.routes(_LazyServer(app, settings)):
+            app.router.routes.insert(0, r)
+    app.router.routes.append(Mount("/fhir", app=fhir))
+    app.state.fhir = fhir
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return http.error_response(FHIRError(404, f"No such endpoint: {request.url.path}", "not-found"))
+
+    app.add_exception_handler(404, not_found)
+    return app
+
+
+class _LazyServer:
+    """Stands in for the Server until the lifespan has built it (attribute access is forwarded)."""
+
+    def __init__(self, app: Starlette, settings: Settings) -> None:
+        self._app = app
+        self.settings = settings
+
+    def __getattr__(self, name: str) -> Any:
+        server = getattr(self._app.state, "server", None)
+        if server is None:
+            raise RuntimeError("server not started")
+        return getattr(server, name)

@@ -1,0 +1,145 @@
+"""HTTP details of the FHIR API: content negotiation, Prefer, body reading, responses, error mapping."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dhp import fhirjson
+from dhp.errors import FHIRError, Issue, outcome
+
+log = logging.getLogger("dhp.api")
+
+FHIR_JSON = "application/fhir+json"
+JSON_TYPES = ("application/fhir+json", "application/json", "text/json")
+_FORMAT_ALIASES = {"json": FHIR_JSON, "application/json": "application/json", "application/fhir+json": FHIR_JSON,
+                   "text/json": "application/json"}
+_XML = ("xml", "text/xml", "application/xml", "application/fhir+xml")
+
+
+def negotiate(request: Request, html_ok: bool = False) -> str:
+    """The media type to answer with, from ``_format`` or ``Accept``; 406 when none is acceptable."""
+    fmt = request.query_params.get("_format")
+    if fmt:
+        f = fmt.split(";")[0].strip().lower()
+        if f in _FORMAT_ALIASES:
+            return _FORMAT_ALIASES[f]
+        if html_ok and f in ("html", "text/html"):
+            return "text/html"
+        if f in _XML:
+            raise FHIRError(406, "This server speaks JSON only; XML is not supported", "not-supported",
+                            message_id="xml-not-supported")
+        raise FHIRError(406, f"Unsupported _format '{fmt}'", "not-supported", message_id="not-acceptable")
+    accept = request.headers.get("accept", "")
+    if not accept:
+        return FHIR_JSON
+    best: tuple[float, str] | None = None
+    for part in accept.split(","):
+        bits = [b.strip() for b in part.split(";")]
+        mt = bits[0].lower()
+        q = 1.0
+        for b in bits[1:]:
+            if b.startswith("q="):
+                try:
+                    q = float(b[2:])
+                except ValueError:
+                    q = 0.0
+        if q <= 0:
+            continue
+        chosen = None
+        if mt in (FHIR_JSON, "*/*", "application/*"):
+            chosen = FHIR_JSON
+        elif mt in ("application/json", "text/json"):
+            chosen = "application/json"
+        elif mt == "text/html" and html_ok:
+            chosen = "text/html"
+        if chosen and (best is None or q > best[0]):
+            best = (q, chosen)
+    if best is None:
+        raise FHIRError(406, f"None of the accepted media types ({accept}) can be produced; "
+                        "use application/fhir+json", "not-supported", message_id="not-acceptable")
+    return best[1]
+
+
+def parse_prefer(request: Request) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in request.headers.getlist("prefer"):
+        for part in h.split(";"):
+            for item in part.split(","):
+                k, _, v = item.strip().partition("=")
+                if k:
+                    out[k.strip().lower()] = v.strip().strip('"')
+    ret = out.get("return")
+    if ret is not None and ret not in ("minimal", "representation", "OperationOutcome"):
+        raise FHIRError(400, f"Prefer: return={ret} is not one of minimal, representation, OperationOutcome",
+                        "invalid", message_id="bad-prefer")
+    handling = out.get("handling")
+    if handling is not None and handling not in ("strict", "lenient"):
+        raise FHIRError(400, f"Prefer: handling={handling} is not strict or lenient", "invalid",
+                        message_id="bad-prefer")
+    return out
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    cl = request.headers.get("content-length")
+    if cl is not None:
+        try:
+            if int(cl) > limit:
+                raise FHIRError(413, f"Request body of {cl} bytes exceeds the limit of {limit} bytes",
+                                "too-costly", message_id="body-too-large")
+        except ValueError:
+            raise FHIRError(400, "Invalid Content-Length", "invalid") from None
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise FHIRError(413, f"Request body exceeds the limit of {limit} bytes", "too-costly",
+                            message_id="body-too-large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def content_kind(request: Request, allowed: tuple[str, ...] = JSON_TYPES) -> str:
+    """The request body's media type (without parameters); 415 unless it is one of ``allowed``."""
+    ct = request.headers.get("content-type", "")
+    mt = ct.split(";")[0].strip().lower()
+    if not mt:
+        return FHIR_JSON  # tolerate clients that send JSON without saying so
+    if mt not in allowed:
+        raise FHIRError(415, f"Unsupported Content-Type '{ct}'; send application/fhir+json", "not-supported",
+                        message_id="unsupported-media-type")
+    for p in ct.split(";")[1:]:
+        k, _, v = p.strip().partition("=")
+        if k.lower() == "charset" and v.strip('"').lower() not in ("utf-8", "utf8"):
+            raise FHIRError(415, f"Only UTF-8 is accepted, not charset={v}", "not-supported",
+                            message_id="unsupported-charset")
+    return mt
+
+
+def fhir_response(body: Any, status: int = 200, headers: dict[str, str] | None = None,
+                  media_type: str = FHIR_JSON, pretty: bool = False) -> Response:
+    if isinstance(body, bytes):
+        content = body
+        if pretty:
+            content = fhirjson.dumps(fhirjson.loads(body), pretty=True)
+    elif body is None:
+        content = b""
+    else:
+        content = fhirjson.dumps(body, pretty=pretty)
+    return Response(content, status_code=status, headers=headers,
+                    media_type=f"{media_type}; charset=utf-8" if content else None)
+
+
+def error_response(err: FHIRError, pretty: bool = False) -> Response:
+    headers = dict(err.headers)
+    return fhir_response(err.outcome(), err.status, headers, pretty=pretty)
+
+
+def internal_error(exc: BaseException) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return fhir_response(outcome(Issue("fatal", "exception", "Internal server error; the request was not applied",
+                                       message_id="internal-error")), 500)

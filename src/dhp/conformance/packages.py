@@ -1,0 +1,419 @@
+"""FHIR NPM packages: find them (local files and folders, the cache, registries), unpack them into the
+standard cache layout, resolve dependencies, and index their resources.
+
+A package lives at ``<cache>/<id>#<version>/package/``. Each one gets a small index file
+(``.dhp-index.json``) on first load, so later start-ups read one file per package, not thousands.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+log = logging.getLogger("dhp.packages")
+
+INDEX_FILE = ".dhp-index.json"
+INDEX_VERSION = 3
+# Fields kept in the index for every resource file.
+_INDEX_FIELDS = (
+    "resourceType", "id", "url", "version", "name", "status", "kind", "type", "derivation",
+    "baseDefinition", "abstract", "supplements", "content",
+)
+
+
+class PackageError(Exception):
+    """A package could not be found, fetched or read."""
+
+
+@dataclass(frozen=True, order=True)
+class PackageRef:
+    id: str
+    version: str
+
+    @classmethod
+    def parse(cls, text: str) -> PackageRef:
+        m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*[#@]\s*([A-Za-z0-9._+-]+)\s*", text)
+        if not m:
+            raise PackageError(f"not a package reference (expected id#version): {text!r}")
+        return cls(m.group(1), m.group(2))
+
+    def __str__(self) -> str:
+        return f"{self.id}#{self.version}"
+
+
+@dataclass
+class Package:
+    id: str
+    version: str
+    root: Path  # the folder that holds package.json and the resource files
+    manifest: dict[str, Any]
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ref(self) -> PackageRef:
+        return PackageRef(self.id, self.version)
+
+    @property
+    def canonical(self) -> str:
+        return str(self.manifest.get("canonical") or self.manifest.get("url") or "")
+
+    @property
+    def dependencies(self) -> dict[str, str]:
+        deps = self.manifest.get("dependencies") or {}
+        return {str(k): str(v) for k, v in deps.items()}
+
+    def read(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return orjson.loads((self.root / entry["filename"]).read_bytes())
+
+    def iter_resources(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        for e in self.entries:
+            yield e, self.read(e)
+
+
+# ---------------------------------------------------------------- versions
+
+
+def _version_key(v: str) -> tuple[Any, ...]:
+    main, _, pre = v.partition("-")
+    nums: list[int] = []
+    for part in main.split("."):
+        m = re.match(r"\d+", part)
+        nums.append(int(m.group(0)) if m else 0)
+    while len(nums) < 3:
+        nums.append(0)
+    # A release sorts after its pre-releases.
+    return (*nums[:3], 0 if pre else 1, pre)
+
+
+def nearest_version(wanted: str, available: Iterable[str]) -> str | None:
+    """The available version nearest to ``wanted``: exact, else the lowest later one, else the highest."""
+    avail = sorted(set(available), key=_version_key)
+    if not avail:
+        return None
+    if wanted in avail:
+        return wanted
+    if wanted in ("latest", "current", "dev"):
+        return avail[-1]
+    wk = _version_key(wanted)
+    later = [v for v in avail if _version_key(v) > wk]
+    return later[0] if later else avail[-1]
+
+
+# ---------------------------------------------------------------- unpacking and indexing
+
+
+def _safe_extract(data: bytes, dest: Path) -> None:
+    """Unpack a package tarball into ``dest`` (which gets ``package/``), refusing unsafe members."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        members = []
+        for m in tar.getmembers():
+            name = m.name.replace("\\", "/")
+            if name.startswith("/") or ".." in name.split("/"):
+                raise PackageError(f"unsafe path in package archive: {m.name}")
+            if not (m.isfile() or m.isdir()):
+                continue
+            # Some packages put files at the top level instead of under package/.
+            if not name.startswith("package/"):
+                m.name = "package/" + name
+            members.append(m)
+        tar.extractall(dest, members=members, filter="data")
+
+
+def read_manifest_from_tgz(data: bytes) -> dict[str, Any]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        for m in tar.getmembers():
+            if m.name.replace("\\", "/").lstrip("./") in ("package/package.json", "package.json"):
+                f = tar.extractfile(m)
+                if f is not None:
+                    return orjson.loads(f.read())
+    raise PackageError("archive has no package/package.json")
+
+
+def _index_folder(folder: Path) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    if not folder.is_dir():
+        return entries
+    for p in sorted(folder.iterdir()):
+        if p.suffix != ".json" or p.name in ("package.json", "package-lock.json") or p.name.startswith("."):
+            continue
+        try:
+            res = orjson.loads(p.read_bytes())
+        except orjson.JSONDecodeError:
+            log.warning("skipping %s: not valid JSON", p)
+            continue
+        if not isinstance(res, dict) or "resourceType" not in res:
+            continue
+        e: dict[str, Any] = {"filename": str(p.relative_to(folder.parent if folder.name == "example" else folder))}
+        for k in _INDEX_FIELDS:
+            if k in res and isinstance(res[k], str | bool):
+                e[k] = res[k]
+        entries.append(e)
+    return entries
+
+
+def open_package(root: Path) -> Package:
+    """Open an unpacked package folder (the one holding package.json), building its index if needed."""
+    manifest_path = root / "package.json"
+    if not manifest_path.is_file():
+        raise PackageError(f"{root} has no package.json")
+    manifest = orjson.loads(manifest_path.read_bytes())
+    pid, ver = manifest.get("name"), manifest.get("version")
+    if not pid or not ver:
+        raise PackageError(f"{manifest_path} lacks name or version")
+    index_path = root / INDEX_FILE
+    index: dict[str, Any] | None = None
+    if index_path.is_file():
+        try:
+            index = orjson.loads(index_path.read_bytes())
+            if index.get("version") != INDEX_VERSION:
+                index = None
+        except orjson.JSONDecodeError:
+            index = None
+    if index is None:
+        index = {
+            "version": INDEX_VERSION,
+            "resources": _index_folder(root),
+            "examples": [dict(e, filename="example/" + e["filename"].split("/")[-1])
+                         for e in _index_folder(root / "example")],
+        }
+        try:
+            tmp = index_path.with_suffix(".tmp")
+            tmp.write_bytes(orjson.dumps(index))
+            os.replace(tmp, index_path)
+        except OSError:
+            log.debug("cannot write package index in %s", root)
+    return Package(str(pid), str(ver), root, manifest, index["resources"], index["examples"])
+
+
+# ---------------------------------------------------------------- sources
+
+
+@cache
+def _npm_registry_url() -> str | None:
+    url = os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY")
+    if url:
+        return url
+    try:
+        out = subprocess.run(["npm", "config", "get", "registry"], capture_output=True, text=True,
+                             timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("http"):
+            return line
+    return None
+
+
+def _registry_base(name: str) -> str | None:
+    if name == "npm":
+        return _npm_registry_url()
+    if name.startswith(("http://", "https://")):
+        return name
+    log.warning("ignoring unknown package registry %r", name)
+    return None
+
+
+class PackageManager:
+    """Finds and installs packages into the cache; opens installed ones."""
+
+    def __init__(self, cache_dir: Path | str, local_paths: Iterable[Path | str] = (),
+                 registries: Iterable[str] = ("npm",), timeout: float = 120.0) -> None:
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.local_paths = [Path(p).expanduser() for p in local_paths]
+        self.registries = list(registries)
+        self.timeout = timeout
+        self._local: dict[PackageRef, Path] | None = None
+        self._registry_versions: dict[str, dict[str, str]] = {}
+
+    # -- what is where
+
+    def cached(self) -> list[PackageRef]:
+        out = []
+        if self.cache_dir.is_dir():
+            for d in self.cache_dir.iterdir():
+                if "#" in d.name and (d / "package" / "package.json").is_file():
+                    pid, _, ver = d.name.partition("#")
+                    out.append(PackageRef(pid, ver))
+        return sorted(out)
+
+    def local(self) -> dict[PackageRef, Path]:
+        """Packages found in the local folders: ``.tgz`` files and unpacked folders."""
+        if self._local is not None:
+            return self._local
+        found: dict[PackageRef, Path] = {}
+        for base in self.local_paths:
+            if not base.exists():
+                continue
+            candidates = [base] if base.is_file() else sorted(base.iterdir())
+            for p in candidates:
+                try:
+                    if p.is_file() and p.name.endswith((".tgz", ".tar.gz")):
+                        m = read_manifest_from_tgz(p.read_bytes())
+                    elif p.is_dir() and (p / "package" / "package.json").is_file():
+                        m = orjson.loads((p / "package" / "package.json").read_bytes())
+                    elif p.is_dir() and (p / "package.json").is_file():
+                        m = orjson.loads((p / "package.json").read_bytes())
+                    else:
+                        continue
+                except (PackageError, OSError, tarfile.TarError, orjson.JSONDecodeError) as e:
+                    log.warning("skipping %s: %s", p, e)
+                    continue
+                if m.get("name") and m.get("version"):
+                    found.setdefault(PackageRef(str(m["name"]), str(m["version"])), p)
+        self._local = found
+        return found
+
+    def path_of(self, ref: PackageRef) -> Path:
+        return self.cache_dir / f"{ref.id}#{ref.version}" / "package"
+
+    def _registry_info(self, pid: str) -> dict[str, str]:
+        """version → tarball URL, over all registries (first registry wins per version)."""
+        if pid in self._registry_versions:
+            return self._registry_versions[pid]
+        versions: dict[str, str] = {}
+        for reg in self.registries:
+            base = _registry_base(reg)
+            if not base:
+                continue
+            url = base.rstrip("/") + "/" + pid
+            try:
+                r = httpx.get(url, timeout=self.timeout, follow_redirects=True,
+                              headers={"Accept": "application/json"})
+            except httpx.HTTPError as e:
+                log.warning("package registry %s unreachable: %s", base, e)
+                continue
+            if r.status_code != 200:
+                continue
+            try:
+                doc = r.json()
+            except ValueError:
+                continue
+            for ver, info in (doc.get("versions") or {}).items():
+                tarball = ((info or {}).get("dist") or {}).get("tarball") or f"{url}/{ver}"
+                versions.setdefault(str(ver), str(tarball))
+        self._registry_versions[pid] = versions
+        return versions
+
+    def available_versions(self, pid: str, remote: bool = True) -> set[str]:
+        vers = {r.version for r in self.cached() if r.id == pid}
+        vers |= {r.version for r in self.local() if r.id == pid}
+        if remote:
+            vers |= set(self._registry_info(pid))
+        return vers
+
+    # -- installing
+
+    def install_tgz(self, data: bytes) -> PackageRef:
+        manifest = read_manifest_from_tgz(data)
+        ref = PackageRef(str(manifest["name"]), str(manifest["version"]))
+        dest = self.cache_dir / f"{ref.id}#{ref.version}"
+        if (dest / "package" / "package.json").is_file():
+            return ref
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=self.cache_dir))
+        try:
+            _safe_extract(data, tmp)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                # Another process installed it meanwhile.
+                if not (dest / "package" / "package.json").is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return ref
+
+    def install_path(self, path: Path) -> PackageRef:
+        path = Path(path)
+        if path.is_file():
+            return self.install_tgz(path.read_bytes())
+        root = path / "package" if (path / "package" / "package.json").is_file() else path
+        manifest = orjson.loads((root / "package.json").read_bytes())
+        ref = PackageRef(str(manifest["name"]), str(manifest["version"]))
+        dest = self.cache_dir / f"{ref.id}#{ref.version}"
+        if not (dest / "package" / "package.json").is_file():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(root, dest / "package", dirs_exist_ok=True)
+        return ref
+
+    def ensure(self, ref: PackageRef) -> PackageRef:
+        """Make ``ref`` (or the nearest available version) present in the cache; return what was installed."""
+        if (self.path_of(ref) / "package.json").is_file():
+            return ref
+        local = self.local()
+        if ref in local:
+            return self.install_path(local[ref])
+        remote = self._registry_info(ref.id)
+        if ref.version in remote:
+            return self.install_tgz(self._download(remote[ref.version]))
+        choice = nearest_version(ref.version, self.available_versions(ref.id))
+        if choice is None:
+            raise PackageError(f"package {ref} not found in {self.local_paths or 'no local folders'}, "
+                               f"the cache or registries {self.registries}")
+        log.warning("package %s is not available; using %s#%s instead", ref, ref.id, choice)
+        return self.ensure(PackageRef(ref.id, choice))
+
+    def _download(self, url: str) -> bytes:
+        try:
+            r = httpx.get(url, timeout=self.timeout, follow_redirects=True)
+        except httpx.HTTPError as e:
+            raise PackageError(f"download failed: {url}: {e}") from None
+        if r.status_code != 200:
+            raise PackageError(f"download failed: {url}: HTTP {r.status_code}")
+        return r.content
+
+    def open(self, ref: PackageRef) -> Package:
+        return open_package(self.path_of(ref))
+
+    def resolve(self, wanted: Iterable[PackageRef | str]) -> list[Package]:
+        """Install the wanted packages and their dependencies; one version per package id.
+
+        Explicitly wanted versions win over dependency versions. Dependencies are loaded before
+        the packages that need them.
+        """
+        refs = [PackageRef.parse(w) if isinstance(w, str) else w for w in wanted]
+        chosen: dict[str, PackageRef] = {}
+        for r in refs:
+            chosen[r.id] = self.ensure(r)
+        order: list[str] = []
+        visiting: set[str] = set()
+        opened: dict[str, Package] = {}
+
+        def visit(pid: str) -> None:
+            if pid in opened or pid in visiting:
+                return
+            visiting.add(pid)
+            pkg = self.open(chosen[pid])
+            for dep_id, dep_ver in pkg.dependencies.items():
+                if dep_id not in chosen:
+                    try:
+                        chosen[dep_id] = self.ensure(PackageRef(dep_id, dep_ver))
+                    except PackageError as e:
+                        log.warning("dependency %s#%s of %s skipped: %s", dep_id, dep_ver, pkg.ref, e)
+                        continue
+                elif chosen[dep_id].version != dep_ver:
+                    log.warning("%s wants %s#%s; using %s", pkg.ref, dep_id, dep_ver, chosen[dep_id])
+                visit(dep_id)
+            opened[pid] = pkg
+            order.append(pid)
+
+        for r in refs:
+            visit(r.id)
+        return [opened[p] for p in order]

@@ -1,0 +1,285 @@
+"""``batch`` and ``transaction`` Bundles posted to the FHIR base.
+
+A transaction runs in one store transaction, in the spec's order (DELETE, POST, PUT/PATCH, GET/HEAD),
+with ``urn:uuid:`` (and other) fullUrls rewritten to the ids the server assigns. Any failure rolls back
+everything and answers with an OperationOutcome naming the entry. A batch runs each entry on its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from dhp import fhirjson
+from dhp.errors import FHIRError, Issue, bad_request, outcome
+from dhp.interactions import crud
+from dhp.interactions.context import RequestContext, Server
+from dhp.store import WriteTx, now_us, retry_conflicts
+
+_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+
+
+@dataclass
+class _Entry:
+    index: int
+    method: str
+    url: str
+    path: list[str]
+    query: str
+    resource: dict[str, Any] | None
+    full_url: str | None
+    request: dict[str, Any]
+
+
+def _parse_entries(bundle: dict[str, Any]) -> list[_Entry]:
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise bad_request("Bundle.entry must be an array", "Bundle.entry")
+    out = []
+    for i, e in enumerate(entries):
+        where = f"Bundle.entry[{i}]"
+        if not isinstance(e, dict):
+            raise bad_request(f"{where} must be an object", where)
+        req = e.get("request")
+        if not isinstance(req, dict) or not isinstance(req.get("method"), str) or not isinstance(req.get("url"), str):
+            raise bad_request(f"{where}.request with method and url is required in a batch/transaction",
+                              f"{where}.request", "bundle-request-missing")
+        method = req["method"].upper()
+        if method not in _ORDER:
+            raise bad_request(f"{where}.request.method '{req['method']}' is not allowed", f"{where}.request.method")
+        url = req["url"]
+        parts = urlsplit(url)
+        path = [p for p in parts.path.split("/") if p]
+        res = e.get("resource")
+        if res is not None and (not isinstance(res, dict) or not isinstance(res.get("resourceType"), str)):
+            raise bad_request(f"{where}.resource is not a FHIR resource", f"{where}.resource", "not-a-resource")
+        if method in ("POST", "PUT") and res is None:
+            raise bad_request(f"{where}: {method} needs a resource", f"{where}.resource")
+        if method == "PATCH" and res is None:
+            raise bad_request(f"{where}: PATCH needs a Parameters or Binary resource", f"{where}.resource")
+        out.append(_Entry(i, method, url, path, parts.query, res, e.get("fullUrl"), req))
+    return out
+
+
+def _rewrite(node: Any, mapping: dict[str, str]) -> Any:
+    """Replace references to bundle-local fullUrls with the assigned ``Type/id``."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if isinstance(v, str) and v in mapping and k in ("reference", "url", "valueUri", "valueReference"):
+                node[k] = mapping[v]
+            elif isinstance(v, str) and v in mapping:
+                node[k] = mapping[v]
+            else:
+                _rewrite(v, mapping)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            if isinstance(v, str) and v in mapping:
+                node[i] = mapping[v]
+            else:
+                _rewrite(v, mapping)
+    return node
+
+
+def _response(ctx: RequestContext, res: crud.WriteResult, prefer_return: str) -> dict[str, Any]:
+    status = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}.get(res.status, str(res.status))
+    r: dict[str, Any] = {"status": status}
+    e: dict[str, Any] = {}
+    if res.rec is not None:
+        if res.status == 201 or res.status == 200:
+            r["location"] = f"{res.rec.type}/{res.rec.id}/_history/{res.rec.version}"
+            e["fullUrl"] = f"{ctx.base_url}/{res.rec.type}/{res.rec.id}"
+        r["etag"] = crud.etag(res.rec.version)
+        r["lastModified"] = crud.instant(res.rec.last_updated)
+    if res.issues:
+        r["outcome"] = outcome(res.issues)
+    if prefer_return == "representation" and res.resource is not None and res.status in (200, 201):
+        e["resource"] = res.resource
+    e["response"] = r
+    return e
+
+
+async def _resolve_conditional_refs(server: Server, tx: WriteTx | None, resource: dict[str, Any],
+                                    index: int) -> None:
+    """``Patient?identifier=…`` references inside a transaction resolve to the single match."""
+    stack: list[Any] = [resource]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("reference")
+            if isinstance(ref, str) and "?" in ref and not ref.startswith(("http:", "https:", "urn:")):
+                rtype, _, q = ref.partition("?")
+                crud.check_type(server, rtype)
+                ids = await crud.conditional_match(server, rtype, q, tx)
+                if len(ids) != 1:
+                    raise FHIRError(412 if ids else 404,
+                                    f"Bundle.entry[{index}]: conditional reference {ref!r} matched {len(ids)} "
+                                    "resources (exactly one is required)", "not-found" if not ids else "duplicate",
+                                    message_id="conditional-reference")
+                node["reference"] = f"{rtype}/{ids[0]}"
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+async def _run_entry(server: Server, ctx: RequestContext, e: _Entry, tx: WriteTx | None) -> dict[str, Any]:
+    prefer = ctx.prefer.get("return", "representation")
+    req = e.request
+    path = e.path
+    if e.method in ("GET", "HEAD"):
+        if len(path) == 2:
+            rec = await crud.read(server, ctx, path[0], path[1])
+            return {"fullUrl": f"{ctx.base_url}/{rec.type}/{rec.id}", "resource": fhirjson.loads(rec.content),
+                    "response": {"status": "200 OK", "etag": crud.etag(rec.version),
+                                 "lastModified": crud.instant(rec.last_updated)}}
+        if len(path) == 4 and path[2] == "_history":
+            rec = await crud.vread(server, ctx, path[0], path[1], path[3])
+            return {"resource": fhirjson.loads(rec.content),
+                    "response": {"status": "200 OK", "etag": crud.etag(rec.version)}}
+        if len(path) == 1 and server.search is not None:
+            from dhp.interactions.search import search_type
+
+            crud.check_type(server, path[0])
+            bundle = await search_type(server, ctx, path[0], parse_qsl(e.query, keep_blank_values=True))
+            return {"resource": bundle, "response": {"status": "200 OK"}}
+        raise bad_request(f"Bundle.entry[{e.index}]: unsupported GET url {e.url!r}", f"Bundle.entry[{e.index}]")
+    if e.method == "POST":
+        if len(path) != 1:
+            raise bad_request(f"Bundle.entry[{e.index}]: POST url must be a resource type", f"Bundle.entry[{e.index}]")
+        assert e.resource is not None
+        await _resolve_conditional_refs(server, tx, e.resource, e.index)
+        res = await crud.create(server, ctx, path[0], e.resource, tx=tx, if_none_exist=req.get("ifNoneExist"),
+                                rid=e.resource.get("id") if tx is not None and "_assigned" in req else None)
+        return _response(ctx, res, prefer)
+    if e.method == "PUT":
+        assert e.resource is not None
+        await _resolve_conditional_refs(server, tx, e.resource, e.index)
+        if len(path) == 1 and e.query:
+            ids = await crud.conditional_match(server, path[0], e.query, tx)
+            if len(ids) > 1:
+                raise FHIRError(412, f"Bundle.entry[{e.index}]: conditional update matched {len(ids)} resources",
+                                "duplicate", message_id="conditional-multiple")
+            rid = ids[0] if ids else (e.resource.get("id") or str(uuid.uuid4()))
+            e.resource.setdefault("id", rid)
+            path = [path[0], rid]
+        if len(path) != 2:
+            raise bad_request(f"Bundle.entry[{e.index}]: PUT url must be Type/id", f"Bundle.entry[{e.index}]")
+        res = await crud.update(server, ctx, path[0], path[1], e.resource, tx=tx, if_match=req.get("ifMatch"))
+        return _response(ctx, res, prefer)
+    if e.method == "PATCH":
+        if len(path) != 2:
+            raise bad_request(f"Bundle.entry[{e.index}]: PATCH url must be Type/id", f"Bundle.entry[{e.index}]")
+        assert e.resource is not None
+        if e.resource.get("resourceType") == "Binary":
+            import base64
+
+            try:
+                body = fhirjson.loads(base64.b64decode(e.resource.get("data", "")))
+            except (ValueError, fhirjson.JSONError):
+                raise bad_request(f"Bundle.entry[{e.index}]: Binary patch is not a JSON Patch") from None
+            res = await crud.patch(server, ctx, path[0], path[1], body, "json-patch", tx=tx,
+                                   if_match=req.get("ifMatch"))
+        else:
+            res = await crud.patch(server, ctx, path[0], path[1], e.resource, "fhirpath", tx=tx,
+                                   if_match=req.get("ifMatch"))
+        return _response(ctx, res, prefer)
+    # DELETE
+    if len(path) == 1 and e.query:
+        ids = await crud.conditional_match(server, path[0], e.query, tx)
+        if len(ids) > 1:
+            raise FHIRError(412, f"Bundle.entry[{e.index}]: conditional delete matched {len(ids)} resources",
+                            "duplicate", message_id="conditional-multiple")
+        if not ids:
+            return {"response": {"status": "204 No Content"}}
+        path = [path[0], ids[0]]
+    if len(path) != 2:
+        raise bad_request(f"Bundle.entry[{e.index}]: DELETE url must be Type/id", f"Bundle.entry[{e.index}]")
+    res = await crud.delete(server, ctx, path[0], path[1], tx=tx, if_match=req.get("ifMatch"))
+    return {"response": {"status": "204 No Content" if res.status == 204 else "200 OK"}}
+
+
+def _with_entry(err: FHIRError, index: int) -> FHIRError:
+    for issue in err.issues:
+        issue.expression = [f"Bundle.entry[{index}]" + ("." + x if x else "") for x in (issue.expression or [""])]
+        if not issue.diagnostics.startswith("Bundle.entry["):
+            issue.diagnostics = f"Bundle.entry[{index}]: {issue.diagnostics}"
+    return err
+
+
+async def transaction(server: Server, ctx: RequestContext, bundle: dict[str, Any]) -> dict[str, Any]:
+    entries = _parse_entries(bundle)
+    # Assign ids to created resources and map every local fullUrl to its server URL.
+    mapping: dict[str, str] = {}
+    seen_full: set[str] = set()
+    for e in entries:
+        if e.full_url:
+            if e.full_url in seen_full:
+                raise bad_request(f"Bundle.entry[{e.index}]: fullUrl {e.full_url!r} appears twice",
+                                  f"Bundle.entry[{e.index}].fullUrl", "duplicate-fullurl")
+            seen_full.add(e.full_url)
+        if e.method == "POST" and e.resource is not None and len(e.path) == 1:
+            if e.resource.get("resourceType") != e.path[0]:
+                raise _with_entry(bad_request(f"resourceType does not match the request url {e.url!r}"), e.index)
+            new_id = str(uuid.uuid4())
+            e.resource["id"] = new_id
+            e.request = {**e.request, "_assigned": True}
+            if e.full_url:
+                mapping[e.full_url] = f"{e.path[0]}/{new_id}"
+        elif e.method == "PUT" and e.full_url and len(e.path) == 2:
+            mapping[e.full_url] = f"{e.path[0]}/{e.path[1]}"
+    for e in entries:
+        if e.resource is not None and mapping:
+            _rewrite(e.resource, mapping)
+    targets = [(e.path[0], e.path[1]) for e in entries if e.method in ("PUT", "PATCH", "DELETE") and len(e.path) == 2]
+    if len(targets) != len(set(targets)):
+        raise bad_request("A transaction may not touch the same resource twice", "Bundle.entry",
+                          "duplicate-target")
+    ordered = sorted(entries, key=lambda e: (_ORDER[e.method], e.index))
+
+    async def run() -> list[tuple[int, dict[str, Any]]]:
+        results: list[tuple[int, dict[str, Any]]] = []
+        async with server.store.begin() as tx:
+            for e in ordered:
+                try:
+                    results.append((e.index, await _run_entry(server, ctx, e, tx)))
+                except FHIRError as err:
+                    raise _with_entry(err, e.index) from None
+        return results
+
+    results = await retry_conflicts(run)
+    await server.maybe_sync_conformance(0)
+    results.sort(key=lambda r: r[0])
+    return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": crud.instant(now_us())},
+            "type": "transaction-response", "entry": [r for _, r in results]}
+
+
+async def batch(server: Server, ctx: RequestContext, bundle: dict[str, Any]) -> dict[str, Any]:
+    raw = bundle.get("entry") or []
+    if not isinstance(raw, list):
+        raise bad_request("Bundle.entry must be an array", "Bundle.entry")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(raw):
+        try:
+            (e,) = _parse_entries({"entry": [item]})
+            e.index = i
+            out.append(await _run_entry(server, ctx, e, None))
+        except FHIRError as err:
+            err = _with_entry(err, i)
+            out.append({"response": {"status": str(err.status), "outcome": err.outcome()}})
+    await server.maybe_sync_conformance(0)
+    return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": crud.instant(now_us())},
+            "type": "batch-response", "entry": out}
+
+
+async def process(server: Server, ctx: RequestContext, bundle: dict[str, Any]) -> dict[str, Any]:
+    kind = bundle.get("type")
+    if kind == "transaction":
+        return await transaction(server, ctx, bundle)
+    if kind == "batch":
+        return await batch(server, ctx, bundle)
+    raise FHIRError(400, f"POST to the base accepts Bundle.type batch or transaction, not {kind!r}", "invalid",
+                    expression="Bundle.type", message_id="bundle-type")
+
+
+__all__ = ["Issue", "batch", "process", "transaction"]

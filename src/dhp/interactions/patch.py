@@ -1,0 +1,288 @@
+"""PATCH: JSON Patch (RFC 6902) and FHIRPath Patch (a Parameters resource), on decimal-preserving dicts."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from dhp.errors import FHIRError, bad_request
+
+
+def _unprocessable(msg: str, expression: str | None = None) -> FHIRError:
+    return FHIRError(422, msg, "processing", expression=expression, message_id="patch-failed")
+
+
+# ---------------------------------------------------------------- JSON Patch
+
+
+def _pointer(path: str) -> list[str]:
+    if path == "":
+        return []
+    if not path.startswith("/"):
+        raise bad_request(f"JSON Pointer must start with '/': {path!r}", message_id="patch-invalid")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _walk(doc: Any, tokens: list[str], path: str) -> Any:
+    cur = doc
+    for t in tokens:
+        if isinstance(cur, dict):
+            if t not in cur:
+                raise _unprocessable(f"path {path!r} does not exist")
+            cur = cur[t]
+        elif isinstance(cur, list):
+            cur = cur[_index(cur, t, path, allow_end=False)]
+        else:
+            raise _unprocessable(f"path {path!r} does not exist")
+    return cur
+
+
+def _index(arr: list[Any], token: str, path: str, allow_end: bool) -> int:
+    if token == "-" and allow_end:
+        return len(arr)
+    if not token.isdigit() or (token.startswith("0") and token != "0"):
+        raise _unprocessable(f"bad array index {token!r} in {path!r}")
+    i = int(token)
+    if i > len(arr) or (i == len(arr) and not allow_end):
+        raise _unprocessable(f"array index {i} out of range in {path!r}")
+    return i
+
+
+def _add(doc: Any, path: str, value: Any) -> Any:
+    tokens = _pointer(path)
+    if not tokens:
+        return value
+    parent = _walk(doc, tokens[:-1], path)
+    last = tokens[-1]
+    if isinstance(parent, dict):
+        parent[last] = value
+    elif isinstance(parent, list):
+        parent.insert(_index(parent, last, path, allow_end=True), value)
+    else:
+        raise _unprocessable(f"cannot add at {path!r}")
+    return doc
+
+
+def _remove(doc: Any, path: str) -> tuple[Any, Any]:
+    tokens = _pointer(path)
+    if not tokens:
+        raise _unprocessable("cannot remove the whole resource")
+    parent = _walk(doc, tokens[:-1], path)
+    last = tokens[-1]
+    if isinstance(parent, dict):
+        if last not in parent:
+            raise _unprocessable(f"path {path!r} does not exist")
+        return doc, parent.pop(last)
+    if isinstance(parent, list):
+        return doc, parent.pop(_index(parent, last, path, allow_end=False))
+    raise _unprocessable(f"path {path!r} does not exist")
+
+
+def apply_json_patch(resource: dict[str, Any], ops: Any) -> dict[str, Any]:
+    if not isinstance(ops, list):
+        raise bad_request("a JSON Patch document is an array of operations", message_id="patch-invalid")
+    doc: Any = copy.deepcopy(resource)
+    for n, op in enumerate(ops):
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str) or not isinstance(op.get("path"), str):
+            raise bad_request(f"JSON Patch operation {n} needs 'op' and 'path'", message_id="patch-invalid")
+        kind, path = op["op"], op["path"]
+        if kind in ("add", "replace", "test") and "value" not in op:
+            raise bad_request(f"JSON Patch operation {n} ({kind}) needs 'value'", message_id="patch-invalid")
+        if kind == "add":
+            doc = _add(doc, path, copy.deepcopy(op["value"]))
+        elif kind == "remove":
+            doc, _ = _remove(doc, path)
+        elif kind == "replace":
+            _walk(doc, _pointer(path), path)
+            doc, _ = _remove(doc, path) if _pointer(path) else (doc, None)
+            doc = _add(doc, path, copy.deepcopy(op["value"]))
+        elif kind in ("move", "copy"):
+            src = op.get("from")
+            if not isinstance(src, str):
+                raise bad_request(f"JSON Patch operation {n} ({kind}) needs 'from'", message_id="patch-invalid")
+            if kind == "move":
+                if path.startswith(src + "/"):
+                    raise _unprocessable("cannot move a value into itself")
+                doc, value = _remove(doc, src)
+            else:
+                value = copy.deepcopy(_walk(doc, _pointer(src), src))
+            doc = _add(doc, path, value)
+        elif kind == "test":
+            if _walk(doc, _pointer(path), path) != op["value"]:
+                raise _unprocessable(f"JSON Patch test failed at {path!r}")
+        else:
+            raise bad_request(f"unknown JSON Patch operation {kind!r}", message_id="patch-invalid")
+    if not isinstance(doc, dict):
+        raise _unprocessable("the patch result is not a resource")
+    return doc
+
+
+# ---------------------------------------------------------------- FHIRPath Patch
+
+_compiled: dict[str, Any] = {}
+
+
+def _eval(resource: dict[str, Any], path: str) -> list[Any]:
+    import fhirpathpy
+
+    fn = _compiled.get(path)
+    if fn is None:
+        try:
+            fn = fhirpathpy.compile(path)
+        except Exception as e:  # fhirpathpy raises plain exceptions on parse errors
+            raise bad_request(f"invalid FHIRPath {path!r}: {e}", message_id="patch-invalid") from None
+        _compiled[path] = fn
+    try:
+        return list(fn(resource))
+    except Exception as e:
+        raise _unprocessable(f"cannot evaluate {path!r}: {e}") from None
+
+
+def _locate(root: Any, target: Any) -> tuple[Any, Any] | None:
+    """(container, key) of the object ``target`` (by identity) inside ``root``."""
+    stack = [root]
+    while stack:
+        cur = stack.pop()
+        items = cur.items() if isinstance(cur, dict) else enumerate(cur) if isinstance(cur, list) else ()
+        for k, v in items:
+            if v is target:
+                return cur, k
+            if isinstance(v, dict | list):
+                stack.append(v)
+    return None
+
+
+def _split(path: str) -> tuple[str, str] | None:
+    """Split ``A.b.c`` into (``A.b``, ``c``) when the last step is a plain element name."""
+    depth = 0
+    for i in range(len(path) - 1, -1, -1):
+        ch = path[i]
+        if ch in ")]":
+            depth += 1
+        elif ch in "([":
+            depth -= 1
+        elif ch == "." and depth == 0:
+            name = path[i + 1:]
+            if name.isidentifier():
+                return path[:i], name
+            return None
+    return None
+
+
+def _targets(resource: dict[str, Any], path: str) -> list[tuple[Any, Any]]:
+    """Locations (container, key) the path designates."""
+    results = _eval(resource, path)
+    locs: list[tuple[Any, Any]] = []
+    if results and all(isinstance(r, dict) for r in results):
+        for r in results:
+            loc = _locate(resource, r)
+            if loc is not None:
+                locs.append(loc)
+        if locs:
+            return locs
+    split = _split(path)
+    if split is None:
+        return locs
+    parent_path, name = split
+    for parent in _eval(resource, parent_path):
+        if isinstance(parent, dict) and name in parent:
+            val = parent[name]
+            if isinstance(val, list):
+                locs.extend((val, i) for i in range(len(val)))
+            else:
+                locs.append((parent, name))
+    return locs
+
+
+def _value_of(part: dict[str, Any]) -> Any:
+    for k, v in part.items():
+        if k.startswith("value"):
+            return copy.deepcopy(v)
+    if "part" in part:
+        # An anonymous type given as parts: each part's name is an element of the value.
+        return {p["name"]: _value_of(p) for p in part["part"] if isinstance(p, dict) and "name" in p}
+    return None
+
+
+def apply_fhirpath_patch(resource: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    doc = copy.deepcopy(resource)
+    ops = [p for p in params.get("parameter") or [] if isinstance(p, dict) and p.get("name") == "operation"]
+    if not ops:
+        raise bad_request("a FHIRPath Patch needs at least one 'operation' parameter", message_id="patch-invalid")
+    for n, op in enumerate(ops):
+        parts = {p.get("name"): p for p in op.get("part") or [] if isinstance(p, dict)}
+        kind = (parts.get("type") or {}).get("valueCode")
+        path = (parts.get("path") or {}).get("valueString")
+        if not kind or not path:
+            raise bad_request(f"FHIRPath Patch operation {n} needs 'type' and 'path'", message_id="patch-invalid")
+        value = _value_of(parts["value"]) if "value" in parts else None
+        if kind == "add":
+            name = (parts.get("name") or {}).get("valueString")
+            if not name or value is None:
+                raise bad_request(f"operation {n} (add) needs 'name' and 'value'", message_id="patch-invalid")
+            containers = [r for r in _eval(doc, path) if isinstance(r, dict)]
+            if len(containers) != 1:
+                raise _unprocessable(f"add: path {path!r} must designate exactly one element", path)
+            c = containers[0]
+            if name in c and isinstance(c[name], list):
+                c[name].append(value)
+            elif name in c:
+                raise _unprocessable(f"add: {path}.{name} already has a value", path)
+            else:
+                c[name] = value
+        elif kind == "insert":
+            index = (parts.get("index") or {}).get("valueInteger")
+            split = _split(path)
+            if value is None or not isinstance(index, int) or split is None:
+                raise bad_request(f"operation {n} (insert) needs 'value', 'index' and a list path",
+                                  message_id="patch-invalid")
+            parents = [r for r in _eval(doc, split[0]) if isinstance(r, dict)]
+            if len(parents) != 1:
+                raise _unprocessable(f"insert: path {path!r} must designate one list", path)
+            lst = parents[0].setdefault(split[1], [])
+            if not isinstance(lst, list) or not 0 <= index <= len(lst):
+                raise _unprocessable(f"insert: index {index} out of range for {path}", path)
+            lst.insert(index, value)
+        elif kind in ("delete", "replace"):
+            locs = _targets(doc, path)
+            if kind == "delete":
+                if len(locs) > 1:
+                    raise _unprocessable(f"delete: path {path!r} designates more than one element", path)
+                for container, key in locs:  # deleting nothing is not an error
+                    container.pop(key) if isinstance(container, dict) else container.pop(key)
+            else:
+                if value is None:
+                    raise bad_request(f"operation {n} (replace) needs 'value'", message_id="patch-invalid")
+                if len(locs) != 1:
+                    raise _unprocessable(f"replace: path {path!r} must designate exactly one element", path)
+                container, key = locs[0]
+                container[key] = value
+        elif kind == "move":
+            src = (parts.get("source") or {}).get("valueInteger")
+            dst = (parts.get("destination") or {}).get("valueInteger")
+            split = _split(path)
+            if not isinstance(src, int) or not isinstance(dst, int) or split is None:
+                raise bad_request(f"operation {n} (move) needs 'source' and 'destination'",
+                                  message_id="patch-invalid")
+            parents = [r for r in _eval(doc, split[0]) if isinstance(r, dict)]
+            lst = parents[0].get(split[1]) if len(parents) == 1 else None
+            if not isinstance(lst, list) or not (0 <= src < len(lst) and 0 <= dst < len(lst)):
+                raise _unprocessable(f"move: indexes out of range for {path}", path)
+            lst.insert(dst, lst.pop(src))
+        else:
+            raise bad_request(f"unknown FHIRPath Patch operation type {kind!r}", message_id="patch-invalid")
+    _prune(doc)
+    return doc
+
+
+def _prune(node: Any) -> None:
+    """Drop lists and objects a delete left empty (FHIR forbids empty arrays/objects)."""
+    if isinstance(node, dict):
+        for k in list(node):
+            _prune(node[k])
+            if node[k] in ([], {}):
+                del node[k]
+    elif isinstance(node, list):
+        for v in node:
+            _prune(v)
+        node[:] = [v for v in node if v not in ([], {})]

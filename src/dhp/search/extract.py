@@ -1,0 +1,485 @@
+"""Index values out of resources, with each SearchParameter's FHIRPath expression compiled once.
+
+Most R5 expressions are plain paths (``Patient.name``, ``Observation.value.ofType(Quantity)``,
+``Observation.subject.where(resolve() is Patient)``): those run as a tiny native walker over the JSON,
+without the FHIRPath interpreter. Everything else goes through fhirpathpy, compiled once per
+(resource type, parameter).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from typing import Any
+
+from dhp.search.params import ParamDef
+from dhp.search.values import MAX_US, MIN_US, DateError, date_range, norm, to_float
+
+log = logging.getLogger("dhp.search")
+
+Evaluator = Callable[[Any], list[Any]]
+
+# Choice-type suffixes as they appear in JSON property names (value[x] → valueQuantity, …).
+_CHOICE_SUFFIXES = (
+    "Boolean", "Integer", "Integer64", "Decimal", "String", "Uri", "Url", "Canonical", "Code", "Oid", "Id",
+    "Uuid", "Markdown", "Base64Binary", "Instant", "Date", "DateTime", "Time", "PositiveInt", "UnsignedInt",
+    "Address", "Age", "Annotation", "Attachment", "CodeableConcept", "CodeableReference", "Coding",
+    "ContactPoint", "Count", "Distance", "Duration", "HumanName", "Identifier", "Money", "Period", "Quantity",
+    "Range", "Ratio", "RatioRange", "Reference", "SampledData", "Signature", "Timing", "ContactDetail",
+    "DataRequirement", "Expression", "ParameterDefinition", "RelatedArtifact", "TriggerDefinition",
+    "UsageContext", "Availability", "ExtendedContactDetail", "Dosage", "Meta",
+)
+_PRIMITIVE_TYPES = {"boolean", "integer", "integer64", "decimal", "string", "uri", "url", "canonical", "code",
+                    "oid", "id", "uuid", "markdown", "base64Binary", "instant", "date", "dateTime", "time",
+                    "positiveInt", "unsignedInt"}
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_OFTYPE = re.compile(r"^(?:ofType|as)\((?:FHIR\.)?([A-Za-z]+)\)$")
+_WHEREREF = re.compile(r"^where\(resolve\(\)\s+is\s+([A-Za-z]+)\)$")
+_AS_SUFFIX = re.compile(r"^(.*)\s+as\s+(?:FHIR\.)?([A-Za-z]+)$", re.S)
+
+
+def split_top(expr: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside parentheses and quotes."""
+    out, depth, cur, quote = [], 0, [], False
+    i = 0
+    while i < len(expr):
+        ch = expr[i]
+        if ch == "'" and (i == 0 or expr[i - 1] != "\\"):
+            quote = not quote
+        elif not quote:
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+            elif depth == 0 and expr.startswith(sep, i):
+                out.append("".join(cur))
+                cur = []
+                i += len(sep)
+                continue
+        cur.append(ch)
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def _strip_parens(s: str) -> str:
+    s = s.strip()
+    while s.startswith("(") and s.endswith(")") and len(split_top(s[1:-1], ")")) == 1 \
+            and s[1:-1].count("(") == s[1:-1].count(")"):
+        s = s[1:-1].strip()
+    return s
+
+
+def _compile_native(part: str, rtype: str | None, type_names: frozenset[str]) -> list[tuple[str, str]] | None:
+    """Steps for a plain path, or None when the part needs the interpreter. [] means "not for this type"."""
+    part = _strip_parens(part)
+    m = _AS_SUFFIX.match(part)
+    if m:
+        part = f"{_strip_parens(m.group(1))}.ofType({m.group(2)})"
+    segs = [s.strip() for s in split_top(part, ".")]
+    if not segs or not segs[0]:
+        return None
+    steps: list[tuple[str, str]] = []
+    first = segs[0]
+    if rtype is not None and first[:1].isupper() and _IDENT.match(first):
+        if first not in (rtype, "Resource", "DomainResource"):
+            return [] if first in type_names else None
+        segs = segs[1:]
+    for s in segs:
+        if _IDENT.match(s):
+            steps.append(("child", s))
+        elif (m := _OFTYPE.match(s)):
+            t = m.group(1)
+            if steps and steps[-1][0] == "child":
+                steps[-1] = ("typed", steps[-1][1] + "|" + t)
+            else:
+                steps.append(("oftype", t))
+        elif (m := _WHEREREF.match(s)):
+            steps.append(("whereref", m.group(1)))
+        elif s == "first()":
+            steps.append(("first", ""))
+        else:
+            return None
+    return steps or None
+
+
+def _shape_is(v: Any, t: str) -> bool:
+    if t in _PRIMITIVE_TYPES:
+        return not isinstance(v, dict | list)
+    return isinstance(v, dict)
+
+
+def _child(nodes: list[Any], name: str, typ: str | None) -> list[Any]:
+    out: list[Any] = []
+    for n in nodes:
+        if not isinstance(n, dict):
+            continue
+        if typ is not None:
+            key = name + typ[0].upper() + typ[1:]
+            v = n.get(key)
+            if v is None:
+                v = n.get(name)
+                if v is not None and not (isinstance(v, list) or _shape_is(v, typ)):
+                    v = None
+        else:
+            v = n.get(name)
+            if v is None:
+                for suffix in _CHOICE_SUFFIXES:
+                    v = n.get(name + suffix)
+                    if v is not None:
+                        break
+        if v is None:
+            continue
+        if isinstance(v, list):
+            out.extend(x for x in v if x is not None)
+        else:
+            out.append(v)
+    return out
+
+
+def _ref_is(v: Any, t: str) -> bool:
+    if not isinstance(v, dict):
+        return False
+    ref = v.get("reference")
+    if isinstance(ref, str):
+        return ref.startswith(t + "/") or f"/{t}/" in ref
+    return v.get("type") == t
+
+
+def _run_native(parts: list[list[tuple[str, str]]], root: Any) -> list[Any]:
+    out: list[Any] = []
+    for steps in parts:
+        nodes = [root]
+        for kind, arg in steps:
+            if kind == "child":
+                nodes = _child(nodes, arg, None)
+            elif kind == "typed":
+                name, _, t = arg.partition("|")
+                nodes = _child(nodes, name, t)
+            elif kind == "oftype":
+                nodes = [n for n in nodes if _shape_is(n, arg)]
+            elif kind == "whereref":
+                nodes = [n for n in nodes if _ref_is(n, arg)]
+            elif kind == "first":
+                nodes = nodes[:1]
+            if not nodes:
+                break
+        out.extend(nodes)
+    return out
+
+
+_RESOLVE_IS = re.compile(r"where\(resolve\(\)\s+is\s+([A-Za-z]+)\)")
+
+
+def _fhirpath(expr: str) -> Evaluator:
+    import fhirpathpy
+    from fhirpathpy.models import models
+
+    # fhirpathpy has no resolve(): "is this reference to a Patient" is a question about the reference text.
+    expr = _RESOLVE_IS.sub(lambda m: f"where(reference.startsWith('{m.group(1)}/') or "
+                                     f"reference.contains('/{m.group(1)}/'))", expr)
+    fn = fhirpathpy.compile(expr, models["r5"])
+
+    def run(resource: Any) -> list[Any]:
+        try:
+            return [v for v in fn(resource) if v is not None]
+        except Exception as e:  # a broken expression must not break the write
+            log.warning("search expression %r failed: %s", expr, e)
+            return []
+
+    return run
+
+
+def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str]) -> Evaluator | None:
+    """An evaluator for ``expr`` on resources of ``rtype`` (None: relative to any node)."""
+    if not expr.strip():
+        return None
+    parts = split_top(expr, "|")
+    native: list[list[tuple[str, str]]] = []
+    interpreted: list[str] = []
+    for p in parts:
+        steps = _compile_native(p, rtype, type_names)
+        if steps is None:
+            first = _strip_parens(p).split(".", 1)[0]
+            if rtype is not None and first in type_names and first not in (rtype, "Resource", "DomainResource"):
+                continue
+            interpreted.append(p.strip())
+        elif steps:
+            native.append(steps)
+    if not native and not interpreted:
+        return None
+    interp = _fhirpath(" | ".join(interpreted)) if interpreted else None
+    if interp is None:
+        return lambda r: _run_native(native, r)
+    if not native:
+        return interp
+    return lambda r: _run_native(native, r) + interp(r)
+
+
+# ---------------------------------------------------------------- values → index rows
+
+STR_LEN = 255
+EXACT_LEN = 1000
+KEY_LEN = 512
+INF = 1e308
+
+
+def _str(s: Any) -> list[tuple[str, str]]:
+    return [(norm(s)[:STR_LEN], s[:EXACT_LEN])] if isinstance(s, str) and s else []
+
+
+def string_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for v in values:
+        if isinstance(v, str):
+            out += _str(v)
+        elif isinstance(v, dict):
+            if "family" in v or "given" in v or ("text" in v and "line" not in v and "city" not in v):
+                keys: tuple[str, ...] = ("family", "given", "prefix", "suffix", "text")
+            elif "line" in v or "city" in v or "country" in v or "postalCode" in v or "district" in v:
+                keys = ("line", "city", "district", "state", "postalCode", "country", "text")
+            else:
+                keys = tuple(k for k, x in v.items() if isinstance(x, str) and k not in ("id", "url"))
+            for k in keys:
+                x = v.get(k)
+                for s in x if isinstance(x, list) else [x]:
+                    out += _str(s)
+    return list(dict.fromkeys(out))
+
+
+def _k(s: Any) -> str | None:
+    return s[:KEY_LEN] if isinstance(s, str) and s else None
+
+
+def _display(s: Any) -> str | None:
+    return norm(s)[:STR_LEN] if isinstance(s, str) and s else None
+
+
+def token_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+    """(system, code, text, type-system, type-code)."""
+    out: list[tuple[Any, ...]] = []
+    for v in values:
+        if isinstance(v, bool):
+            out.append((None, "true" if v else "false", None, None, None))
+        elif isinstance(v, str):
+            out.append((None, _k(v), None, None, None))
+        elif isinstance(v, int | Decimal | float):
+            out.append((None, str(v), None, None, None))
+        elif isinstance(v, dict):
+            if "concept" in v and isinstance(v["concept"], dict):  # CodeableReference
+                out += token_rows([v["concept"]])
+            elif "coding" in v or ("text" in v and "value" not in v and "code" not in v):
+                text = _display(v.get("text"))
+                for c in v.get("coding") or []:
+                    if isinstance(c, dict) and (c.get("code") or c.get("display")):
+                        out.append((_k(c.get("system")), _k(c.get("code")),
+                                    _display(c.get("display")) or text, None, None))
+                if text:
+                    out.append((None, None, text, None, None))
+            elif "value" in v and isinstance(v.get("value"), str):  # Identifier or ContactPoint
+                t = v.get("type")
+                text = _display(t.get("text")) if isinstance(t, dict) else None
+                types = [c for c in (t.get("coding") or []) if isinstance(c, dict)] if isinstance(t, dict) else []
+                sysv = v.get("system")
+                if sysv in ("phone", "fax", "email", "pager", "url", "sms", "other"):
+                    sysv = None  # a ContactPoint: its "system" is a kind, not a namespace
+                if types:
+                    for c in types:
+                        out.append((_k(sysv), _k(v["value"]), text, _k(c.get("system")), _k(c.get("code"))))
+                else:
+                    out.append((_k(sysv), _k(v["value"]), text, None, None))
+            elif "code" in v:  # Coding (or a Quantity's code)
+                out.append((_k(v.get("system")), _k(v.get("code")), _display(v.get("display")), None, None))
+    return list(dict.fromkeys(r for r in out if r[1] is not None or r[2] is not None))
+
+
+def split_reference(ref: str, type_names: frozenset[str]) -> tuple[str | None, str | None]:
+    """(type, id) of a literal reference ``Type/id``, ``Type/id/_history/n`` or ``http://…/Type/id``."""
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) >= 2 and parts[-2] in type_names and parts[-1]:
+        return parts[-2], parts[-1][:64]
+    return None, None
+
+
+def reference_rows(values: Iterable[Any], type_names: frozenset[str]) -> list[tuple[Any, ...]]:
+    """(target type, target id, url, version, identifier system, identifier value)."""
+    out: list[tuple[Any, ...]] = []
+    for v in values:
+        if isinstance(v, str):  # canonical / uri
+            url, _, ver = v.partition("|")
+            out.append((None, None, _k(url), _k(ver) if ver else None, None, None))
+        elif isinstance(v, dict):
+            if isinstance(v.get("reference"), dict):  # CodeableReference
+                out += reference_rows([v["reference"]], type_names)
+                continue
+            ref = v.get("reference")
+            ident = v.get("identifier") if isinstance(v.get("identifier"), dict) else {}
+            isys, ival = _k(ident.get("system")), _k(ident.get("value"))
+            if isinstance(ref, str) and ref and not ref.startswith("#"):
+                t, i = split_reference(ref, type_names)
+                absolute = "://" in ref or ref.startswith("urn:")
+                out.append((t, i, _k(ref) if absolute or t is None else None, None, isys, ival))
+            elif ival:
+                out.append((None, None, None, None, isys, ival))
+    return list(dict.fromkeys(out))
+
+
+def _date_pair(v: Any) -> list[tuple[int, int]]:
+    if isinstance(v, str):
+        try:
+            return [date_range(v)]
+        except DateError:
+            return []
+    if isinstance(v, dict):
+        if "start" in v or "end" in v:
+            lo = _date_pair(v["start"])[0][0] if _date_pair(v.get("start")) else MIN_US
+            hi = _date_pair(v["end"])[0][1] if _date_pair(v.get("end")) else MAX_US
+            return [(lo, hi)]
+        out = []
+        for e in v.get("event") or []:  # Timing
+            out += _date_pair(e)
+        rep = v.get("repeat")
+        if isinstance(rep, dict) and isinstance(rep.get("boundsPeriod"), dict):
+            out += _date_pair(rep["boundsPeriod"])
+        return out
+    return []
+
+
+def date_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for v in values:
+        out += _date_pair(v)
+    return list(dict.fromkeys(out))
+
+
+def number_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+    out = []
+    for v in values:
+        f = to_float(v.get("value") if isinstance(v, dict) else v)
+        if f is not None:
+            out.append((f, f))
+    return list(dict.fromkeys(out))
+
+
+def quantity_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+    """(low, high, system, code, unit)."""
+    out: list[tuple[Any, ...]] = []
+    for v in values:
+        if not isinstance(v, dict):
+            f = to_float(v)
+            if f is not None:
+                out.append((f, f, None, None, None))
+            continue
+        if "low" in v or "high" in v:  # Range
+            lo, hi = v.get("low") or {}, v.get("high") or {}
+            ref = lo or hi
+            flo, fhi = to_float(lo.get("value")), to_float(hi.get("value"))
+            out.append((-INF if flo is None else flo, INF if fhi is None else fhi, _k(ref.get("system")),
+                        _k(ref.get("code")), _k(ref.get("unit"))))
+        elif "currency" in v:  # Money
+            f = to_float(v.get("value"))
+            if f is not None:
+                out.append((f, f, "urn:iso:std:iso:4217", _k(v.get("currency")), _k(v.get("currency"))))
+        else:
+            f = to_float(v.get("value"))
+            if f is not None:
+                out.append((f, f, _k(v.get("system")), _k(v.get("code")), _k(v.get("unit"))))
+    return list(dict.fromkeys(out))
+
+
+def uri_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+    return list(dict.fromkeys((v[:KEY_LEN],) for v in values if isinstance(v, str) and v))
+
+
+def near_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+    out = []
+    for v in values:
+        if isinstance(v, dict):
+            lat, lon = to_float(v.get("latitude")), to_float(v.get("longitude"))
+            if lat is not None and lon is not None:
+                out.append((lat, lon))
+    return out
+
+
+def component_cells(ptype: str, values: list[Any], type_names: frozenset[str]) -> list[tuple[Any, ...]]:
+    """One composite component's values as (s, v, lo, hi) cells."""
+    if ptype == "token":
+        return [(s, c, None, None) for s, c, *_ in token_rows(values) if c is not None]
+    if ptype == "quantity":
+        return [(s, c, lo, hi) for lo, hi, s, c, _u in quantity_rows(values)]
+    if ptype == "date":
+        return [(None, None, float(lo), float(hi)) for lo, hi in date_rows(values)]
+    if ptype == "number":
+        return [(None, None, lo, hi) for lo, hi in number_rows(values)]
+    if ptype == "string":
+        return [(None, s, None, None) for s, _e in string_rows(values)]
+    if ptype == "reference":
+        return [(None, f"{t}/{i}" if t else u, None, None) for t, i, u, *_ in reference_rows(values, type_names)]
+    if ptype == "uri":
+        return [(None, u, None, None) for (u,) in uri_rows(values)]
+    return []
+
+
+class ParamExtractor:
+    """Compiled extraction of one parameter on one resource type."""
+
+    def __init__(self, param: ParamDef, rtype: str, type_names: frozenset[str]) -> None:
+        self.param = param
+        self.type_names = type_names
+        self.root = compile_expression(param.expression, rtype, type_names)
+        self.components: list[tuple[str, Evaluator | None]] = []
+        if param.type == "composite":
+            for c in param.components[:3]:
+                self.components.append((c.type, compile_expression(c.expression, None, type_names)))
+
+    def rows(self, resource: dict[str, Any]) -> list[tuple[Any, ...]]:
+        if self.root is None:
+            return []
+        values = self.root(resource)
+        if not values:
+            return []
+        t = self.param.type
+        if t == "token":
+            return token_rows(values)
+        if t == "string":
+            return string_rows(values)
+        if t == "reference":
+            return reference_rows(values, self.type_names)
+        if t == "date":
+            return date_rows(values)
+        if t == "number":
+            return number_rows(values)
+        if t == "quantity":
+            return quantity_rows(values)
+        if t == "uri":
+            return uri_rows(values)
+        if t == "special":
+            return near_rows(values)
+        if t == "composite":
+            return self._composite(values)
+        return []
+
+    def _composite(self, items: list[Any]) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        for item in items:
+            cells = []
+            for ctype, ev in self.components:
+                vals = ev(item) if ev is not None else []
+                cells.append(component_cells(ctype, vals, self.type_names) if vals else [])
+            if not cells or any(not c for c in cells):
+                continue
+            while len(cells) < 3:
+                cells.append([(None, None, None, None)])
+            for combo in itertools.product(*cells):
+                out.append(tuple(x for cell in combo for x in cell))
+        return list(dict.fromkeys(out))
+
+
+#: Index table for each parameter type.
+TABLE_OF = {"string": "string", "token": "token", "reference": "reference", "date": "date", "number": "number",
+            "quantity": "quantity", "uri": "uri", "composite": "composite", "special": "near"}

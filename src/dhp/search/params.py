@@ -1,0 +1,137 @@
+"""The search parameters the server knows: R5 core, loaded IG packages and API-created SearchParameters.
+
+Built from the conformance registry; API-created ones (the overlay) come first and win over package
+definitions with the same base and code. Compartments come from CompartmentDefinition resources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dhp.conformance import Registry
+
+#: Types that are Resources but not DomainResources (no text/contained/extension).
+NON_DOMAIN = frozenset({"Bundle", "Binary", "Parameters"})
+
+#: Result and control parameters handled by the query planner itself (never matched against the index).
+RESULT_PARAMS = frozenset({
+    "_sort", "_count", "_include", "_revinclude", "_summary", "_total", "_elements", "_contained",
+    "_containedType", "_format", "_pretty", "_cursor", "_maxresults", "_graph", "_score",
+})
+
+#: Parameters that need no index rows: answered from the resources table or by the planner.
+PLANNER_PARAMS = frozenset({"_id", "_lastUpdated", "_has", "_type", "_list", "_in"})
+
+#: Special parameters this server cannot evaluate; asking for them is reported, never silently ignored.
+UNSUPPORTED = frozenset({"_text", "_content", "_filter", "_query"})
+
+
+@dataclass(frozen=True)
+class Component:
+    definition: str  # canonical URL of the component's SearchParameter
+    expression: str
+    type: str  # the component parameter's type
+
+
+@dataclass
+class ParamDef:
+    code: str
+    type: str  # number | date | string | token | reference | composite | quantity | uri | special
+    url: str
+    base: tuple[str, ...]
+    expression: str
+    targets: tuple[str, ...] = ()
+    components: tuple[Component, ...] = ()
+    modifiers: tuple[str, ...] = ()
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def indexed(self) -> bool:
+        return self.code not in PLANNER_PARAMS and self.code not in UNSUPPORTED and (
+            self.type != "special" or self.code == "near") and bool(self.expression)
+
+
+class ParamRegistry:
+    """Search parameters by (resource type, code), compartments by compartment type."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._by_base: dict[str, dict[str, ParamDef]] = {}
+        self._by_url: dict[str, ParamDef] = {}
+        self._for_type: dict[str, dict[str, ParamDef]] = {}
+        self.compartments: dict[str, dict[str, tuple[str, ...]]] = {}
+        self.resource_types = registry.resource_types()
+        self._load()
+
+    def _load(self) -> None:
+        defs = list(self.registry.all("SearchParameter"))
+        urls = {}
+        for sp in defs:
+            url = sp.get("url")
+            if isinstance(url, str) and url not in urls:
+                urls[url] = sp
+        for sp in defs:
+            p = self._make(sp, urls)
+            if p is None:
+                continue
+            if p.url and p.url not in self._by_url:
+                self._by_url[p.url] = p
+            for b in p.base:
+                # First definition wins: overlay (API-written) comes before packages.
+                self._by_base.setdefault(b, {}).setdefault(p.code, p)
+        for cd in self.registry.all("CompartmentDefinition"):
+            if cd.get("status") == "retired" or not isinstance(cd.get("code"), str):
+                continue
+            comp = self.compartments.setdefault(cd["code"], {})
+            for r in cd.get("resource") or []:
+                codes = tuple(p for p in r.get("param") or [] if isinstance(p, str))
+                if codes and isinstance(r.get("code"), str):
+                    comp.setdefault(r["code"], codes)
+
+    @staticmethod
+    def _make(sp: dict[str, Any], urls: dict[str, dict[str, Any]]) -> ParamDef | None:
+        code, ptype = sp.get("code"), sp.get("type")
+        base = sp.get("base")
+        if not isinstance(code, str) or not isinstance(ptype, str) or not isinstance(base, list):
+            return None
+        if sp.get("status") == "retired":
+            return None
+        comps = []
+        for c in sp.get("component") or []:
+            d = urls.get(c.get("definition", "").split("|")[0])
+            comps.append(Component(c.get("definition", ""), c.get("expression", ""),
+                                   d.get("type", "") if d else ""))
+        return ParamDef(
+            code=code, type=ptype, url=sp.get("url", ""), base=tuple(b for b in base if isinstance(b, str)),
+            expression=sp.get("expression") or "", targets=tuple(sp.get("target") or ()),
+            components=tuple(comps), modifiers=tuple(sp.get("modifier") or ()), name=sp.get("name", ""))
+
+    def for_type(self, rtype: str) -> dict[str, ParamDef]:
+        """Every parameter applicable to a resource type, by code (own definitions win over Resource's)."""
+        got = self._for_type.get(rtype)
+        if got is None:
+            got = {}
+            got.update(self._by_base.get("Resource", {}))
+            if rtype not in NON_DOMAIN:
+                got.update(self._by_base.get("DomainResource", {}))
+            got.update(self._by_base.get(rtype, {}))
+            self._for_type[rtype] = got
+        return got
+
+    def get(self, rtype: str, code: str) -> ParamDef | None:
+        return self.for_type(rtype).get(code)
+
+    def by_url(self, url: str) -> ParamDef | None:
+        return self._by_url.get(url.split("|")[0])
+
+    def indexed(self, rtype: str) -> list[ParamDef]:
+        return [p for p in self.for_type(rtype).values() if p.indexed]
+
+    def compartment_params(self, comp_type: str, rtype: str) -> tuple[str, ...] | None:
+        """Parameter codes linking ``rtype`` into a ``comp_type`` compartment; None if not a member type."""
+        comp = self.compartments.get(comp_type)
+        if comp is None:
+            return None
+        return comp.get(rtype)

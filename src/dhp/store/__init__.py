@@ -1,0 +1,376 @@
+"""Persistence: resources, their history and counters — the only module that speaks SQL.
+
+One interface over two backends: SQLite (embedded default, WAL) and PostgreSQL (asyncpg).
+
+Writes go through :meth:`Store.begin`, a single database transaction. On SQLite every write transaction
+starts with ``BEGIN IMMEDIATE`` on a one-connection writer pool, so read-then-write cannot lose updates;
+on PostgreSQL the current row is locked with ``SELECT … FOR UPDATE``. Reads use a separate engine (and, on
+the hot path, the driver directly: the stored JSON bytes are served as they are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sqlalchemy import and_, delete, event, exists, func, insert, literal, or_, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from dhp.store.schema import counters, history, installed_packages, metadata, resources
+
+__all__ = [
+    "ConflictError", "HistoryPage", "Store", "StoredResource", "WriteTx", "metadata", "now_us",
+]
+
+CONFORMANCE_EPOCH = "conformance_epoch"
+
+
+class StoredResource(NamedTuple):
+    type: str
+    id: str
+    version: int
+    last_updated: int  # microseconds since the epoch, UTC
+    deleted: bool
+    content: bytes
+
+
+class ConflictError(Exception):
+    """A concurrent writer got there first (unique key taken); the caller may retry."""
+
+
+@dataclass
+class HistoryPage:
+    entries: list[tuple[StoredResource, str]]  # (version, method)
+    total: int
+    max_seq: int
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _sqlite_path(url: str) -> str | None:
+    u = make_url(url)
+    if not u.drivername.startswith("sqlite"):
+        return None
+    return u.database or ":memory:"
+
+
+@dataclass
+class WriteTx:
+    """One write transaction. Other modules add their own rows through :attr:`conn`."""
+
+    conn: AsyncConnection
+    is_sqlite: bool
+    after_commit: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    conformance_changed: bool = False
+
+    async def current(self, rtype: str, rid: str) -> StoredResource | None:
+        q = select(resources.c.type, resources.c.id, resources.c.version, resources.c.last_updated,
+                   resources.c.deleted, resources.c.content).where(
+            resources.c.type == rtype, resources.c.id == rid)
+        if not self.is_sqlite:
+            q = q.with_for_update()
+        row = (await self.conn.execute(q)).first()
+        return StoredResource(*row) if row else None
+
+    async def put(self, rec: StoredResource, method: str, *, exists_before: bool,
+                  patient: str | None = None, package: str | None = None) -> None:
+        """Write ``rec`` as the current version and append it to the history."""
+        values = {"version": rec.version, "last_updated": rec.last_updated, "deleted": rec.deleted,
+                  "patient": patient, "package": package, "content": rec.content}
+        try:
+            if exists_before:
+                await self.conn.execute(update(resources).where(
+                    resources.c.type == rec.type, resources.c.id == rec.id).values(**values))
+            else:
+                await self.conn.execute(insert(resources).values(type=rec.type, id=rec.id, **values))
+            await self.conn.execute(insert(history).values(
+                type=rec.type, id=rec.id, version=rec.version, last_updated=rec.last_updated,
+                deleted=rec.deleted, method=method, content=rec.content))
+        except IntegrityError as e:
+            raise ConflictError(f"{rec.type}/{rec.id} was written concurrently") from e
+
+    async def bump(self, name: str) -> None:
+        n = await self.conn.execute(update(counters).where(counters.c.name == name)
+                                    .values(value=counters.c.value + 1))
+        if n.rowcount == 0:
+            await self.conn.execute(insert(counters).values(name=name, value=1))
+
+    def mark_conformance_changed(self) -> None:
+        self.conformance_changed = True
+
+
+class Store:
+    def __init__(self, url: str, read_url: str = "") -> None:
+        self.url = url
+        self.read_url = read_url or url
+        self.sqlite_path = _sqlite_path(url)
+        self.is_sqlite = self.sqlite_path is not None
+        self.engine: AsyncEngine
+        self.read_engine: AsyncEngine
+        self._sqlite_reader: sqlite3.Connection | None = None
+        self._pg_pool: Any = None
+        self._opened = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self, migrate: bool = True) -> None:
+        if self._opened:
+            return
+        if self.is_sqlite:
+            assert self.sqlite_path is not None
+            if self.sqlite_path != ":memory:":
+                Path(self.sqlite_path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_async_engine(self.url, pool_size=1, max_overflow=0, pool_timeout=60,
+                                              connect_args={"timeout": 60})
+            self.read_engine = create_async_engine(self.url, pool_size=4, max_overflow=4,
+                                                   connect_args={"timeout": 60})
+            _sqlite_setup(self.engine, immediate=True)
+            _sqlite_setup(self.read_engine, immediate=False)
+        else:
+            self.engine = create_async_engine(self.url, pool_size=10, max_overflow=10, pool_pre_ping=False)
+            self.read_engine = (create_async_engine(self.read_url, pool_size=10, max_overflow=10)
+                                if self.read_url != self.url else self.engine)
+        if migrate:
+            await self.migrate()
+        if not self.is_sqlite:
+            import asyncpg
+
+            u = make_url(self.read_url)
+            self._pg_pool = await asyncpg.create_pool(
+                user=u.username, password=u.password, host=u.host, port=u.port, database=u.database,
+                min_size=1, max_size=10)
+        self._opened = True
+
+    async def close(self) -> None:
+        if self._sqlite_reader is not None:
+            self._sqlite_reader.close()
+            self._sqlite_reader = None
+        if self._pg_pool is not None:
+            await self._pg_pool.close()
+            self._pg_pool = None
+        if self._opened:
+            await self.engine.dispose()
+            if self.read_engine is not self.engine:
+                await self.read_engine.dispose()
+        self._opened = False
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest revision (every branch head)."""
+        from dhp.store.migrate import upgrade
+
+        async with self.engine.begin() as conn:
+            await conn.run_sync(upgrade)
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[WriteTx]:
+        """A write transaction: committed when the block ends, rolled back on any exception."""
+        async with self.engine.connect() as conn:
+            tx = WriteTx(conn, self.is_sqlite)
+            async with conn.begin():
+                yield tx
+                if tx.conformance_changed:
+                    await tx.bump(CONFORMANCE_EPOCH)
+            for fn in tx.after_commit:
+                r = fn()
+                if r is not None:
+                    await r
+
+    @contextlib.asynccontextmanager
+    async def read_conn(self) -> AsyncIterator[AsyncConnection]:
+        async with self.read_engine.connect() as conn:
+            yield conn
+
+    # ------------------------------------------------------------------ reads
+
+    def _sqlite(self) -> sqlite3.Connection:
+        if self._sqlite_reader is None:
+            assert self.sqlite_path is not None
+            c = sqlite3.connect(self.sqlite_path, check_same_thread=False, timeout=30,
+                                isolation_level=None)
+            c.execute("PRAGMA query_only=ON")
+            self._sqlite_reader = c
+        return self._sqlite_reader
+
+    async def read(self, rtype: str, rid: str) -> StoredResource | None:
+        """Current version (deleted ones too). The hot path: one primary-key fetch through the driver."""
+        if self.is_sqlite:
+            # A WAL read of one row takes microseconds: cheaper than a hop to aiosqlite's thread.
+            row = self._sqlite().execute(
+                "SELECT type, id, version, last_updated, deleted, content FROM resources "
+                "WHERE type = ? AND id = ?", (rtype, rid)).fetchone()
+            return StoredResource(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) if row else None
+        async with self._pg_pool.acquire() as c:
+            row = await c.fetchrow(
+                "SELECT type, id, version, last_updated, deleted, content FROM resources "
+                "WHERE type = $1 AND id = $2", rtype, rid)
+        return StoredResource(*row) if row else None
+
+    async def vread(self, rtype: str, rid: str, version: int) -> tuple[StoredResource, str] | None:
+        q = select(history.c.type, history.c.id, history.c.version, history.c.last_updated,
+                   history.c.deleted, history.c.content, history.c.method).where(
+            history.c.type == rtype, history.c.id == rid, history.c.version == version)
+        async with self.read_conn() as conn:
+            row = (await conn.execute(q)).first()
+        return (StoredResource(*row[:6]), row[6]) if row else None
+
+    async def exists(self, rtype: str, rid: str) -> bool:
+        rec = await self.read(rtype, rid)
+        return rec is not None and not rec.deleted
+
+    async def history(self, rtype: str | None = None, rid: str | None = None, *, since: int | None = None,
+                      at: tuple[int, int] | None = None, count: int = 50, offset: int = 0,
+                      max_seq: int | None = None, want_total: bool = True) -> HistoryPage:
+        """Versions newest first. ``at`` is a (low, high) range in microseconds: versions current at some
+        point in it. ``max_seq`` pins a paging session so concurrent writes do not shift pages."""
+        conds = []
+        if rtype:
+            conds.append(history.c.type == rtype)
+        if rid:
+            conds.append(history.c.id == rid)
+        if since is not None:
+            conds.append(history.c.last_updated >= since)
+        if at is not None:
+            low, high = at
+            later = history.alias("later")
+            conds.append(history.c.last_updated < high)
+            conds.append(~exists().where(and_(later.c.type == history.c.type, later.c.id == history.c.id,
+                                              later.c.version > history.c.version,
+                                              later.c.last_updated <= low)))
+        async with self.read_conn() as conn:
+            if max_seq is None:
+                max_seq = (await conn.execute(select(func.coalesce(func.max(history.c.seq), 0)))).scalar_one()
+            conds.append(history.c.seq <= max_seq)
+            where = and_(*conds)
+            total = -1
+            if want_total:
+                total = (await conn.execute(select(func.count()).select_from(history).where(where))).scalar_one()
+            q = (select(history.c.type, history.c.id, history.c.version, history.c.last_updated,
+                        history.c.deleted, history.c.content, history.c.method)
+                 .where(where).order_by(history.c.seq.desc()).limit(count).offset(offset))
+            rows = (await conn.execute(q)).all()
+        return HistoryPage([(StoredResource(*r[:6]), r[6]) for r in rows], total, int(max_seq))
+
+    async def list_current(self, rtype: str, *, include_deleted: bool = False, limit: int | None = None,
+                           offset: int = 0) -> list[StoredResource]:
+        q = select(resources.c.type, resources.c.id, resources.c.version, resources.c.last_updated,
+                   resources.c.deleted, resources.c.content).where(resources.c.type == rtype)
+        if not include_deleted:
+            q = q.where(resources.c.deleted == literal(False))
+        q = q.order_by(resources.c.id).offset(offset)
+        if limit is not None:
+            q = q.limit(limit)
+        async with self.read_conn() as conn:
+            return [StoredResource(*r) for r in (await conn.execute(q)).all()]
+
+    async def count(self, rtype: str | None = None) -> int:
+        q = select(func.count()).select_from(resources).where(resources.c.deleted == literal(False))
+        if rtype:
+            q = q.where(resources.c.type == rtype)
+        async with self.read_conn() as conn:
+            return int((await conn.execute(q)).scalar_one())
+
+    # ------------------------------------------------------------------ conformance
+
+    async def counter(self, name: str) -> int:
+        async with self.read_conn() as conn:
+            v = (await conn.execute(select(counters.c.value).where(counters.c.name == name))).scalar()
+        return int(v or 0)
+
+    async def conformance_epoch(self) -> int:
+        return await self.counter(CONFORMANCE_EPOCH)
+
+    async def api_resources_of_types(self, types: Iterable[str]) -> list[bytes]:
+        """Content of live resources of these types that were written through the API (not packages)."""
+        q = select(resources.c.content).where(resources.c.type.in_(list(types)),
+                                              resources.c.package.is_(None),
+                                              resources.c.deleted == literal(False))
+        async with self.read_conn() as conn:
+            return [r[0] for r in (await conn.execute(q)).all()]
+
+    async def installed_package_refs(self) -> set[str]:
+        async with self.read_conn() as conn:
+            return {r[0] for r in (await conn.execute(select(installed_packages.c.ref))).all()}
+
+    async def install_package(self, ref: str, items: Sequence[tuple[str, str, bytes, str | None]],
+                              index: Callable[[WriteTx, list[tuple[str, str, bytes]]], Awaitable[None]]
+                              | None = None, ts: int | None = None) -> int:
+        """Store a package's resources (type, id, content, patient) as version 1, skipping ids taken.
+
+        Returns how many were stored. ``index`` may add search rows in the same transaction.
+        """
+        ts = ts or now_us()
+        async with self.begin() as tx:
+            taken: set[tuple[str, str]] = set()
+            for t in sorted({i[0] for i in items}):
+                rows = await tx.conn.execute(select(resources.c.id).where(resources.c.type == t))
+                taken |= {(t, r[0]) for r in rows}
+            fresh = []
+            for t, i, c, p in items:
+                if (t, i) not in taken:
+                    taken.add((t, i))
+                    fresh.append((t, i, c, p))
+            for chunk in _chunks(fresh, 500):
+                await tx.conn.execute(insert(resources), [
+                    {"type": t, "id": i, "version": 1, "last_updated": ts, "deleted": False, "patient": p,
+                     "package": ref, "content": c} for t, i, c, p in chunk])
+                await tx.conn.execute(insert(history), [
+                    {"type": t, "id": i, "version": 1, "last_updated": ts, "deleted": False, "method": "POST",
+                     "content": c} for t, i, c, _ in chunk])
+                if index is not None:
+                    await index(tx, [(t, i, c) for t, i, c, _ in chunk])
+            await tx.conn.execute(insert(installed_packages).values(ref=ref, installed_at=ts,
+                                                                   resources=len(fresh)))
+            tx.mark_conformance_changed()
+        return len(fresh)
+
+    async def wipe(self) -> None:
+        """Delete all data (tests and `dhp db reset`)."""
+        async with self.begin() as tx:
+            for t in reversed(metadata.sorted_tables):
+                await tx.conn.execute(delete(t))
+
+
+def _chunks(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def _sqlite_setup(engine: AsyncEngine, immediate: bool) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_conn: Any, _rec: Any) -> None:
+        # Take transaction control from the driver so we can say BEGIN IMMEDIATE ourselves.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+async def retry_conflicts(fn: Callable[[], Awaitable[Any]], attempts: int = 5) -> Any:
+    """Run ``fn`` again when a concurrent writer took a key first (or SQLite stayed locked)."""
+    for i in range(attempts):
+        try:
+            return await fn()
+        except (ConflictError, OperationalError) as e:
+            if i == attempts - 1 or (isinstance(e, OperationalError) and "locked" not in str(e)):
+                raise
+            await asyncio.sleep(0.01 * (i + 1))
+    raise AssertionError("unreachable")
+
+
+__all__ += ["retry_conflicts", "or_"]

@@ -1,0 +1,266 @@
+"""In-memory index of one CodeSystem: code → concept, designations by language, hierarchy, properties.
+
+Built once per CodeSystem ``url|version`` on first use, with every supplement of that system merged in
+(supplements add designations and properties; SPEC §6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+CONCEPT_PROPERTIES = "http://hl7.org/fhir/concept-properties#"
+
+# Code systems whose hierarchy is carried in the code itself rather than in nested concepts or
+# parent/child properties. KODP-2020 (position-and-profession-cs): "1111" is a group of positions,
+# "1111.1", "1111.2", … are the positions in that group.
+DOTTED_HIERARCHY = frozenset({
+    "https://terminology.dhp.uz/fhir/core/CodeSystem/position-and-profession-cs",
+})
+
+
+def property_value(p: dict[str, Any]) -> Any:
+    for k, v in p.items():
+        if k.startswith("value"):
+            return v
+    return None
+
+
+def value_text(v: Any) -> str:
+    """A property value as the string filters compare against."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):  # Coding
+        return str(v.get("code", ""))
+    return "" if v is None else str(v)
+
+
+class Concept:
+    __slots__ = ("abstract", "children", "code", "definition", "designations", "display", "inactive",
+                 "parents", "properties", "status", "by_lang")
+
+    def __init__(self, code: str, display: str | None, definition: str | None) -> None:
+        self.code = code
+        self.display = display
+        self.definition = definition
+        self.designations: list[dict[str, Any]] = []  # {language?, use?, value}
+        self.properties: list[dict[str, Any]] = []  # {code, value[x]}
+        self.parents: list[str] = []
+        self.children: list[str] = []
+        self.abstract = False
+        self.inactive = False
+        self.status: str | None = None
+        self.by_lang: dict[str, str] = {}
+
+    def display_for(self, langs: Iterable[str]) -> str | None:
+        for lang in langs:
+            v = self.by_lang.get(lang)
+            if v is not None:
+                return v
+        if self.display is not None:
+            return self.display
+        return self.designations[0]["value"] if self.designations else None
+
+    def all_texts(self) -> Iterator[str]:
+        if self.display:
+            yield self.display
+        for d in self.designations:
+            v = d.get("value")
+            if isinstance(v, str):
+                yield v
+
+    def property_values(self, code: str) -> list[Any]:
+        return [property_value(p) for p in self.properties if p.get("code") == code]
+
+
+class CodeSystemIndex:
+    """One CodeSystem, ready for lookups, filters and subsumption."""
+
+    def __init__(self, resource: dict[str, Any], supplements: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+        self.url: str = resource.get("url", "")
+        self.version: str | None = resource.get("version")
+        self.name: str = resource.get("title") or resource.get("name") or self.url
+        self.content: str = resource.get("content", "complete")
+        self.case_sensitive: bool = resource.get("caseSensitive", True) is not False
+        self.hierarchy_meaning: str | None = resource.get("hierarchyMeaning")
+        # HL7 code systems without a language are written in English.
+        self.language: str = str(resource.get("language") or "en").lower()
+        self.resource_meta = {k: v for k, v in resource.items() if k not in ("concept", "text")}
+        self.property_defs: dict[str, dict[str, Any]] = {
+            p["code"]: p for p in resource.get("property", []) if isinstance(p, dict) and "code" in p}
+        self.concepts: dict[str, Concept] = {}
+        self.order: list[Concept] = []
+        self.supplements: list[str] = []
+        self._lower: dict[str, Concept] | None = None
+        self._desc: dict[str, frozenset[str]] = {}
+        self._anc: dict[str, frozenset[str]] = {}
+
+        parent_codes = {c for c, p in self.property_defs.items() if p.get("uri") == CONCEPT_PROPERTIES + "parent"}
+        parent_codes.add("parent")
+        child_codes = {c for c, p in self.property_defs.items() if p.get("uri") == CONCEPT_PROPERTIES + "child"}
+        child_codes.add("child")
+        self._parent_props = frozenset(parent_codes)
+        self._child_props = frozenset(child_codes)
+        self._status_props = frozenset(
+            {"status"} | {c for c, p in self.property_defs.items() if p.get("uri") == CONCEPT_PROPERTIES + "status"})
+        self._inactive_props = frozenset(
+            {"inactive"} | {c for c, p in self.property_defs.items()
+                            if p.get("uri") == CONCEPT_PROPERTIES + "inactive"})
+        self._abstract_props = frozenset(
+            {"notSelectable", "abstract"} | {c for c, p in self.property_defs.items()
+                                             if p.get("uri") == CONCEPT_PROPERTIES + "notSelectable"})
+
+        self._walk(resource.get("concept") or [], None)
+        for sup in supplements:
+            self._merge_supplement(sup)
+        self._link()
+
+    # -- building
+
+    def _walk(self, concepts: list[dict[str, Any]], parent: str | None) -> None:
+        for c in concepts:
+            code = c.get("code")
+            if not isinstance(code, str):
+                continue
+            con = self.concepts.get(code)
+            if con is None:
+                con = Concept(code, c.get("display"), c.get("definition"))
+                self.concepts[code] = con
+                self.order.append(con)
+                if con.display is not None:
+                    con.by_lang[self.language] = con.display
+                for d in c.get("designation") or []:
+                    self._add_designation(con, d)
+                con.properties.extend(p for p in c.get("property") or [] if isinstance(p, dict))
+            if parent is not None and parent not in con.parents:
+                con.parents.append(parent)
+            self._walk(c.get("concept") or [], code)
+
+    @staticmethod
+    def _add_designation(con: Concept, d: dict[str, Any]) -> None:
+        if not isinstance(d, dict) or not isinstance(d.get("value"), str):
+            return
+        con.designations.append(d)
+        lang = d.get("language")
+        if isinstance(lang, str):
+            lang = lang.lower()
+            con.by_lang.setdefault(lang, d["value"])
+            con.by_lang.setdefault(lang.split("-", 1)[0], d["value"])
+
+    def _merge_supplement(self, sup: dict[str, Any]) -> None:
+        self.supplements.append(sup.get("url", "") + ("|" + sup["version"] if sup.get("version") else ""))
+        lang = sup.get("language")
+        for code, c in _flatten(sup.get("concept") or []):
+            con = self.concepts.get(code)
+            if con is None:
+                continue
+            if c.get("display") and lang:
+                self._add_designation(con, {"language": lang, "value": c["display"]})
+            for d in c.get("designation") or []:
+                self._add_designation(con, d)
+            con.properties.extend(p for p in c.get("property") or [] if isinstance(p, dict))
+        for p in sup.get("property") or []:
+            if isinstance(p, dict) and "code" in p:
+                self.property_defs.setdefault(p["code"], p)
+
+    def _link(self) -> None:
+        concepts = self.concepts
+        for con in self.order:
+            for p in con.properties:
+                pc = p.get("code")
+                v = property_value(p)
+                if pc in self._parent_props:
+                    target = value_text(v)
+                    if target and target != con.code and target not in con.parents:
+                        con.parents.append(target)
+                elif pc in self._child_props:
+                    target = value_text(v)
+                    child = concepts.get(target)
+                    if child is not None and con.code not in child.parents and target != con.code:
+                        child.parents.append(con.code)
+                elif pc in self._status_props:
+                    con.status = value_text(v)
+                    if con.status in ("retired", "inactive"):
+                        con.inactive = True
+                elif pc in self._inactive_props and v is True:
+                    con.inactive = True
+                elif pc in self._abstract_props and v is True:
+                    con.abstract = True
+        if self.url in DOTTED_HIERARCHY:
+            for con in self.order:
+                head, dot, _ = con.code.rpartition(".")
+                if dot and head in concepts and head not in con.parents:
+                    con.parents.append(head)
+        for con in self.order:
+            con.parents = [p for p in con.parents if p in concepts]
+            for p in con.parents:
+                concepts[p].children.append(con.code)
+
+    # -- reading
+
+    @property
+    def canonical(self) -> str:
+        return self.url + ("|" + self.version if self.version else "")
+
+    @property
+    def complete(self) -> bool:
+        return self.content == "complete"
+
+    def get(self, code: str) -> Concept | None:
+        con = self.concepts.get(code)
+        if con is None and not self.case_sensitive:
+            if self._lower is None:
+                self._lower = {c.code.lower(): c for c in self.order}
+            con = self._lower.get(code.lower())
+        return con
+
+    def descendants(self, code: str) -> frozenset[str]:
+        """Every code below ``code`` (not including it)."""
+        got = self._desc.get(code)
+        if got is not None:
+            return got
+        out: set[str] = set()
+        stack = list(self.concepts[code].children) if code in self.concepts else []
+        while stack:
+            c = stack.pop()
+            if c in out:
+                continue
+            out.add(c)
+            stack.extend(self.concepts[c].children)
+        res = frozenset(out)
+        self._desc[code] = res
+        return res
+
+    def ancestors(self, code: str) -> frozenset[str]:
+        """Every code above ``code`` (not including it)."""
+        got = self._anc.get(code)
+        if got is not None:
+            return got
+        out: set[str] = set()
+        stack = list(self.concepts[code].parents) if code in self.concepts else []
+        while stack:
+            c = stack.pop()
+            if c in out:
+                continue
+            out.add(c)
+            stack.extend(self.concepts[c].parents)
+        res = frozenset(out)
+        self._anc[code] = res
+        return res
+
+    def subsumes(self, a: str, b: str) -> str:
+        """Subsumption outcome of A relative to B: equivalent | subsumes | subsumed-by | not-subsumed."""
+        if a == b:
+            return "equivalent"
+        if b in self.descendants(a):
+            return "subsumes"
+        if a in self.descendants(b):
+            return "subsumed-by"
+        return "not-subsumed"
+
+
+def _flatten(concepts: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for c in concepts:
+        if isinstance(c, dict) and isinstance(c.get("code"), str):
+            yield c["code"], c
+            yield from _flatten(c.get("concept") or [])

@@ -1,0 +1,530 @@
+"""ValueSet expansion: compose (include/exclude, concept lists, filters, nested value sets) → ordered codes.
+
+An :class:`Expansion` is the full, unpaged result for one ValueSet and one set of options; it is cached by the
+engine and shared by ``$expand`` (which pages, filters text and renders displays per request), ``$validate-code``,
+search (``:in``/``:not-in``) and profile validation (bindings).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from dhp.errors import FHIRError
+from dhp.terminology.codesystem import CodeSystemIndex, Concept, value_text
+from dhp.terminology.text import words
+
+if TYPE_CHECKING:
+    from dhp.terminology.engine import Terminology
+
+
+FILTER_OPS = frozenset({"=", "is-a", "descendent-of", "is-not-a", "regex", "in", "not-in", "generalizes",
+                        "child-of", "descendent-leaf", "exists"})
+
+
+class Item:
+    """One code of an expansion."""
+
+    __slots__ = ("abstract", "code", "concept", "designations", "display", "inactive", "system", "version")
+
+    def __init__(self, system: str, version: str | None, code: str, concept: Concept | None,
+                 display: str | None = None, designations: list[dict[str, Any]] | None = None) -> None:
+        self.system = system
+        self.version = version
+        self.code = code
+        self.concept = concept
+        self.display = display  # the value set's own display, when it gives one
+        self.designations = designations or []  # the value set's own designations
+        self.abstract = concept.abstract if concept is not None else False
+        self.inactive = concept.inactive if concept is not None else False
+
+    def display_for(self, langs: Iterable[str]) -> str | None:
+        langs = tuple(langs)
+        if self.designations:
+            for lang in langs:
+                for d in self.designations:
+                    dl = str(d.get("language", "")).lower()
+                    if dl == lang or dl.split("-", 1)[0] == lang:
+                        return d["value"]
+        if self.concept is not None:
+            if self.display is not None:
+                for lang in langs:
+                    v = self.concept.by_lang.get(lang)
+                    if v is not None:
+                        return v
+                return self.display
+            return self.concept.display_for(langs)
+        return self.display
+
+    def texts(self) -> Iterable[str]:
+        yield self.code
+        if self.display:
+            yield self.display
+        for d in self.designations:
+            yield d.get("value", "")
+        if self.concept is not None:
+            yield from self.concept.all_texts()
+
+    def all_designations(self) -> list[dict[str, Any]]:
+        out = list(self.designations)
+        if self.concept is not None:
+            out.extend(self.concept.designations)
+        return out
+
+
+@dataclass(frozen=True)
+class Options:
+    """What changes the *set* of codes (text filter, paging and language only change what is shown)."""
+
+    active_only: bool = False
+    exclude_not_for_ui: bool = False
+    system_version: tuple[tuple[str, str], ...] = ()  # default versions for systems the VS leaves open
+    force_system_version: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Expansion:
+    url: str | None
+    version: str | None
+    items: list[Item] = field(default_factory=list)
+    index: dict[tuple[str, str], Item] = field(default_factory=dict)
+    open_systems: set[str] = field(default_factory=set)  # included as a whole (or by filter) but not loaded
+    used: dict[str, None] = field(default_factory=dict)  # used code systems, canonical url|version
+    warnings: list[str] = field(default_factory=list)
+    _vocab: dict[str, list[int]] | None = None
+    _sorted: list[str] | None = None
+    _by_code: dict[str, list[Item]] | None = None
+    _prefix_cache: dict[str, set[int]] = field(default_factory=dict)
+
+    def add(self, it: Item) -> None:
+        key = (it.system, it.code)
+        if key not in self.index:
+            self.index[key] = it
+            self.items.append(it)
+
+    def by_code(self, code: str) -> list[Item]:
+        if self._by_code is None:
+            m: dict[str, list[Item]] = {}
+            for it in self.items:
+                m.setdefault(it.code, []).append(it)
+            self._by_code = m
+        return self._by_code.get(code, [])
+
+    def codes(self) -> set[tuple[str, str]]:
+        return set(self.index)
+
+    # -- type-ahead: every query word must start a word of some designation (or the code)
+
+    def _build_vocab(self) -> None:
+        vocab: dict[str, list[int]] = {}
+        for i, it in enumerate(self.items):
+            seen: set[str] = set()
+            for t in it.texts():
+                seen.update(words(t))
+            for w in seen:
+                lst = vocab.get(w)
+                if lst is None:
+                    vocab[w] = [i]
+                else:
+                    lst.append(i)
+        self._vocab = vocab
+        self._sorted = sorted(vocab)
+
+    def _prefix(self, q: str) -> set[int]:
+        got = self._prefix_cache.get(q)
+        if got is not None:
+            return got
+        assert self._vocab is not None and self._sorted is not None
+        out: set[int] = set()
+        sv, vocab = self._sorted, self._vocab
+        i = bisect_left(sv, q)
+        while i < len(sv) and sv[i].startswith(q):
+            out.update(vocab[sv[i]])
+            i += 1
+        if len(self._prefix_cache) > 512:
+            self._prefix_cache.clear()
+        self._prefix_cache[q] = out
+        return out
+
+    def search(self, text: str) -> list[int] | None:
+        """Positions of the items matching a type-ahead filter, in expansion order (None: no filter)."""
+        qwords = sorted(set(words(text)), key=len, reverse=True)
+        if not qwords:
+            return None
+        if self._vocab is None:
+            self._build_vocab()
+        hits: set[int] | None = None
+        for q in qwords:
+            s = self._prefix(q)
+            hits = set(s) if hits is None else hits & s
+            if not hits:
+                return []
+        return sorted(hits or ())
+
+
+# ---------------------------------------------------------------- compose evaluation
+
+
+def expand_compose(eng: Terminology, vs: dict[str, Any], opts: Options, stack: tuple[str, ...]) -> Expansion:
+    exp = Expansion(vs.get("url"), vs.get("version"))
+    compose = vs.get("compose")
+    if not isinstance(compose, dict):
+        given = (vs.get("expansion") or {}).get("contains")
+        if isinstance(given, list):
+            _from_given_expansion(eng, exp, given)
+            return exp
+        raise FHIRError(422, f"ValueSet {vs.get('url') or vs.get('id')} has neither compose nor expansion",
+                        "invalid", message_id="vs-no-compose")
+    inactive_ok = compose.get("inactive") is not False and not opts.active_only
+    for i, inc in enumerate(compose.get("include") or []):
+        items, open_ = _eval_set(eng, exp, inc, opts, stack, f"ValueSet.compose.include[{i}]")
+        exp.open_systems |= open_
+        for it in items:
+            exp.add(it)
+    excluded: set[tuple[str, str]] = set()
+    for i, exc in enumerate(compose.get("exclude") or []):
+        items, _ = _eval_set(eng, exp, exc, opts, stack, f"ValueSet.compose.exclude[{i}]")
+        excluded.update((it.system, it.code) for it in items)
+    if excluded or not inactive_ok or opts.exclude_not_for_ui:
+        keep = [it for it in exp.items
+                if (it.system, it.code) not in excluded and (inactive_ok or not it.inactive)
+                and not (opts.exclude_not_for_ui and it.abstract)]
+        exp.items = keep
+        exp.index = {(it.system, it.code): it for it in keep}
+    return exp
+
+
+def _from_given_expansion(eng: Terminology, exp: Expansion, contains: list[dict[str, Any]]) -> None:
+    for c in contains:
+        if not isinstance(c, dict):
+            continue
+        if c.get("code") and c.get("system"):
+            cs = eng.code_system(c["system"], c.get("version"))
+            con = cs.get(c["code"]) if cs is not None else None
+            it = Item(c["system"], c.get("version"), c["code"], con, c.get("display"), c.get("designation"))
+            if c.get("abstract") is True:
+                it.abstract = True
+            if c.get("inactive") is True:
+                it.inactive = True
+            exp.add(it)
+        _from_given_expansion(eng, exp, c.get("contains") or [])
+
+
+def _eval_set(eng: Terminology, exp: Expansion, inc: dict[str, Any], opts: Options, stack: tuple[str, ...],
+              where: str) -> tuple[list[Item], set[str]]:
+    """The codes of one include/exclude entry, in order, and the systems it covers that are not loaded."""
+    open_: set[str] = set()
+    nested: list[Expansion] = []
+    for ref in inc.get("valueSet") or []:
+        sub = eng.expansion_for(ref, opts, stack)
+        nested.append(sub)
+        exp.used.update(sub.used)
+        exp.warnings.extend(sub.warnings)
+    system = inc.get("system")
+    if not system:
+        if not nested:
+            raise FHIRError(422, f"{where} names neither a system nor a value set", "invalid",
+                            expression=where, message_id="vs-include-empty")
+        first, rest = nested[0], nested[1:]
+        items = [it for it in first.items if all((it.system, it.code) in n.index for n in rest)]
+        for n in nested:
+            open_ |= n.open_systems
+        return items, open_
+    system = eng.canonical_system(system)
+    forced = dict(opts.force_system_version)
+    version = forced.get(system) or inc.get("version") or dict(opts.system_version).get(system)
+    cs = eng.code_system(system, version)
+    if cs is None and version:
+        cs = eng.code_system(system)
+        if cs is not None:
+            exp.warnings.append(f"{system} version {version} is not loaded; used version {cs.version}")
+    concepts = inc.get("concept") or []
+    filters = inc.get("filter") or []
+    items: list[Item] = []
+    if cs is None or cs.content == "not-present":
+        # Not loaded here: only enumerated codes can be listed (their validity is not checked).
+        stub = eng.supplement_stub(system)
+        codes = _enumerated(concepts, filters)
+        if codes is None:
+            open_.add(system)
+        else:
+            for code, disp, desig in codes:
+                con = stub.get(code) if stub is not None else None
+                items.append(Item(system, version, code, con, disp, desig))
+    else:
+        exp.used[cs.canonical] = None
+        if concepts:
+            for c in concepts:
+                code = c.get("code") if isinstance(c, dict) else None
+                if not isinstance(code, str):
+                    continue
+                con = cs.get(code)
+                if con is None:
+                    if cs.complete:
+                        exp.warnings.append(f"{where}: code {code!r} is not in {cs.canonical}; left out")
+                        continue
+                items.append(Item(system, cs.version, con.code if con else code, con, c.get("display"),
+                                  c.get("designation")))
+        elif filters:
+            selected: set[str] | None = None
+            for j, f in enumerate(filters):
+                s = eval_filter(cs, f, f"{where}.filter[{j}]")
+                selected = s if selected is None else selected & s
+            sel = selected or set()
+            items = [Item(system, cs.version, c.code, c) for c in cs.order if c.code in sel]
+        else:
+            items = [Item(system, cs.version, c.code, c) for c in cs.order]
+            if not cs.complete:
+                open_.add(system)
+    if nested:
+        items = [it for it in items if all((it.system, it.code) in n.index for n in nested)]
+    return items, open_
+
+
+def _enumerated(concepts: list[Any], filters: list[Any]) -> list[tuple[str, str | None, Any]] | None:
+    """Codes listed by concept or by ``code``/``concept`` ``=``/``in`` filters, or None if not enumerable."""
+    if concepts:
+        return [(c["code"], c.get("display"), c.get("designation")) for c in concepts
+                if isinstance(c, dict) and isinstance(c.get("code"), str)]
+    if not filters:
+        return None
+    out: list[tuple[str, str | None, Any]] = []
+    for f in filters:
+        if not isinstance(f, dict) or f.get("property") not in ("code", "concept"):
+            return None
+        if f.get("op") == "=":
+            out.append((str(f.get("value", "")), None, None))
+        elif f.get("op") == "in":
+            out.extend((v.strip(), None, None) for v in str(f.get("value", "")).split(",") if v.strip())
+        else:
+            return None
+    if len(filters) > 1 and all(f.get("op") == "=" for f in filters):
+        # Several '=' filters on the code are ANDed by the spec; the packages use them as a list of codes
+        # (e.g. loinc-birth-vs), so each one names a member.
+        return out
+    return out
+
+
+_HIERARCHY_PROPS = frozenset({"concept", "code"})
+
+
+def eval_filter(cs: CodeSystemIndex, f: dict[str, Any], where: str) -> set[str]:
+    prop, op, value = f.get("property"), f.get("op"), f.get("value")
+    if not isinstance(prop, str) or not isinstance(op, str) or not isinstance(value, str):
+        raise FHIRError(422, f"{where}: a filter needs property, op and value", "invalid", expression=where,
+                        message_id="vs-filter-invalid")
+    if op not in FILTER_OPS:
+        raise FHIRError(422, f"{where}: filter operator {op!r} is not supported", "not-supported",
+                        expression=where, message_id="vs-filter-op")
+    concepts = cs.concepts
+    if op in ("is-a", "descendent-of", "is-not-a", "descendent-leaf", "generalizes", "child-of"):
+        con = cs.get(value)
+        if con is None:
+            return set(concepts) if op == "is-not-a" else set()
+        code = con.code
+        if op == "is-a":
+            return {code} | cs.descendants(code)
+        if op == "descendent-of":
+            return set(cs.descendants(code))
+        if op == "is-not-a":
+            return set(concepts) - cs.descendants(code) - {code}
+        if op == "descendent-leaf":
+            return {c for c in cs.descendants(code) if not concepts[c].children}
+        if op == "generalizes":
+            return {code} | cs.ancestors(code)
+        return set(con.children)
+    getter = _getter(cs, prop)
+    if op == "=":
+        if prop in _HIERARCHY_PROPS:
+            return {value} if value in concepts else set()
+        return {c.code for c in cs.order if value in getter(c)}
+    if op in ("in", "not-in"):
+        wanted = {v.strip() for v in value.split(",") if v.strip()}
+        hit = {c.code for c in cs.order if wanted & set(getter(c))}
+        return hit if op == "in" else set(concepts) - hit
+    if op == "regex":
+        try:
+            rx = re.compile(value)
+        except re.error as e:
+            raise FHIRError(422, f"{where}: bad regex {value!r}: {e}", "invalid", expression=where,
+                            message_id="vs-filter-regex") from None
+        return {c.code for c in cs.order if any(rx.fullmatch(v) for v in getter(c))}
+    # exists
+    want = value.lower() == "true"
+    return {c.code for c in cs.order if bool(getter(c)) == want}
+
+
+def _getter(cs: CodeSystemIndex, prop: str) -> Callable[[Concept], list[str]]:
+    if prop in _HIERARCHY_PROPS:
+        return lambda c: [c.code]
+    if prop == "display":
+        return lambda c: [c.display] if c.display else []
+    if prop == "definition":
+        return lambda c: [c.definition] if c.definition else []
+    if prop in ("parent", *cs._parent_props):
+        return lambda c: c.parents
+    if prop in ("child", *cs._child_props):
+        return lambda c: c.children
+    if prop == "inactive":
+        return lambda c: ["true" if c.inactive else "false"]
+    if prop in ("notSelectable", "abstract"):
+        return lambda c: ["true" if c.abstract else "false"]
+    return lambda c: [value_text(v) for v in c.property_values(prop)]
+
+
+# ---------------------------------------------------------------- rendering ($expand output)
+
+
+@dataclass
+class RenderOptions:
+    langs: tuple[str, ...] = ()
+    text_filter: str | None = None
+    offset: int = 0
+    count: int | None = None
+    include_designations: bool = False
+    designations: tuple[str, ...] = ()  # language codes or system|code of a use
+    properties: tuple[str, ...] = ()
+    exclude_nested: bool = True
+    include_definition: bool = False
+    max_expansion: int = 10_000
+    echo: list[dict[str, Any]] = field(default_factory=list)  # expansion.parameter entries to echo
+
+
+_KEEP = ("resourceType", "id", "meta", "language", "url", "identifier", "version", "name", "title", "status",
+         "experimental", "date", "publisher", "description", "immutable")
+
+
+def render(exp: Expansion, vs: dict[str, Any], ro: RenderOptions) -> dict[str, Any]:
+    positions = exp.search(ro.text_filter) if ro.text_filter else None
+    total = len(exp.items) if positions is None else len(positions)
+    if ro.count is None and total - ro.offset > ro.max_expansion:
+        raise FHIRError(422, f"The expansion has {total} codes, more than the limit of {ro.max_expansion}; "
+                             "ask for a page with 'count' (and 'offset') or narrow it with 'filter'",
+                        "too-costly", message_id="expansion-too-costly")
+    count = ro.count if ro.count is not None else total
+    count = min(count, ro.max_expansion)
+    if positions is None:
+        page = exp.items[ro.offset:ro.offset + count]
+    else:
+        page = [exp.items[i] for i in positions[ro.offset:ro.offset + count]]
+    langs = ro.langs
+    want_desig = ro.include_designations or bool(ro.designations)
+    props = ro.properties
+    contains = [_render_item(it, langs, want_desig, ro.designations, props) for it in page]
+    nested = (not ro.exclude_nested and ro.count is None and ro.offset == 0 and positions is None)
+    if nested:
+        contains = _nest(page, contains)
+    out = {k: vs[k] for k in _KEEP if k in vs}
+    out["resourceType"] = "ValueSet"
+    if ro.include_definition and "compose" in vs:
+        out["compose"] = vs["compose"]
+    params = list(ro.echo)
+    for canonical in exp.used:
+        params.append({"name": "used-codesystem", "valueUri": canonical})
+    for w in exp.warnings:
+        params.append({"name": "warning", "valueString": w})
+    expansion: dict[str, Any] = {
+        "identifier": "urn:uuid:" + str(uuid.uuid4()),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "total": total,
+    }
+    if ro.offset or ro.count is not None:
+        expansion["offset"] = ro.offset
+    if params:
+        expansion["parameter"] = params
+    if props:
+        expansion["property"] = [{"code": p, "uri": _property_uri(p)} for p in props]
+    if contains:
+        expansion["contains"] = contains
+    out["expansion"] = expansion
+    return out
+
+
+def _property_uri(code: str) -> str:
+    return "http://hl7.org/fhir/concept-properties#" + code
+
+
+def _render_item(it: Item, langs: tuple[str, ...], want_desig: bool, desig_filter: tuple[str, ...],
+                 props: tuple[str, ...]) -> dict[str, Any]:
+    d: dict[str, Any] = {"system": it.system}
+    if it.abstract:
+        d["abstract"] = True
+    if it.inactive:
+        d["inactive"] = True
+    if it.version:
+        d["version"] = it.version
+    d["code"] = it.code
+    disp = it.display_for(langs)
+    if disp is not None:
+        d["display"] = disp
+    if want_desig:
+        ds = [x for x in it.all_designations() if designation_matches(x, desig_filter)]
+        if ds:
+            d["designation"] = ds
+    if props and it.concept is not None:
+        pv = concept_properties(it.concept, props)
+        if pv:
+            d["property"] = pv
+    return d
+
+
+def designation_matches(d: dict[str, Any], wanted: tuple[str, ...]) -> bool:
+    if not wanted:
+        return True
+    lang = str(d.get("language", "")).lower()
+    use = d.get("use") or {}
+    for w in wanted:
+        if "|" in w:
+            s, _, c = w.partition("|")
+            if use.get("code") == c and (not s or use.get("system") == s):
+                return True
+        elif lang == w.lower() or lang.split("-", 1)[0] == w.lower():
+            return True
+    return False
+
+
+def concept_properties(con: Concept, wanted: Iterable[str]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for p in wanted:
+        if p == "parent":
+            out.extend({"code": "parent", "valueCode": c} for c in con.parents)
+        elif p == "child":
+            out.extend({"code": "child", "valueCode": c} for c in con.children)
+        elif p == "inactive":
+            out.append({"code": "inactive", "valueBoolean": con.inactive})
+        elif p in ("notSelectable", "abstract"):
+            out.append({"code": p, "valueBoolean": con.abstract})
+        elif p == "definition":
+            if con.definition:
+                out.append({"code": "definition", "valueString": con.definition})
+        elif p == "display":
+            if con.display:
+                out.append({"code": "display", "valueString": con.display})
+        else:
+            out.extend({k: v for k, v in prop.items() if k == "code" or k.startswith("value")}
+                       for prop in con.properties if prop.get("code") == p)
+    return out
+
+
+def _nest(page: list[Item], rendered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Put each code under its first parent that is also in the expansion (same system, listed earlier)."""
+    pos = {(it.system, it.code): i for i, it in enumerate(page)}
+    roots: list[dict[str, Any]] = []
+    for i, (it, r) in enumerate(zip(page, rendered, strict=True)):
+        parent_idx = None
+        if it.concept is not None:
+            for p in it.concept.parents:
+                j = pos.get((it.system, p))
+                if j is not None and j < i:
+                    parent_idx = j
+                    break
+        if parent_idx is None:
+            roots.append(r)
+        else:
+            rendered[parent_idx].setdefault("contains", []).append(r)
+    return roots

@@ -1,0 +1,227 @@
+"""Compiled validation plans: a StructureDefinition snapshot turned once into a tree of element checks.
+
+A :class:`Plan` holds the root :class:`Elem`; each Elem knows its cardinality, allowed types, fixed/pattern
+value, binding, invariants, limits, its snapshot children and its slices. Children that the snapshot does not
+list (``Patient.telecom`` is not expanded) come from the datatype's own plan at validation time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
+BEST_PRACTICE_EXT = "http://hl7.org/fhir/StructureDefinition/elementdefinition-bestpractice"
+BASE = "http://hl7.org/fhir/StructureDefinition/"
+
+_SYSTEM_TYPES = {
+    "http://hl7.org/fhirpath/System.String": "string", "http://hl7.org/fhirpath/System.Boolean": "boolean",
+    "http://hl7.org/fhirpath/System.Integer": "integer", "http://hl7.org/fhirpath/System.Decimal": "decimal",
+    "http://hl7.org/fhirpath/System.Date": "date", "http://hl7.org/fhirpath/System.DateTime": "dateTime",
+    "http://hl7.org/fhirpath/System.Time": "time",
+}
+
+
+def type_code(t: dict[str, Any]) -> str:
+    code = str(t.get("code", ""))
+    for ext in t.get("extension") or ():
+        if ext.get("url") == FHIR_TYPE_EXT and isinstance(ext.get("valueUrl") or ext.get("valueUri"), str):
+            return str(ext.get("valueUrl") or ext.get("valueUri"))
+    return _SYSTEM_TYPES.get(code, code)
+
+
+def cap(code: str) -> str:
+    return code[:1].upper() + code[1:]
+
+
+@dataclass(frozen=True)
+class TypeRef:
+    code: str
+    profiles: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    aggregation: tuple[str, ...] = ()
+
+
+@dataclass
+class Constraint:
+    key: str
+    severity: str  # error | warning
+    human: str
+    expression: str
+    source: str
+
+
+@dataclass
+class Discriminator:
+    type: str  # value | pattern | exists | type | profile | position
+    path: str
+
+
+@dataclass
+class Slicing:
+    discriminators: list[Discriminator]
+    rules: str  # closed | open | openAtEnd
+    ordered: bool
+
+
+_MAX_MANY = 1 << 30
+
+
+def _max(v: Any) -> int:
+    if v in (None, "*"):
+        return _MAX_MANY
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return _MAX_MANY
+
+
+class Elem:
+    """One ElementDefinition of a snapshot, compiled."""
+
+    __slots__ = (
+        "_eff", "base_path", "binding", "choice", "constraints", "content_ref", "fixed", "id", "is_modifier",
+        "keymap", "many", "max", "max_length", "max_value", "min", "min_value", "must_support", "name",
+        "path", "pattern", "plan", "short_ref", "slice_name", "slices", "slicing", "sub", "type_codes", "types",
+    )
+
+    def __init__(self, ed: dict[str, Any], plan: Plan) -> None:
+        self.plan = plan
+        self.id: str = ed.get("id") or ed["path"]
+        self.path: str = ed["path"]
+        last = self.path.rsplit(".", 1)[-1]
+        self.choice = last.endswith("[x]")
+        self.name = last[:-3] if self.choice else last
+        self.min = int(ed.get("min") or 0)
+        self.max = _max(ed.get("max"))
+        base = ed.get("base") or {}
+        self.base_path: str = base.get("path") or self.path
+        # JSON arrays follow the base definition's cardinality, not a profile's narrowing of it.
+        self.many = _max(base.get("max", ed.get("max"))) > 1
+        self.types: list[TypeRef] = []
+        for t in ed.get("type") or ():
+            self.types.append(TypeRef(type_code(t), tuple(t.get("profile") or ()),
+                                      tuple(t.get("targetProfile") or ()), tuple(t.get("aggregation") or ())))
+        self.type_codes = frozenset(t.code for t in self.types)
+        self.fixed: Any = None
+        self.pattern: Any = None
+        self.min_value: Any = None
+        self.max_value: Any = None
+        for k, v in ed.items():
+            if k.startswith("fixed"):
+                self.fixed = v
+            elif k.startswith("pattern"):
+                self.pattern = v
+            elif k.startswith("minValue"):
+                self.min_value = v
+            elif k.startswith("maxValue"):
+                self.max_value = v
+        b = ed.get("binding") or {}
+        self.binding: tuple[str, str] | None = (
+            (b["strength"], b["valueSet"]) if b.get("valueSet") and b.get("strength") else None)
+        self.constraints: list[Constraint] = []
+        for c in ed.get("constraint") or ():
+            if not c.get("key"):
+                continue
+            sev = c.get("severity", "error")
+            if any(e.get("url") == BEST_PRACTICE_EXT and e.get("valueBoolean") for e in c.get("extension") or ()):
+                sev = "warning"
+            self.constraints.append(Constraint(c["key"], sev, c.get("human", ""), c.get("expression") or "",
+                                               c.get("source", "")))
+        self.max_length: int | None = ed.get("maxLength") if isinstance(ed.get("maxLength"), int) else None
+        self.must_support = bool(ed.get("mustSupport"))
+        self.is_modifier = bool(ed.get("isModifier"))
+        self.content_ref: str | None = ed.get("contentReference")
+        s = ed.get("slicing")
+        self.slicing: Slicing | None = None
+        if s:
+            self.slicing = Slicing([Discriminator(d.get("type", "value"), d.get("path", "$this"))
+                                    for d in s.get("discriminator") or ()],
+                                   s.get("rules", "open"), bool(s.get("ordered")))
+        self.slice_name: str | None = ed.get("sliceName")
+        self.sub: dict[str, Elem] = {}  # snapshot children by element name (no [x])
+        self.slices: list[Elem] = []
+        self.keymap: dict[str, tuple[Elem, str | None]] | None = None
+        self._eff: dict[str, Any] = {}  # per-type effective checks, filled by the validator
+        self.short_ref = None
+
+    def single_type(self) -> str | None:
+        return self.types[0].code if len(self.types) == 1 else None
+
+    def build_keymap(self) -> dict[str, tuple[Elem, str | None]]:
+        """JSON property name → (child element, type code) for this element's snapshot children."""
+        km: dict[str, tuple[Elem, str | None]] = {}
+        for child in self.sub.values():
+            if child.choice:
+                for t in child.types:
+                    km[child.name + cap(t.code)] = (child, t.code)
+            else:
+                km[child.name] = (child, child.single_type())
+        self.keymap = km
+        return km
+
+    def __repr__(self) -> str:
+        return f"Elem({self.id})"
+
+
+@dataclass
+class Plan:
+    url: str
+    version: str
+    type: str
+    kind: str
+    derivation: str
+    sd: dict[str, Any]
+    root: Elem = field(init=False)
+    by_id: dict[str, Elem] = field(default_factory=dict)
+    by_path: dict[str, Elem] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.url}|{self.version}"
+
+    @property
+    def title(self) -> str:
+        return str(self.sd.get("name") or self.sd.get("id") or self.url)
+
+
+def _split_id(eid: str) -> tuple[str, str]:
+    parent, _, last = eid.rpartition(".")
+    return parent, last
+
+
+def compile_plan(sd: dict[str, Any]) -> Plan:
+    """Build the element tree from ``sd['snapshot']`` (the caller makes sure there is one)."""
+    elements = (sd.get("snapshot") or {}).get("element") or []
+    if not elements:
+        raise ValueError(f"StructureDefinition {sd.get('url')} has no snapshot")
+    plan = Plan(str(sd.get("url", "")), str(sd.get("version", "")), str(sd.get("type", "")),
+                str(sd.get("kind", "")), str(sd.get("derivation", "")), sd)
+    root = Elem(elements[0], plan)
+    plan.root = root
+    plan.by_id[root.id] = root
+    plan.by_path.setdefault(root.path, root)
+    for ed in elements[1:]:
+        el = Elem(ed, plan)
+        parent_id, last = _split_id(el.id)
+        parent = plan.by_id.get(parent_id)
+        if parent is None:
+            # Ids without slice parts (old snapshots): fall back to the path.
+            parent = plan.by_path.get(el.path.rpartition(".")[0])
+            if parent is None:
+                continue
+        name, _, slice_part = last.partition(":")
+        if slice_part:
+            base_name = name[:-3] if name.endswith("[x]") else name
+            # Re-slices (a/b) hang off the same sliced element.
+            base = parent.sub.get(base_name)
+            if base is None:
+                continue
+            base.slices.append(el)
+        elif el.slice_name and parent.sub.get(el.name) is not None and ":" not in el.id:
+            parent.sub[el.name].slices.append(el)
+        else:
+            parent.sub[el.name] = el
+            plan.by_path.setdefault(el.path, el)
+        plan.by_id[el.id] = el
+    return plan
