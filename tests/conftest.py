@@ -128,8 +128,9 @@ def start_server() -> Iterator[Callable[..., LiveServer]]:
 @pytest.fixture(scope="session", params=["sqlite", "pg"])
 def server(request: pytest.FixtureRequest, start_server: Callable[..., LiveServer],
            new_db_url: Callable[[str], str]) -> LiveServer:
-    """The default server of each backend: auth off, all packages loaded."""
-    return start_server(DHP_DATABASE_URL=new_db_url(request.param), DHP_AUTH="off")
+    """The default server of each backend: auth off, write-time profile validation off (generic REST tests
+    use minimal resources), all packages loaded. Tests of auth or validation start their own servers."""
+    return start_server(DHP_DATABASE_URL=new_db_url(request.param), DHP_AUTH="off", DHP_VALIDATION="off")
 
 
 @pytest.fixture(scope="session")

@@ -96,8 +96,9 @@ def build_event(*, kind: str, success: bool, description: str, client_id: str | 
 class AuditWriter:
     """Group commit of AuditEvents: ``await write(event)`` returns once the event is committed."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, server: Any = None) -> None:
         self.store = store
+        self.server = server  # its search engine (if any) indexes the events so AuditEvent?… finds them
         self._pending: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -140,6 +141,9 @@ class AuditWriter:
                 for rid, content, patient in prepared:
                     await tx.put(StoredResource("AuditEvent", rid, 1, ts, False, content), "POST",
                                  exists_before=False, patient=patient)
+                search = getattr(self.server, "search", None)
+                if search is not None and hasattr(search, "index_many"):
+                    await search.index_many(tx, [("AuditEvent", rid, content) for rid, content, _ in prepared])
 
         await retry_conflicts(once)
         return [p[0] for p in prepared]

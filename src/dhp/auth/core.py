@@ -46,15 +46,14 @@ _hasher = PasswordHasher()
 class AuthError(FHIRError):
     """A bearer token that does not authenticate: 401 with ``WWW-Authenticate`` per RFC 6750."""
 
-    def __init__(self, description: str, *, error: str | None = "invalid_token", code: str = "login") -> None:
-        value = 'Bearer realm="dhp"'
-        if error:
-            value += f', error="{error}", error_description="{description}"'
+    def __init__(self, description: str, *, error: str = "invalid_token", code: str = "login") -> None:
+        # The issue asks for error="invalid_token" on a missing token too (RFC 6750 leaves it optional).
+        value = f'Bearer realm="dhp", error="{error}", error_description="{description}"'
         self.www_authenticate = value
         self.error = error
         self.description = description
-        super().__init__(401, description, code, message_id=f"auth-{error or 'missing-token'}",
-                         issues=[Issue("error", code, description, message_id=f"auth-{error or 'missing-token'}")],
+        super().__init__(401, description, code, message_id=f"auth-{error}",
+                         issues=[Issue("error", code, description, message_id=f"auth-{error}")],
                          headers={"WWW-Authenticate": value})
 
 
@@ -184,6 +183,28 @@ class AuthState:
             return base
         return _origin(headers or {}) + "/fhir"
 
+    def security_component(self, fhir_base: str) -> dict[str, Any]:
+        """``CapabilityStatement.rest.security``: SMART on FHIR with the OAuth URLs (oauth-uris extension)."""
+        base = fhir_base.rstrip("/")
+        iss = self.server.settings.base_url.rstrip("/") or base
+        if iss.endswith("/fhir"):
+            iss = iss[: -len("/fhir")]
+        uris = [("authorize", "/oauth/authorize"), ("token", "/oauth/token"), ("revoke", "/oauth/revoke"),
+                ("introspect", "/oauth/introspect")]
+        return {
+            "cors": True,
+            "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                     "code": "SMART-on-FHIR", "display": "SMART-on-FHIR"}],
+                         "text": "OAuth 2.0 / OpenID Connect with SMART App Launch v2 scopes"}],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": k, "valueUri": iss + p} for k, p in uris],
+            }],
+            "description": "Every request but /metadata and the SMART discovery document needs "
+                           "'Authorization: Bearer <access token>' from this server's SSO; see "
+                           f"{base}/.well-known/smart-configuration",
+        }
+
     # ------------------------------------------------------------------ access tokens
 
     def issue_access_token(self, *, headers: Mapping[str, str], client_id: str, sub: str, scope: list[str],
@@ -222,11 +243,11 @@ class AuthState:
     async def authenticate(self, headers: Mapping[str, str]) -> Principal:
         value = headers.get("authorization") or headers.get("Authorization")
         if not value:
-            raise AuthError("an access token is required (Authorization: Bearer …)", error=None)
+            raise AuthError("an access token is required (Authorization: Bearer ...)")
         scheme, _, token = value.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise AuthError("the Authorization header must be 'Bearer <access token>'", error="invalid_request")
+            raise AuthError("the Authorization header must be 'Bearer <access token>'")
         await self.sync_revocations()
         # The audience was checked against this host's FHIR base: the cache key includes the host.
         ck = (headers.get("host") or "") + " " + token
@@ -344,7 +365,8 @@ def _same_ignoring_scheme(a: Any, b: str) -> bool:
 
 async def create_client(store: Store, *, name: str, scopes: str, public: bool = False,
                         redirect_uris: list[str] | None = None, grant_types: list[str] | None = None,
-                        organization: str | None = None, admin: bool = False) -> dict[str, Any]:
+                        organization: str | None = None, admin: bool = False,
+                        client_id: str | None = None) -> dict[str, Any]:
     """Register a client; returns ``{"client_id", "client_secret"?}`` (the secret is shown only now)."""
     from dhp.auth.scopes import ScopeError, split_scope, validate_scopes
 
@@ -371,7 +393,7 @@ async def create_client(store: Store, *, name: str, scopes: str, public: bool = 
         raise ValueError("the authorization_code grant needs at least one redirect URI")
     if organization and not organization.startswith("Organization/"):
         raise ValueError("organization must be a reference like Organization/ID")
-    client_id = uuid.uuid4().hex
+    client_id = client_id or uuid.uuid4().hex
     secret = None if public else new_secret()
     await db.insert_client(store, db.ClientRow(
         client_id=client_id, name=name.strip(), secret_hash=sha256(secret) if secret else None, public=public,

@@ -417,7 +417,7 @@ def parse_instant_param(name: str, value: str) -> tuple[int, int]:
         elif frac is None:
             end = start + timedelta(seconds=1)
         else:
-            end = start + timedelta(microseconds=1)
+            end = start + timedelta(microseconds=10 ** max(0, 7 - len(frac)))
     except ValueError as e:
         raise bad_request(f"{name}: '{value}' is not a valid date/time ({e})", name, "bad-date") from None
     return int(start.timestamp() * 1_000_000), int(end.timestamp() * 1_000_000)

@@ -138,18 +138,55 @@ def _eval(resource: dict[str, Any], path: str) -> list[Any]:
         raise _unprocessable(f"cannot evaluate {path!r}: {e}") from None
 
 
-def _locate(root: Any, target: Any) -> tuple[Any, Any] | None:
-    """(container, key) of the object ``target`` (by identity) inside ``root``."""
+_MARK = "_dhp_loc"
+
+
+def _mark_tree(root: Any) -> dict[int, tuple[Any, Any, Any]]:
+    """Tag every object with a number, so results (which fhirpathpy copies) can be traced back.
+
+    Returns number → (object, container, key).
+    """
+    table: dict[int, tuple[Any, Any, Any]] = {}
+    stack: list[tuple[Any, Any, Any]] = [(root, None, None)]
+    while stack:
+        node, container, key = stack.pop()
+        if isinstance(node, dict):
+            n = len(table)
+            node[_MARK] = n
+            table[n] = (node, container, key)
+            stack.extend((v, node, k) for k, v in node.items() if k != _MARK)
+        elif isinstance(node, list):
+            stack.extend((v, node, i) for i, v in enumerate(node))
+    return table
+
+
+def _unmark(root: Any) -> None:
     stack = [root]
     while stack:
-        cur = stack.pop()
-        items = cur.items() if isinstance(cur, dict) else enumerate(cur) if isinstance(cur, list) else ()
-        for k, v in items:
-            if v is target:
-                return cur, k
-            if isinstance(v, dict | list):
-                stack.append(v)
-    return None
+        node = stack.pop()
+        if isinstance(node, dict):
+            node.pop(_MARK, None)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _eval_marked(doc: dict[str, Any], path: str) -> tuple[list[Any], dict[int, tuple[Any, Any, Any]]]:
+    table = _mark_tree(doc)
+    try:
+        return _eval(doc, path), table
+    finally:
+        _unmark(doc)
+
+
+def _objects(doc: dict[str, Any], path: str) -> list[tuple[Any, Any, Any]]:
+    """(original object, container, key) for each object the path selects."""
+    results, table = _eval_marked(doc, path)
+    out = []
+    for r in results:
+        if isinstance(r, dict) and isinstance(r.get(_MARK), int) and r[_MARK] in table:
+            out.append(table[r[_MARK]])
+    return out
 
 
 def _split(path: str) -> tuple[str, str] | None:
@@ -171,20 +208,15 @@ def _split(path: str) -> tuple[str, str] | None:
 
 def _targets(resource: dict[str, Any], path: str) -> list[tuple[Any, Any]]:
     """Locations (container, key) the path designates."""
-    results = _eval(resource, path)
     locs: list[tuple[Any, Any]] = []
-    if results and all(isinstance(r, dict) for r in results):
-        for r in results:
-            loc = _locate(resource, r)
-            if loc is not None:
-                locs.append(loc)
-        if locs:
-            return locs
+    objs = _objects(resource, path)
+    if objs:
+        return [(c, k) for _, c, k in objs if c is not None]
     split = _split(path)
     if split is None:
         return locs
     parent_path, name = split
-    for parent in _eval(resource, parent_path):
+    for parent, _, _ in _objects(resource, parent_path):
         if isinstance(parent, dict) and name in parent:
             val = parent[name]
             if isinstance(val, list):
@@ -220,7 +252,7 @@ def apply_fhirpath_patch(resource: dict[str, Any], params: dict[str, Any]) -> di
             name = (parts.get("name") or {}).get("valueString")
             if not name or value is None:
                 raise bad_request(f"operation {n} (add) needs 'name' and 'value'", message_id="patch-invalid")
-            containers = [r for r in _eval(doc, path) if isinstance(r, dict)]
+            containers = [o for o, _, _ in _objects(doc, path)]
             if len(containers) != 1:
                 raise _unprocessable(f"add: path {path!r} must designate exactly one element", path)
             c = containers[0]
@@ -236,7 +268,7 @@ def apply_fhirpath_patch(resource: dict[str, Any], params: dict[str, Any]) -> di
             if value is None or not isinstance(index, int) or split is None:
                 raise bad_request(f"operation {n} (insert) needs 'value', 'index' and a list path",
                                   message_id="patch-invalid")
-            parents = [r for r in _eval(doc, split[0]) if isinstance(r, dict)]
+            parents = [o for o, _, _ in _objects(doc, split[0])]
             if len(parents) != 1:
                 raise _unprocessable(f"insert: path {path!r} must designate one list", path)
             lst = parents[0].setdefault(split[1], [])
@@ -264,7 +296,7 @@ def apply_fhirpath_patch(resource: dict[str, Any], params: dict[str, Any]) -> di
             if not isinstance(src, int) or not isinstance(dst, int) or split is None:
                 raise bad_request(f"operation {n} (move) needs 'source' and 'destination'",
                                   message_id="patch-invalid")
-            parents = [r for r in _eval(doc, split[0]) if isinstance(r, dict)]
+            parents = [o for o, _, _ in _objects(doc, split[0])]
             lst = parents[0].get(split[1]) if len(parents) == 1 else None
             if not isinstance(lst, list) or not (0 <= src < len(lst) and 0 <= dst < len(lst)):
                 raise _unprocessable(f"move: indexes out of range for {path}", path)

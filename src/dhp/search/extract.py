@@ -32,12 +32,15 @@ _CHOICE_SUFFIXES = (
     "DataRequirement", "Expression", "ParameterDefinition", "RelatedArtifact", "TriggerDefinition",
     "UsageContext", "Availability", "ExtendedContactDetail", "Dosage", "Meta",
 )
+_SUFFIX_SET = frozenset(_CHOICE_SUFFIXES)
 _PRIMITIVE_TYPES = {"boolean", "integer", "integer64", "decimal", "string", "uri", "url", "canonical", "code",
                     "oid", "id", "uuid", "markdown", "base64Binary", "instant", "date", "dateTime", "time",
                     "positiveInt", "unsignedInt"}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OFTYPE = re.compile(r"^(?:ofType|as)\((?:FHIR\.)?([A-Za-z]+)\)$")
 _WHEREREF = re.compile(r"^where\(resolve\(\)\s+is\s+([A-Za-z]+)\)$")
+_EXT = re.compile(r"^extension\('([^']+)'\)$")
+_WHERE_EQ = re.compile(r"^where\(([A-Za-z]+)\s*=\s*'([^']*)'\)$")
 _AS_SUFFIX = re.compile(r"^(.*)\s+as\s+(?:FHIR\.)?([A-Za-z]+)$", re.S)
 
 
@@ -101,9 +104,13 @@ def _compile_native(part: str, rtype: str | None, type_names: frozenset[str]) ->
             steps.append(("whereref", m.group(1)))
         elif s == "first()":
             steps.append(("first", ""))
+        elif (m := _EXT.match(s)):
+            steps.append(("ext", m.group(1)))
+        elif (m := _WHERE_EQ.match(s)):
+            steps.append(("where_eq", m.group(1) + "|" + m.group(2)))
         else:
             return None
-    return steps or None
+    return steps or [("self", "")]
 
 
 def _shape_is(v: Any, t: str) -> bool:
@@ -127,9 +134,10 @@ def _child(nodes: list[Any], name: str, typ: str | None) -> list[Any]:
         else:
             v = n.get(name)
             if v is None:
-                for suffix in _CHOICE_SUFFIXES:
-                    v = n.get(name + suffix)
-                    if v is not None:
+                ln = len(name)
+                for k in n:
+                    if k.startswith(name) and k[ln:] in _SUFFIX_SET:
+                        v = n[k]
                         break
         if v is None:
             continue
@@ -165,12 +173,19 @@ def _run_native(parts: list[list[tuple[str, str]]], root: Any) -> list[Any]:
                 nodes = [n for n in nodes if _ref_is(n, arg)]
             elif kind == "first":
                 nodes = nodes[:1]
+            elif kind == "ext":
+                nodes = [e for e in _child(nodes, "extension", None)
+                         if isinstance(e, dict) and e.get("url") == arg]
+            elif kind == "where_eq":
+                k, _, lit = arg.partition("|")
+                nodes = [n for n in nodes if isinstance(n, dict) and n.get(k) == lit]
             if not nodes:
                 break
         out.extend(nodes)
     return out
 
 
+_EXISTS_NOT_FALSE = re.compile(r"^([A-Za-z.]+)\.exists\(\) and ([A-Za-z.]+) != false$")
 _RESOLVE_IS = re.compile(r"where\(resolve\(\)\s+is\s+([A-Za-z]+)\)")
 
 
@@ -197,15 +212,23 @@ def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str])
     """An evaluator for ``expr`` on resources of ``rtype`` (None: relative to any node)."""
     if not expr.strip():
         return None
+    m = _EXISTS_NOT_FALSE.match(expr.strip())
+    if m:
+        # "X.exists() and X != false" (Patient.deceased): true when X is there and is not false.
+        inner = compile_expression(m.group(1), rtype, type_names)
+        if inner is None:
+            return None
+        return lambda r: [True] if any(v is not False for v in inner(r)) else []
     parts = split_top(expr, "|")
     native: list[list[tuple[str, str]]] = []
     interpreted: list[str] = []
     for p in parts:
         steps = _compile_native(p, rtype, type_names)
         if steps is None:
-            first = _strip_parens(p).split(".", 1)[0]
-            if rtype is not None and first in type_names and first not in (rtype, "Resource", "DomainResource"):
-                continue
+            first = _strip_parens(p).split(".", 1)[0].strip("( ")
+            if rtype is not None and first not in (rtype, "Resource", "DomainResource") and (
+                    first in type_names or len(parts) > 1):
+                continue  # another type's part of a shared expression
             interpreted.append(p.strip())
         elif steps:
             native.append(steps)
@@ -432,13 +455,22 @@ class ParamExtractor:
         self.param = param
         self.type_names = type_names
         self.root = compile_expression(param.expression, rtype, type_names)
+        # Bundle.composition / Bundle.message point at a resource inside the Bundle, not at a reference:
+        # the embedded resource's own parameters are indexed under "code.param" on the Bundle.
+        self.embedded = param.type == "reference" and bool(
+            re.search(r"\.resource(\s+as\s+\w+)?\s*$", param.expression))
         self.components: list[tuple[str, Evaluator | None]] = []
         if param.type == "composite":
             for c in param.components[:3]:
                 self.components.append((c.type, compile_expression(c.expression, None, type_names)))
 
+    def embedded_resources(self, resource: dict[str, Any]) -> list[dict[str, Any]]:
+        if not self.embedded or self.root is None:
+            return []
+        return [v for v in self.root(resource) if isinstance(v, dict) and isinstance(v.get("resourceType"), str)]
+
     def rows(self, resource: dict[str, Any]) -> list[tuple[Any, ...]]:
-        if self.root is None:
+        if self.root is None or self.embedded:
             return []
         values = self.root(resource)
         if not values:

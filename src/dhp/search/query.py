@@ -126,6 +126,13 @@ class Compartment:
 
 
 @dataclass
+class TypeIs:
+    """The resource is of one of these types (system-level searches)."""
+
+    types: list[str]
+
+
+@dataclass
 class AnyOf:
     """OR across condition sets (authorisation filters)."""
 
@@ -137,7 +144,7 @@ class Nothing:
     """Matches no resource (e.g. a type outside the caller's compartment)."""
 
 
-Node = Union[Clause, IdClause, LastUpdated, Chain, Has, ListClause, Compartment, AnyOf, Nothing]
+Node = Union[Clause, IdClause, LastUpdated, Chain, Has, ListClause, Compartment, AnyOf, Nothing, TypeIs]
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ class HistoryPage:
 
 
 def now_us() -> int:
-    return time.time_ns() // 1000
+    """Now, in microseconds since the epoch, truncated to the millisecond that meta.lastUpdated shows."""
+    return time.time_ns() // 1_000_000 * 1000
 
 
 def _sqlite_path(url: str) -> str | None:

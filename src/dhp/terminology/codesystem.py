@@ -36,8 +36,19 @@ def value_text(v: Any) -> str:
 
 
 class Concept:
-    __slots__ = ("abstract", "children", "code", "definition", "designations", "display", "inactive",
-                 "parents", "properties", "status", "by_lang")
+    __slots__ = (
+        "abstract",
+        "by_lang",
+        "children",
+        "code",
+        "definition",
+        "designations",
+        "display",
+        "inactive",
+        "parents",
+        "properties",
+        "status",
+    )
 
     def __init__(self, code: str, display: str | None, definition: str | None) -> None:
         self.code = code
@@ -153,7 +164,12 @@ class CodeSystemIndex:
         for code, c in _flatten(sup.get("concept") or []):
             con = self.concepts.get(code)
             if con is None:
-                continue
+                if self.content != "not-present":
+                    continue
+                # A system not loaded here: the supplement's codes are all we know (displays only).
+                con = Concept(code, None, None)
+                self.concepts[code] = con
+                self.order.append(con)
             if c.get("display") and lang:
                 self._add_designation(con, {"language": lang, "value": c["display"]})
             for d in c.get("designation") or []:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from dhp.errors import FHIRError
 from dhp.terminology.codesystem import CodeSystemIndex, Concept, value_text
-from dhp.terminology.text import words
+from dhp.terminology.text import no_gc, words, words_many
 
 if TYPE_CHECKING:
     from dhp.terminology.engine import Terminology
@@ -85,6 +85,8 @@ class Options:
     exclude_not_for_ui: bool = False
     system_version: tuple[tuple[str, str], ...] = ()  # default versions for systems the VS leaves open
     force_system_version: tuple[tuple[str, str], ...] = ()
+    check_system_version: tuple[tuple[str, str], ...] = ()  # a different version in the VS is an error
+    exclude_system: tuple[str, ...] = ()  # system or system|version left out of the expansion
 
 
 @dataclass
@@ -122,18 +124,17 @@ class Expansion:
 
     def _build_vocab(self) -> None:
         vocab: dict[str, list[int]] = {}
-        for i, it in enumerate(self.items):
-            seen: set[str] = set()
-            for t in it.texts():
-                seen.update(words(t))
-            for w in seen:
-                lst = vocab.get(w)
-                if lst is None:
-                    vocab[w] = [i]
-                else:
-                    lst.append(i)
-        self._vocab = vocab
-        self._sorted = sorted(vocab)
+        with no_gc():
+            tokens = words_many([" ".join(dict.fromkeys(it.texts())) for it in self.items])
+            for i, ws in enumerate(tokens):
+                for w in set(ws):
+                    lst = vocab.get(w)
+                    if lst is None:
+                        vocab[w] = [i]
+                    else:
+                        lst.append(i)
+            self._vocab = vocab
+            self._sorted = sorted(vocab)
 
     def _prefix(self, q: str) -> set[int]:
         got = self._prefix_cache.get(q)
@@ -190,13 +191,23 @@ def expand_compose(eng: Terminology, vs: dict[str, Any], opts: Options, stack: t
     for i, exc in enumerate(compose.get("exclude") or []):
         items, _ = _eval_set(eng, exp, exc, opts, stack, f"ValueSet.compose.exclude[{i}]")
         excluded.update((it.system, it.code) for it in items)
-    if excluded or not inactive_ok or opts.exclude_not_for_ui:
+    dropped = _excluded_systems(opts.exclude_system)
+    if excluded or not inactive_ok or opts.exclude_not_for_ui or dropped:
         keep = [it for it in exp.items
                 if (it.system, it.code) not in excluded and (inactive_ok or not it.inactive)
-                and not (opts.exclude_not_for_ui and it.abstract)]
+                and not (opts.exclude_not_for_ui and it.abstract)
+                and not (it.system in dropped and dropped[it.system] in (None, it.version))]
         exp.items = keep
         exp.index = {(it.system, it.code): it for it in keep}
     return exp
+
+
+def _excluded_systems(refs: tuple[str, ...]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for r in refs:
+        url, _, version = r.partition("|")
+        out[url] = version or None
+    return out
 
 
 def _from_given_expansion(eng: Terminology, exp: Expansion, contains: list[dict[str, Any]]) -> None:
@@ -237,7 +248,11 @@ def _eval_set(eng: Terminology, exp: Expansion, inc: dict[str, Any], opts: Optio
         return items, open_
     system = eng.canonical_system(system)
     forced = dict(opts.force_system_version)
-    version = forced.get(system) or inc.get("version") or dict(opts.system_version).get(system)
+    required = dict(opts.check_system_version).get(system)
+    if required and inc.get("version") and inc["version"] != required:
+        raise FHIRError(422, f"{where} uses {system} version {inc['version']}, but check-system-version asks "
+                             f"for {required}", "exception", expression=where, message_id="vs-version-mismatch")
+    version = forced.get(system) or inc.get("version") or dict(opts.system_version).get(system) or required
     cs = eng.code_system(system, version)
     if cs is None and version:
         cs = eng.code_system(system)

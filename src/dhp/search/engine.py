@@ -1,0 +1,281 @@
+"""The search engine: parameter registry, index extraction and the write hooks the interactions call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from dhp import fhirjson
+from dhp.conformance import Registry
+from dhp.errors import FHIRError
+from dhp.search.extract import TABLE_OF, ParamExtractor
+from dhp.search.params import ParamRegistry
+from dhp.search.parse import Parser
+from dhp.search.query import AnyOf, Compartment, Node, Nothing
+from dhp.store import search as sql
+
+log = logging.getLogger("dhp.search")
+
+
+@dataclass
+class ReindexJob:
+    """Progress of one reindexing run (background after a SearchParameter change, or ``$reindex``)."""
+
+    id: int
+    types: list[str]
+    codes: list[str] | None
+    started: float = field(default_factory=time.time)
+    done: int = 0
+    total: int = 0
+    current_type: str = ""
+    finished: float | None = None
+    error: str | None = None
+
+    def to_parameters(self) -> dict[str, Any]:
+        params: list[dict[str, Any]] = [
+            {"name": "job", "valueInteger": self.id},
+            {"name": "status", "valueCode": "error" if self.error else
+             ("completed" if self.finished else "in-progress")},
+            {"name": "processed", "valueInteger": self.done},
+            {"name": "total", "valueInteger": self.total},
+        ]
+        if self.codes:
+            params += [{"name": "code", "valueString": c} for c in self.codes]
+        params += [{"name": "type", "valueCode": t} for t in self.types]
+        if self.error:
+            params.append({"name": "error", "valueString": self.error})
+        return {"resourceType": "Parameters", "parameter": params}
+
+
+class SearchEngine:
+    def __init__(self, registry: Registry, terminology: Any = None) -> None:
+        self.registry = registry
+        self.terminology = terminology
+        self._params: ParamRegistry | None = None
+        self._extractors: dict[str, list[tuple[str, str, ParamExtractor]]] = {}
+        self._kinds: dict[str, tuple[str, ...]] = {}
+        self._signature: dict[tuple[str, str], tuple[Any, ...]] = {}
+        #: Set by the interactions on first use, so background reindexing knows where to write.
+        self.store: Any = None
+        self.jobs: list[ReindexJob] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        registry.listeners.append(self.reload)
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def params(self) -> ParamRegistry:
+        if self._params is None:
+            self._params = ParamRegistry(self.registry)
+            if not self._signature:
+                self._signature = self._signatures(self._params)
+        return self._params
+
+    @staticmethod
+    def _signatures(params: ParamRegistry) -> dict[tuple[str, str], tuple[Any, ...]]:
+        out = {}
+        for base, by_code in params._by_base.items():
+            for code, p in by_code.items():
+                out[(base, code)] = (p.type, p.expression, p.components)
+        return out
+
+    def reload(self) -> None:
+        """Registry listener: API-written conformance changed. New parameters apply at once to searches and
+        writes; existing data is reindexed for new or changed parameters in the background."""
+        self._params = None
+        self._extractors.clear()
+        self._kinds.clear()
+        new = self._signatures(self.params)
+        old = self._signature
+        self._signature = new
+        changed = [k for k, v in new.items() if old.get(k) != v]
+        if not changed or not old or self.store is None:
+            return
+        by_code: dict[str, set[str]] = {}
+        for base, code in changed:
+            by_code.setdefault(code, set()).add(base)
+        types: set[str] = set()
+        for bases in by_code.values():
+            if bases & {"Resource", "DomainResource"}:
+                types = set(self.params.resource_types)
+                break
+            types |= bases & set(self.params.resource_types)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop here (a CLI command): `$reindex` does it
+        task = loop.create_task(self.reindex(self.store, sorted(types), sorted(by_code)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def parser(self, base_url: str = "", strict: bool = False, default_count: int = 50,
+               max_count: int = 1000) -> Parser:
+        return Parser(self.params, base_url=base_url, terminology=self.terminology, strict=strict,
+                      default_count=default_count, max_count=max_count)
+
+    # ------------------------------------------------------------------ extraction
+
+    def extractors(self, rtype: str) -> list[tuple[str, str, ParamExtractor]]:
+        got = self._extractors.get(rtype)
+        if got is None:
+            names = self.params.resource_types
+            got = []
+            for p in self.params.indexed(rtype):
+                kind = TABLE_OF.get(p.type)
+                if kind is None:
+                    continue
+                ex = ParamExtractor(p, rtype, names)
+                if ex.root is not None:
+                    got.append((kind, p.code, ex))
+            self._extractors[rtype] = got
+            self._kinds[rtype] = tuple(sorted({k for k, _c, _e in got}))
+        return got
+
+    def rows(self, rtype: str, rid: str, resource: dict[str, Any],
+             codes: set[str] | None = None) -> dict[str, list[tuple[Any, ...]]]:
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        for kind, code, ex in self.extractors(rtype):
+            if codes is not None and code not in codes:
+                continue
+            try:
+                if ex.embedded:
+                    for inner in ex.embedded_resources(resource):
+                        for kind2, lst in self.rows(inner["resourceType"], rid, inner).items():
+                            out.setdefault(kind2, []).extend(
+                                (rtype, rid, f"{code}.{c}", *vals) for _t, _i, c, *vals in lst)
+                    continue
+                got = ex.rows(resource)
+            except Exception as e:  # a value we cannot read must not fail the write
+                log.warning("indexing %s/%s %s failed: %s", rtype, rid, code, e)
+                continue
+            if got:
+                lst = out.setdefault(kind, [])
+                lst.extend((rtype, rid, code, *r) for r in got)
+        return out
+
+    def kinds(self, rtype: str) -> tuple[str, ...]:
+        self.extractors(rtype)
+        return self._kinds[rtype]
+
+    # ------------------------------------------------------------------ write hooks
+
+    async def index(self, tx: Any, rtype: str, rid: str, resource: dict[str, Any]) -> None:
+        """Replace the resource's index rows (inside the caller's write transaction)."""
+        rows = self.rows(rtype, rid, resource)
+        await sql.delete_rows(tx.conn, rtype, rid, self.kinds(rtype))
+        await sql.insert_rows(tx.conn, rows)
+
+    async def unindex(self, tx: Any, rtype: str, rid: str) -> None:
+        await sql.delete_rows(tx.conn, rtype, rid)
+
+    async def index_many(self, tx: Any, items: list[tuple[str, str, bytes]], *, fresh: bool = True) -> None:
+        """Index many resources at once (package install, reindex). ``fresh``: they have no rows yet."""
+        rows: dict[str, list[tuple[Any, ...]]] = {}
+        keys = []
+        for rtype, rid, content in items:
+            try:
+                res = fhirjson.fast_loads(content)
+            except Exception:
+                log.warning("cannot index %s/%s: not JSON", rtype, rid)
+                continue
+            keys.append((rtype, rid))
+            for kind, lst in self.rows(rtype, rid, res).items():
+                rows.setdefault(kind, []).extend(lst)
+        if not fresh and keys:
+            await sql.delete_many(tx.conn, keys)
+        await sql.insert_rows(tx.conn, rows)
+
+    # ------------------------------------------------------------------ reindexing
+
+    async def reindex(self, store: Any, types: list[str] | None = None, codes: list[str] | None = None,
+                      job: ReindexJob | None = None, batch: int = 500) -> ReindexJob:
+        """Rebuild index rows of the given types (all present when None), for ``codes`` only or all."""
+        if job is None:
+            job = ReindexJob(len(self.jobs) + 1, list(types or []), codes)
+            self.jobs.append(job)
+            del self.jobs[:-20]
+        try:
+            async with store.read_conn() as conn:
+                present = await sql.types_present(conn)
+                if types is None:
+                    types = sorted(t for t in present if t in self.params.resource_types)
+                types = [t for t in types if t in present]
+                job.types = types
+                for t in types:
+                    job.total += await sql.count_type(conn, t)
+            wanted = set(codes) if codes else None
+            for t in types:
+                job.current_type = t
+                after = ""
+                while True:
+                    async with store.begin() as tx:
+                        chunk = await sql.scan_resources(tx.conn, t, after, batch)
+                        if not chunk:
+                            break
+                        await self._reindex_chunk(tx, t, chunk, wanted)
+                    after = chunk[-1][0]
+                    job.done += len(chunk)
+                    await asyncio.sleep(0)
+        except Exception as e:
+            job.error = str(e)
+            log.exception("reindex failed")
+        job.finished = time.time()
+        return job
+
+    async def _reindex_chunk(self, tx: Any, rtype: str, chunk: list[tuple[str, bytes]],
+                             wanted: set[str] | None) -> None:
+        rows: dict[str, list[tuple[Any, ...]]] = {}
+        for rid, content in chunk:
+            res = fhirjson.fast_loads(content)
+            for kind, lst in self.rows(rtype, rid, res, wanted).items():
+                rows.setdefault(kind, []).extend(lst)
+        keys = [(rtype, rid) for rid, _ in chunk]
+        if wanted is None:
+            await sql.delete_many(tx.conn, keys)
+        else:
+            # Only the named parameters' rows are rebuilt; other rows stay.
+            for code in wanted:
+                p = self.params.get(rtype, code)
+                kind = TABLE_OF.get(p.type) if p is not None else None
+                for k in ([kind] if kind else list(sql.TABLES)):
+                    await sql.delete_code_for(tx.conn, k, rtype, code, [i for _t, i in keys])
+        await sql.insert_rows(tx.conn, rows)
+
+    # ------------------------------------------------------------------ restrictions
+
+    def restrictions(self, ctx: Any, rtype: str) -> list[Node]:
+        """Conditions the caller's authorisation adds to every search on ``rtype``."""
+        principal = getattr(ctx, "principal", None)
+        if principal is None:
+            return []
+        out: list[Node] = []
+        patient = getattr(principal, "patient", None)
+        if patient:
+            out.append(self.compartment_node("Patient", str(patient), rtype))
+        qf = getattr(principal, "query_filters", None)
+        if callable(qf):
+            sets = qf("s", rtype)
+            if sets:
+                parser = self.parser()
+                alts = []
+                for s in sets:
+                    items = parse_qsl(s, keep_blank_values=True) if isinstance(s, str) else list(s)
+                    alts.append(parser.nodes(rtype, items))
+                out.append(AnyOf(alts))
+        return out
+
+    def compartment_node(self, comp_type: str, comp_id: str, rtype: str) -> Node:
+        if comp_type not in self.params.compartments:
+            raise FHIRError(400, f"'{comp_type}' is not a compartment type", "invalid",
+                            message_id="search-compartment-unknown")
+        codes = self.params.compartment_params(comp_type, rtype)
+        if rtype == comp_type:
+            # The compartment's own resource, plus others of its type linked to it (Patient.link).
+            return Compartment(comp_type, comp_id, tuple(c for c in codes or () if c != "{def}"), True)
+        if not codes:
+            return Nothing()
+        return Compartment(comp_type, comp_id, tuple(c for c in codes if c != "{def}"))

@@ -1,0 +1,554 @@
+"""Search URL parameters → a :class:`SearchQuery`.
+
+Every malformed value is a 400 naming the parameter. A parameter the server does not know is reported
+(an OperationOutcome entry, or 400 under ``Prefer: handling=strict``); a modifier or chain it cannot evaluate
+is always a 400, so no search ever answers with unfiltered results.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dhp.errors import FHIRError, Issue
+from dhp.search.params import RESULT_PARAMS, UNSUPPORTED, ParamDef, ParamRegistry
+from dhp.search.query import (
+    ANY,
+    Chain,
+    Clause,
+    CompositeMatch,
+    Has,
+    IdClause,
+    Include,
+    LastUpdated,
+    ListClause,
+    NearMatch,
+    Node,
+    RangeMatch,
+    RefMatch,
+    SearchQuery,
+    SortKey,
+    StringMatch,
+    TokenMatch,
+    UriMatch,
+)
+from dhp.search.values import DateError, date_range, norm, number_range
+
+PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+MODIFIERS = {
+    "string": {"exact", "contains", "missing"},
+    "token": {"not", "text", "of-type", "code-text", "in", "not-in", "above", "below", "missing"},
+    "reference": {"identifier", "missing", "above", "below"},
+    "uri": {"above", "below", "missing"},
+    "date": {"missing"}, "number": {"missing"}, "quantity": {"missing"}, "composite": {"missing"},
+    "special": {"missing"},
+}
+TABLE_OF = {"string": "string", "token": "token", "reference": "reference", "date": "date", "number": "number",
+            "quantity": "quantity", "uri": "uri", "composite": "composite", "special": "near"}
+MAX_CHAIN = 6
+#: Bundle parameters whose "reference" is the first entry's resource itself.
+EMBEDDED = frozenset({"composition", "message"})
+
+
+def bad(msg: str, param: str, message_id: str = "search-invalid") -> FHIRError:
+    return FHIRError(400, msg, "invalid", expression=[param], message_id=message_id)
+
+
+def split_escaped(s: str, sep: str) -> list[str]:
+    """Split on ``sep`` not preceded by a backslash; unescaping is left to :func:`unescape`."""
+    out, cur, i = [], [], 0
+    while i < len(s):
+        ch = s[i]
+        if ch == "\\" and i + 1 < len(s):
+            cur.append(s[i:i + 2])
+            i += 2
+            continue
+        if ch == sep:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def unescape(s: str) -> str:
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] in ",$|\\":
+            out.append(s[i + 1])
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+class Parser:
+    def __init__(self, params: ParamRegistry, *, base_url: str = "", terminology: Any = None,
+                 strict: bool = False, default_count: int = 50, max_count: int = 1000) -> None:
+        self.params = params
+        self.base_url = base_url.rstrip("/")
+        self.terminology = terminology
+        self.strict = strict
+        self.default_count = default_count
+        self.max_count = max_count
+        self.types = params.resource_types
+
+    # ------------------------------------------------------------------ whole queries
+
+    def parse(self, types: list[str] | None, items: list[tuple[str, str]]) -> SearchQuery:
+        """``types`` is [type] for a type search, None for a system search (``_type`` narrows it)."""
+        q = SearchQuery(types=types or [], count=self.default_count)
+        system = types is None
+        if system:
+            for name, value in items:
+                if name == "_type":
+                    for t in value.split(","):
+                        t = t.strip()
+                        if t not in self.types:
+                            raise bad(f"Unknown resource type '{t}' in _type", "_type")
+                        if t not in q.types:
+                            q.types.append(t)
+        for name, value in items:
+            if name == "_type" and system:
+                q.echo.append((name, value))
+                continue
+            base = name.split(":", 1)[0]
+            if base in RESULT_PARAMS or base in ("_type",):
+                self._result_param(q, name, value, system)
+                continue
+            node = self.node_for(q.types if system else types or [], name, value, system=system,
+                                 issues=q.issues)
+            if node is not None:
+                q.nodes.append(node)
+                q.echo.append((name, value))
+        return q
+
+    def nodes(self, rtype: str, items: list[tuple[str, str]]) -> list[Node]:
+        """Conditions only (conditional operations, authorisation filters); result parameters are refused."""
+        out: list[Node] = []
+        issues: list[Issue] = []
+        for name, value in items:
+            base = name.split(":", 1)[0]
+            if base in RESULT_PARAMS:
+                continue
+            n = self.node_for([rtype], name, value, system=False, issues=issues)
+            if n is not None:
+                out.append(n)
+        if issues:
+            # A conditional operation on a parameter we cannot evaluate would match too much.
+            raise FHIRError(400, issues[0].diagnostics, "not-supported", expression=issues[0].expression,
+                            message_id="search-param-unknown")
+        return out
+
+    def _ignored(self, issues: list[Issue], name: str, why: str) -> None:
+        if self.strict:
+            raise FHIRError(400, why, "not-supported", expression=[name], message_id="search-param-unknown")
+        issues.append(Issue("warning", "not-supported", why, [name], "search-param-ignored"))
+
+    def node_for(self, types: list[str], name: str, value: str, *, system: bool,
+                 issues: list[Issue]) -> Node | None:
+        if name.startswith("_has:") or name == "_has":
+            if system or len(types) != 1:
+                raise bad("_has needs a resource type", name)
+            return self._has(types[0], name, value, 0)
+        head, _, rest = name.partition(".")
+        code, _, modifier = head.partition(":")
+        if code in UNSUPPORTED or code == "_in":
+            self._ignored(issues, name, f"The search parameter '{code}' is not supported by this server")
+            return None
+        if system and not code.startswith("_") and not types:
+            self._ignored(issues, name, f"'{code}' needs _type on a system-level search")
+            return None
+        check_types = types or ["Resource"]
+        if code == "_id":
+            return self._id(name, modifier, value, rest)
+        if code == "_lastUpdated":
+            if modifier and modifier != "missing":
+                raise bad(f"Modifier ':{modifier}' is not allowed on _lastUpdated", name)
+            if modifier == "missing":
+                return IdClause([], missing=self._bool(name, value))
+            return LastUpdated([self._range("date", name, v) for v in self._values(value)])  # type: ignore[misc]
+        if code == "_list":
+            return ListClause([unescape(v) for v in self._values(value)])
+        defs = []
+        for t in check_types:
+            p = self.params.get(t, code) if t != "Resource" else self.params.get("Patient", code)
+            if p is None:
+                self._ignored(issues, name, f"Unknown search parameter '{code}' for resource type {t}")
+                return None
+            defs.append(p)
+        p = defs[0]
+        if any(d.type != p.type for d in defs):
+            raise bad(f"Search parameter '{code}' has different types across {', '.join(types)}", name)
+        return self._param(check_types[0] if not system else None, p, name, modifier, rest, value, 0)
+
+    # ------------------------------------------------------------------ parameters
+
+    @staticmethod
+    def _values(value: str) -> list[str]:
+        return [v for v in split_escaped(value, ",")]
+
+    @staticmethod
+    def _bool(name: str, value: str) -> bool:
+        if value not in ("true", "false"):
+            raise bad(f"':missing' takes true or false, not '{value}'", name)
+        return value == "true"
+
+    def _id(self, name: str, modifier: str, value: str, rest: str) -> Node:
+        if rest:
+            raise bad("_id cannot be chained", name)
+        if modifier == "missing":
+            return IdClause([], missing=self._bool(name, value))
+        if modifier not in ("", "not"):
+            raise bad(f"Modifier ':{modifier}' is not allowed on _id", name)
+        return IdClause([unescape(v) for v in self._values(value)], negate=modifier == "not")
+
+    def _param(self, rtype: str | None, p: ParamDef, name: str, modifier: str, rest: str, value: str,
+               depth: int) -> Node:
+        if rest:
+            return self._chain(rtype, p, name, modifier, rest, value, depth)
+        if p.type == "special" and p.code != "near":
+            raise FHIRError(400, f"The search parameter '{p.code}' is not supported by this server",
+                            "not-supported", expression=[name], message_id="search-param-unknown")
+        table = TABLE_OF.get(p.type)
+        if table is None:
+            raise bad(f"Search parameter '{p.code}' has an unknown type '{p.type}'", name)
+        if modifier:
+            allowed = MODIFIERS.get(p.type, set())
+            if modifier not in allowed and not (p.type == "reference" and modifier in self.types):
+                raise FHIRError(400, f"Modifier ':{modifier}' is not supported on {p.type} parameter '{p.code}'",
+                                "not-supported", expression=[name], message_id="search-modifier-unsupported")
+        if modifier == "missing":
+            return Clause(table, p.code, missing=self._bool(name, value))
+        values = self._values(value)
+        if not value:
+            raise bad(f"Search parameter '{name}' has no value", name)
+        clause = Clause(table, p.code)
+        if p.type == "string":
+            mode = {"exact": "exact", "contains": "contains"}.get(modifier, "prefix")
+            clause.matches = [StringMatch(mode, unescape(v) if mode == "exact" else norm(unescape(v)))
+                              for v in values]
+        elif p.type == "token":
+            clause.negate = modifier in ("not", "not-in")
+            clause.matches = [self._token(name, modifier, v) for v in values]
+        elif p.type == "reference":
+            clause.matches = [self._ref(p, name, modifier, v) for v in values]
+        elif p.type in ("date", "number", "quantity"):
+            clause.matches = [self._range(p.type, name, v) for v in values]
+        elif p.type == "uri":
+            clause.matches = [UriMatch(modifier or "eq", unescape(v)) for v in values]
+        elif p.type == "composite":
+            clause.matches = [self._composite(p, name, v) for v in values]
+        elif p.type == "special":
+            clause.matches = [self._near(name, v) for v in values]
+        return clause
+
+    def _token(self, name: str, modifier: str, v: str) -> TokenMatch:
+        if modifier == "text":
+            return TokenMatch(ANY, norm(unescape(v)), "text")
+        if modifier == "code-text":
+            return TokenMatch(ANY, unescape(v), "code-text")
+        parts = split_escaped(v, "|")
+        if modifier == "of-type":
+            if len(parts) != 3 or not all(parts):
+                raise bad(f"':of-type' takes system|code|value, not '{v}'", name)
+            ts, tc, val = (unescape(x) for x in parts)
+            return TokenMatch(ANY, val, "of-type", type_system=ts, type_code=tc)
+        if modifier in ("in", "not-in"):
+            codes = self._expand(name, unescape(v))
+            return TokenMatch(ANY, None, "set", frozenset(codes))
+        if len(parts) > 2:
+            raise bad(f"A token is [system|]code, not '{v}'", name)
+        if len(parts) == 2:
+            system: str | None = unescape(parts[0]) or None
+            code = unescape(parts[1]) or None
+            if system is None and code is None:
+                raise bad(f"Empty token '{v}'", name)
+        else:
+            system, code = ANY, unescape(parts[0])
+        if modifier in ("above", "below"):
+            if system in (ANY, None) or code is None:
+                raise bad(f"':{modifier}' needs system|code", name)
+            assert system is not None
+            codes = self._hierarchy(name, modifier, system, code)
+            return TokenMatch(ANY, None, "set", frozenset((system, c) for c in codes))
+        return TokenMatch(system, code)
+
+    def _need_terminology(self, name: str, what: str) -> Any:
+        if self.terminology is None:
+            raise FHIRError(400, f"{what} needs the terminology service, which is not available",
+                            "not-supported", expression=[name], message_id="search-modifier-unsupported")
+        return self.terminology
+
+    def _expand(self, name: str, url: str) -> set[tuple[str | None, str]]:
+        term = self._need_terminology(name, f"'{name}'")
+        codes = term.expand_codes(url)
+        if codes is None:
+            raise FHIRError(400, f"The value set '{url}' cannot be expanded here", "not-supported",
+                            expression=[name], message_id="search-valueset-unknown")
+        return set(codes)
+
+    def _hierarchy(self, name: str, modifier: str, system: str, code: str) -> set[str]:
+        term = self._need_terminology(name, f"'{name}'")
+        got = term.subsumed_by(system, code) if modifier == "below" else term.ancestors(system, code)
+        if got is None:
+            raise FHIRError(400, f"The code system '{system}' is not known here", "not-supported",
+                            expression=[name], message_id="search-codesystem-unknown")
+        return set(got) | {code}
+
+    def _ref(self, p: ParamDef, name: str, modifier: str, v: str) -> RefMatch:
+        v = unescape(v)
+        if modifier == "identifier":
+            parts = v.split("|", 1)
+            if len(parts) == 2:
+                return RefMatch(None, None, mode="identifier", ident_system=parts[0] or None,
+                                ident_value=parts[1])
+            return RefMatch(None, None, mode="identifier", ident_value=v)
+        if modifier in ("above", "below"):
+            return RefMatch(None, None, url=v, mode=modifier)
+        if self.base_url and v.startswith(self.base_url + "/"):
+            v = v[len(self.base_url) + 1:]
+        if "://" in v or v.startswith("urn:"):
+            url, _, ver = v.partition("|")
+            return RefMatch(None, None, url=url, version=ver or None)
+        segs = v.split("/")
+        if len(segs) >= 4 and segs[-2] == "_history":
+            segs = segs[:-2]
+        if len(segs) == 2:
+            t, i = segs
+            if t not in self.types:
+                raise bad(f"'{t}' is not a resource type in reference '{v}'", name)
+            if modifier and modifier != t:
+                raise bad(f"Reference '{v}' does not match the type modifier ':{modifier}'", name)
+            return RefMatch(t, i)
+        if len(segs) != 1 or not v:
+            raise bad(f"Not a reference: '{v}'", name)
+        if modifier:
+            return RefMatch(modifier, v)
+        if len(p.targets) == 1:
+            return RefMatch(p.targets[0], v)
+        return RefMatch(None, v)
+
+    def _range(self, ptype: str, name: str, v: str) -> RangeMatch:
+        v = unescape(v) if ptype != "quantity" else v
+        prefix = "eq"
+        if len(v) > 2 and v[:2] in PREFIXES and (v[2].isdigit() or v[2] in "-+."):
+            prefix, v = v[:2], v[2:]
+        if ptype == "date":
+            try:
+                lo, hi = date_range(v)
+            except DateError:
+                raise bad(f"'{v}' is not a valid date for '{name}'", name, "search-bad-date") from None
+            return RangeMatch(prefix, lo, hi, lo)
+        if ptype == "quantity":
+            parts = split_escaped(v, "|")
+            if len(parts) not in (1, 3):
+                raise bad(f"A quantity is number|system|code, not '{v}'", name)
+            num = unescape(parts[0])
+            system: str | None = ANY
+            code: str | None = None
+            if len(parts) == 3:
+                system = unescape(parts[1]) or ANY
+                code = unescape(parts[2]) or None
+        else:
+            num = v
+        try:
+            lo, hi, d = number_range(num)
+        except ValueError:
+            raise bad(f"'{num}' is not a valid number for '{name}'", name, "search-bad-number") from None
+        if ptype == "quantity":
+            return RangeMatch(prefix, lo, hi, float(d), system, code)
+        return RangeMatch(prefix, lo, hi, float(d))
+
+    def _composite(self, p: ParamDef, name: str, v: str) -> CompositeMatch:
+        parts = split_escaped(v, "$")
+        comps = p.components
+        if len(parts) != len(comps) or len(comps) > 3:
+            raise bad(f"'{name}' takes {len(comps)} '$'-separated values, not '{v}'", name)
+        out: list[tuple[str, Any]] = []
+        for c, part in zip(comps, parts, strict=True):
+            if c.type == "token":
+                out.append(("token", self._token(name, "", part)))
+            elif c.type in ("quantity", "number", "date"):
+                out.append((c.type, self._range(c.type, name, part)))
+            elif c.type == "string":
+                out.append(("string", StringMatch("prefix", norm(unescape(part)))))
+            elif c.type == "reference":
+                out.append(("reference", self._ref(p, name, "", part)))
+            elif c.type == "uri":
+                out.append(("uri", UriMatch("eq", unescape(part))))
+            else:
+                raise FHIRError(400, f"Composite '{p.code}' has a component this server cannot search",
+                                "not-supported", expression=[name], message_id="search-param-unknown")
+        return CompositeMatch(tuple(out))
+
+    def _near(self, name: str, v: str) -> NearMatch:
+        parts = split_escaped(v, "|")
+        try:
+            lat, lon = float(parts[0]), float(parts[1])
+            dist = float(parts[2]) if len(parts) > 2 and parts[2] else 10.0
+        except (ValueError, IndexError):
+            raise bad(f"'near' takes latitude|longitude|distance|units, not '{v}'", name) from None
+        unit = parts[3] if len(parts) > 3 and parts[3] else "km"
+        factor = {"km": 1.0, "m": 0.001, "[mi_i]": 1.609344, "mi": 1.609344}.get(unit)
+        if factor is None:
+            raise bad(f"Unknown distance unit '{unit}' (km, m or [mi_i])", name)
+        return NearMatch(lat, lon, dist * factor)
+
+    # ------------------------------------------------------------------ chains and _has
+
+    def _chain(self, rtype: str | None, p: ParamDef, name: str, modifier: str, rest: str, value: str,
+               depth: int) -> Node:
+        if depth >= MAX_CHAIN:
+            raise bad(f"Chain '{name}' is too deep", name)
+        if p.type != "reference":
+            raise bad(f"'{p.code}' is not a reference parameter and cannot be chained", name, "search-bad-chain")
+        if rtype is None:
+            raise bad("Chains need a resource type", name)
+        if modifier and modifier not in self.types:
+            raise bad(f"':{modifier}' is not a resource type in chain '{name}'", name, "search-bad-chain")
+        targets = [modifier] if modifier else list(p.targets) or sorted(self.types)
+        head, _, more = rest.partition(".")
+        code, _, mod2 = head.partition(":")
+        if rtype == "Bundle" and p.code in EMBEDDED:
+            return self._embedded_chain(p, name, targets, code, mod2, more, value, depth)
+        subs: dict[str, list[Node]] = {}
+        for t in targets:
+            if code == "_id":
+                subs[t] = [self._id(name, mod2, value, more)]
+                continue
+            if code == "_lastUpdated":
+                subs[t] = [LastUpdated([self._range("date", name, x) for x in self._values(value)])]
+                continue
+            if code.startswith("_has"):
+                raise bad("_has cannot follow a chain", name, "search-bad-chain")
+            tp = self.params.get(t, code)
+            if tp is None:
+                continue
+            subs[t] = [self._param(t, tp, name, mod2, more, value, depth + 1)]
+        if not subs:
+            raise bad(f"No target of '{p.code}' ({', '.join(targets[:8])}) has a search parameter '{code}'",
+                      name, "search-bad-chain")
+        return Chain(p.code, subs)
+
+    def _embedded_chain(self, p: ParamDef, name: str, targets: list[str], code: str, mod: str, more: str,
+                        value: str, depth: int) -> Node:
+        """``Bundle?composition.type=…``: the embedded resource's rows live on the Bundle as "composition.type"."""
+        for t in targets:
+            tp = self.params.get(t, code)
+            if tp is None:
+                continue
+            node = self._param(t, tp, name, mod, more, value, depth + 1)
+            if isinstance(node, Clause | Chain):
+                node.code = f"{p.code}.{node.code}"
+                return node
+        raise bad(f"'{name}' cannot be searched: {'/'.join(targets)} has no parameter '{code}' to chain to",
+                  name, "search-bad-chain")
+
+    def _has(self, rtype: str, name: str, value: str, depth: int) -> Node:
+        if depth >= MAX_CHAIN:
+            raise bad(f"'{name}' nests _has too deeply", name)
+        parts = name.split(":", 3)
+        if len(parts) < 4 or parts[0] != "_has":
+            raise bad(f"_has takes _has:Type:reference:parameter, not '{name}'", name, "search-bad-chain")
+        _, src, ref, rest = parts
+        if src not in self.types:
+            raise bad(f"'{src}' is not a resource type in '{name}'", name, "search-bad-chain")
+        rp = self.params.get(src, ref)
+        if rp is None or rp.type != "reference":
+            raise bad(f"'{ref}' is not a reference parameter of {src}", name, "search-bad-chain")
+        if rp.targets and rtype not in rp.targets:
+            raise bad(f"{src}.{ref} cannot point at {rtype}", name, "search-bad-chain")
+        if rest.startswith("_has:"):
+            inner = self._has(src, rest, value, depth + 1)
+        else:
+            head, _, more = rest.partition(".")
+            code, _, mod = head.partition(":")
+            if code == "_id":
+                inner = self._id(name, mod, value, more)
+            elif code == "_lastUpdated":
+                inner = LastUpdated([self._range("date", name, x) for x in self._values(value)])
+            else:
+                p = self.params.get(src, code)
+                if p is None:
+                    raise bad(f"Unknown search parameter '{code}' for {src} in '{name}'", name,
+                              "search-bad-chain")
+                inner = self._param(src, p, name, mod, more, value, depth + 1)
+        return Has(src, ref, [inner])
+
+    # ------------------------------------------------------------------ result parameters
+
+    def _result_param(self, q: SearchQuery, name: str, value: str, system: bool) -> None:
+        base, _, mod = name.partition(":")
+        if base == "_count":
+            try:
+                n = int(value)
+            except ValueError:
+                raise bad(f"_count must be a whole number, not '{value}'", "_count") from None
+            if n < 0:
+                raise bad("_count cannot be negative", "_count")
+            q.count = min(n, self.max_count)
+        elif base == "_total":
+            if value not in ("none", "estimate", "accurate"):
+                raise bad(f"_total is none, estimate or accurate, not '{value}'", "_total")
+            q.total = value
+        elif base == "_summary":
+            if value not in ("true", "false", "text", "data", "count"):
+                raise bad(f"_summary is true, false, text, data or count, not '{value}'", "_summary")
+            q.summary = value
+        elif base == "_elements":
+            q.elements = [e.strip() for e in value.split(",") if e.strip()]
+        elif base == "_sort":
+            q.sort = self._sort(q.types, value)
+        elif base in ("_include", "_revinclude"):
+            if mod not in ("", "iterate", "recurse"):
+                raise bad(f"Unknown modifier '{name}'", name)
+            q.includes.append(self._include(q.types, value, base == "_revinclude", bool(mod)))
+        elif base in ("_format", "_pretty", "_cursor", "_type"):
+            return
+        else:
+            self._ignored(q.issues, name, f"The result parameter '{base}' is not supported by this server")
+            return
+        q.echo.append((name, value))
+
+    def _sort(self, types: list[str], value: str) -> list[SortKey]:
+        keys = []
+        for raw in value.split(","):
+            raw = raw.strip()
+            if not raw:
+                continue
+            desc = raw.startswith("-")
+            code = raw.lstrip("-")
+            if code in ("_id", "_lastUpdated"):
+                keys.append(SortKey(code, code, desc))
+                continue
+            if not types:
+                raise bad(f"Sorting on '{code}' needs a resource type", "_sort")
+            p = self.params.get(types[0], code)
+            if p is None:
+                raise bad(f"Unknown search parameter '{code}' in _sort", "_sort")
+            if p.type in ("composite", "special"):
+                raise bad(f"Cannot sort on {p.type} parameter '{code}'", "_sort")
+            keys.append(SortKey(TABLE_OF[p.type], code, desc))
+        return keys
+
+    def _include(self, types: list[str], value: str, reverse: bool, iterate: bool) -> Include:
+        pname = "_revinclude" if reverse else "_include"
+        if value == "*":
+            return Include("*", "*", None, iterate, reverse)
+        parts = value.split(":")
+        if len(parts) not in (2, 3):
+            raise bad(f"{pname} takes Type:parameter[:targetType], not '{value}'", pname)
+        src, code = parts[0], parts[1]
+        target = parts[2] if len(parts) == 3 else None
+        if src not in self.types:
+            raise bad(f"'{src}' is not a resource type in {pname}", pname)
+        if target is not None and target not in self.types:
+            raise bad(f"'{target}' is not a resource type in {pname}", pname)
+        if code != "*":
+            p = self.params.get(src, code)
+            if p is None or p.type != "reference":
+                raise bad(f"'{code}' is not a reference parameter of {src}", pname)
+        return Include(src, code, target, iterate, reverse)

@@ -1,0 +1,634 @@
+"""Search index tables and every SQL statement search needs (SQLAlchemy Core: SQLite and PostgreSQL).
+
+One table per value kind, each row keyed by (resource type, id, parameter code). Rows of a resource are
+replaced inside the write transaction that changes it, so a search right after a write sees it.
+
+The planner in ``dhp.search`` hands over a :class:`dhp.search.query.SearchQuery`'s nodes; here they become
+``id IN (SELECT id FROM search_x WHERE …)`` semi-joins, which both backends drive from the index side.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    String,
+    Table,
+    and_,
+    case,
+    delete,
+    false,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+    tuple_,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import ColumnElement, Select
+
+from dhp.search.query import (
+    ANY,
+    AnyOf,
+    Chain,
+    Clause,
+    Compartment,
+    CompositeMatch,
+    Has,
+    IdClause,
+    LastUpdated,
+    ListClause,
+    NearMatch,
+    Node,
+    Nothing,
+    RangeMatch,
+    RefMatch,
+    SortKey,
+    StringMatch,
+    TokenMatch,
+    TypeIs,
+    UriMatch,
+)
+from dhp.search.values import MAX_US, MIN_US
+from dhp.store.schema import metadata, resources
+
+__all__ = [
+    "COLUMNS", "TABLES", "SearchRow", "count_matches", "delete_rows", "fetch", "include_targets", "insert_rows",
+    "page", "revinclude_sources",
+]
+
+
+def _key(name: str, length: int = 512) -> Column[Any]:
+    return Column(name, String(length), nullable=True)
+
+
+def _table(kind: str, *cols: Column[Any], indexes: Sequence[Sequence[str]] = ()) -> Table:
+    name = f"search_{kind}"
+    return Table(
+        name, metadata,
+        Column("type", String(64), nullable=False),
+        Column("id", String(64), nullable=False),
+        Column("code", String(100), nullable=False),
+        *cols,
+        Index(f"ix_{name}_res", "type", "id"),
+        *[Index(f"ix_{name}_{i}", *ix) for i, ix in enumerate(indexes)],
+    )
+
+
+string_t = _table("string", _key("value", 255), _key("exact", 1000),
+                  indexes=[("type", "code", "value", "id")])
+token_t = _table("token", _key("system"), _key("value"), _key("text", 255), _key("tsystem"), _key("tcode"),
+                 indexes=[("type", "code", "value", "system", "id")])
+reference_t = _table("reference", _key("target_type", 64), _key("target_id", 64), _key("url"),
+                     _key("version"), _key("isystem"), _key("ivalue"),
+                     indexes=[("type", "code", "target_type", "target_id", "id"), ("target_type", "target_id"),
+                              ("type", "code", "url"), ("type", "code", "ivalue")])
+date_t = _table("date", Column("low", BigInteger, nullable=False), Column("high", BigInteger, nullable=False),
+                indexes=[("type", "code", "low", "high", "id")])
+number_t = _table("number", Column("low", Float, nullable=False), Column("high", Float, nullable=False),
+                  indexes=[("type", "code", "low", "id")])
+quantity_t = _table("quantity", Column("low", Float, nullable=False), Column("high", Float, nullable=False),
+                    _key("system"), _key("unit_code"), _key("unit"),
+                    indexes=[("type", "code", "low", "id")])
+uri_t = _table("uri", _key("value"), indexes=[("type", "code", "value", "id")])
+composite_t = _table("composite", *[c for i in (1, 2, 3) for c in (
+    _key(f"s{i}"), _key(f"v{i}"), Column(f"lo{i}", Float), Column(f"hi{i}", Float))],
+    indexes=[("type", "code", "v1", "v2")])
+near_t = _table("near", Column("lat", Float, nullable=False), Column("lon", Float, nullable=False),
+                indexes=[("type", "code", "lat", "lon")])
+
+TABLES: dict[str, Table] = {"string": string_t, "token": token_t, "reference": reference_t, "date": date_t,
+                            "number": number_t, "quantity": quantity_t, "uri": uri_t, "composite": composite_t,
+                            "near": near_t}
+#: Value columns of each table, in the order the extractors produce them.
+COLUMNS: dict[str, tuple[str, ...]] = {k: tuple(c.name for c in t.columns)[3:] for k, t in TABLES.items()}
+
+SearchRow = tuple[str, str, str, tuple[Any, ...]]  # (table kind, type, id, code + values)
+
+
+# ------------------------------------------------------------------ writing
+
+async def delete_rows(conn: AsyncConnection, rtype: str, rid: str, kinds: Iterable[str] | None = None) -> None:
+    for k in (kinds if kinds is not None else TABLES):
+        t = TABLES[k]
+        await conn.execute(delete(t).where(t.c.type == rtype, t.c.id == rid))
+
+
+async def delete_many(conn: AsyncConnection, keys: Sequence[tuple[str, str]], kinds: Iterable[str] | None = None,
+                      ) -> None:
+    for k in (kinds if kinds is not None else TABLES):
+        t = TABLES[k]
+        for i in range(0, len(keys), 500):
+            await conn.execute(delete(t).where(tuple_(t.c.type, t.c.id).in_(list(keys[i:i + 500]))))
+
+
+async def insert_rows(conn: AsyncConnection, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+    """Insert index rows: per table kind, tuples of (type, id, code, *values)."""
+    for kind, items in rows.items():
+        if not items:
+            continue
+        names = ("type", "id", "code", *COLUMNS[kind])
+        t = TABLES[kind]
+        for i in range(0, len(items), 2000):
+            await conn.execute(insert(t), [dict(zip(names, r, strict=True)) for r in items[i:i + 2000]])
+
+
+async def delete_code_for(conn: AsyncConnection, kind: str, rtype: str, code: str, ids: Sequence[str]) -> None:
+    """Drop one parameter's rows of some resources (reindexing a single parameter)."""
+    t = TABLES[kind]
+    for i in range(0, len(ids), 500):
+        await conn.execute(delete(t).where(t.c.type == rtype, t.c.code == code, t.c.id.in_(list(ids[i:i + 500]))))
+
+
+async def scan_resources(conn: AsyncConnection, rtype: str, after_id: str, limit: int) -> list[tuple[str, bytes]]:
+    """Live resources of a type in id order, for reindexing in batches."""
+    r = resources
+    q = (select(r.c.id, r.c.content).where(r.c.type == rtype, r.c.deleted == false(), r.c.id > after_id)
+         .order_by(r.c.id).limit(limit))
+    return [(row[0], row[1]) for row in (await conn.execute(q)).all()]
+
+
+async def count_type(conn: AsyncConnection, rtype: str) -> int:
+    r = resources
+    q = select(func.count()).select_from(r).where(r.c.type == rtype, r.c.deleted == false())
+    return int((await conn.execute(q)).scalar_one())
+
+
+async def types_present(conn: AsyncConnection) -> list[str]:
+    r = resources
+    return [row[0] for row in (await conn.execute(select(r.c.type).distinct()))]
+
+
+# ------------------------------------------------------------------ query compilation
+
+def _like_escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class Compiler:
+    """Turns search nodes into SQL conditions on a (type, id) pair of columns."""
+
+    def __init__(self, is_sqlite: bool) -> None:
+        self.is_sqlite = is_sqlite
+        self.now_us = int(time.time() * 1_000_000)
+
+    # -- entry points
+
+    def where(self, nodes: Sequence[Node], rtype: str | None, tcol: Any, icol: Any) -> list[ColumnElement[bool]]:
+        return [self.node(n, rtype, tcol, icol) for n in nodes]
+
+    def ids(self, rtype: str, nodes: Sequence[Node]) -> Select[Any]:
+        """SELECT id of live ``rtype`` resources matching every node (used for chains and _has)."""
+        r = resources.alias()
+        conds = self.where(nodes, rtype, r.c.type, r.c.id)
+        return select(r.c.id).where(r.c.type == rtype, r.c.deleted == false(), *conds)
+
+    # -- nodes
+
+    def node(self, n: Node, rtype: str | None, tcol: Any, icol: Any) -> ColumnElement[bool]:
+        if isinstance(n, Clause):
+            return self._clause(n, rtype, tcol, icol)
+        if isinstance(n, IdClause):
+            if n.missing is not None:
+                return false() if n.missing else true()
+            cond = icol.in_(n.ids)
+            return not_(cond) if n.negate else cond
+        if isinstance(n, LastUpdated):
+            r = resources.alias()
+            col = r.c.last_updated
+            sub = select(r.c.id).where(or_(*[self._date(m, col, col) for m in n.matches]))
+            return self._member(sub, r, rtype, tcol, icol)
+        if isinstance(n, Chain):
+            return self._chain(n, rtype, tcol, icol)
+        if isinstance(n, Has):
+            t = reference_t
+            src = self.ids(n.src_type, n.nodes)
+            sub = select(t.c.target_id).where(t.c.type == n.src_type, t.c.code == n.ref_code,
+                                              t.c.id.in_(src))
+            if rtype is not None:
+                return icol.in_(sub.where(t.c.target_type == rtype))
+            return tuple_(tcol, icol).in_(select(t.c.target_type, t.c.target_id).where(
+                t.c.type == n.src_type, t.c.code == n.ref_code, t.c.id.in_(src)))
+        if isinstance(n, ListClause):
+            t = reference_t
+            sub = select(t.c.target_type, t.c.target_id).where(
+                t.c.type == "List", t.c.code == "item", t.c.id.in_(n.list_ids))
+            if rtype is not None:
+                return icol.in_(select(t.c.target_id).where(
+                    t.c.type == "List", t.c.code == "item", t.c.id.in_(n.list_ids), t.c.target_type == rtype))
+            return tuple_(tcol, icol).in_(sub)
+        if isinstance(n, Compartment):
+            return self._compartment(n, rtype, tcol, icol)
+        if isinstance(n, AnyOf):
+            alts = [and_(true(), *self.where(a, rtype, tcol, icol)) for a in n.alternatives]
+            return or_(*alts) if alts else false()
+        if isinstance(n, Nothing):
+            return false()
+        if isinstance(n, TypeIs):
+            if rtype is not None:
+                return true() if rtype in n.types else false()
+            return tcol.in_(n.types)
+        raise TypeError(f"unknown search node {n!r}")
+
+    def _member(self, sub: Select[Any], t: Any, rtype: str | None, tcol: Any, icol: Any) -> ColumnElement[bool]:
+        """``(type, id) IN sub`` where ``sub`` selects ``t.c.id``; typed searches pin the type inside."""
+        if rtype is not None:
+            return icol.in_(sub.where(t.c.type == rtype))
+        return tuple_(tcol, icol).in_(sub.with_only_columns(t.c.type, t.c.id))
+
+    def _clause(self, c: Clause, rtype: str | None, tcol: Any, icol: Any) -> ColumnElement[bool]:
+        t = TABLES[c.table].alias()
+        base = select(t.c.id).where(t.c.code == c.code)
+        if c.missing is not None:
+            m = self._member(base, t, rtype, tcol, icol)
+            return not_(m) if c.missing else m
+        conds = [self._match(c.table, t, m) for m in c.matches]
+        m = self._member(base.where(or_(*conds)), t, rtype, tcol, icol)
+        return not_(m) if c.negate else m
+
+    def _chain(self, n: Chain, rtype: str | None, tcol: Any, icol: Any) -> ColumnElement[bool]:
+        alts = []
+        for ttype, nodes in n.subs.items():
+            t = reference_t.alias()
+            sub = select(t.c.id).where(t.c.code == n.code, t.c.target_type == ttype,
+                                       t.c.target_id.in_(self.ids(ttype, nodes)))
+            alts.append(self._member(sub, t, rtype, tcol, icol))
+        return or_(*alts) if alts else false()
+
+    def _compartment(self, n: Compartment, rtype: str | None, tcol: Any, icol: Any) -> ColumnElement[bool]:
+        t = reference_t.alias()
+        alts: list[ColumnElement[bool]] = []
+        if n.codes:
+            sub = select(t.c.id).where(t.c.code.in_(list(n.codes)), t.c.target_type == n.comp_type,
+                                       t.c.target_id == n.comp_id)
+            alts.append(self._member(sub, t, rtype, tcol, icol))
+        if n.self_type:
+            alts.append(and_(tcol == n.comp_type, icol == n.comp_id))
+        return or_(*alts) if alts else false()
+
+    # -- value matches
+
+    def _match(self, kind: str, t: Any, m: Any) -> ColumnElement[bool]:
+        if kind == "string":
+            return self._string(t.c.value, t.c.exact, m)
+        if kind == "token":
+            return self._token(t, m)
+        if kind == "reference":
+            return self._ref(t, m)
+        if kind == "date":
+            return self._date(m, t.c.low, t.c.high)
+        if kind == "number":
+            return self._number(m, t.c.low, t.c.high)
+        if kind == "quantity":
+            return self._quantity(t, m)
+        if kind == "uri":
+            return self._uri(t.c.value, m)
+        if kind == "near":
+            return self._near(t, m)
+        if kind == "composite":
+            return self._composite(t, m)
+        raise TypeError(kind)
+
+    def _prefix(self, col: Any, text: str) -> ColumnElement[bool]:
+        if self.is_sqlite:
+            # SQLite compares UTF-8 bytes: a range is exact and uses the index (LIKE would not).
+            return and_(col >= text, col < text + "\U0010ffff")
+        return col.like(_like_escape(text) + "%", escape="\\")
+
+    def _string(self, col: Any, exact: Any, m: StringMatch) -> ColumnElement[bool]:
+        if m.mode == "exact":
+            return exact == m.text
+        if m.mode == "contains":
+            return col.like("%" + _like_escape(m.text) + "%", escape="\\")
+        return self._prefix(col, m.text)
+
+    def _token(self, t: Any, m: TokenMatch) -> ColumnElement[bool]:
+        if m.mode == "text":
+            return or_(self._prefix(t.c.text, m.code or ""),
+                       t.c.text.like("% " + _like_escape(m.code or "") + "%", escape="\\"))
+        if m.mode == "code-text":
+            return func.lower(t.c.value).like(_like_escape((m.code or "").lower()) + "%", escape="\\")
+        if m.mode == "of-type":
+            return and_(t.c.tsystem == m.type_system, t.c.tcode == m.type_code, t.c.value == m.code)
+        if m.mode == "set":
+            by_sys: dict[str | None, list[str]] = {}
+            for s, c in m.codes:
+                by_sys.setdefault(s, []).append(c)
+            alts = [and_(t.c.system.is_(None) if s is None else t.c.system == s, t.c.value.in_(sorted(cs)))
+                    for s, cs in by_sys.items()]
+            return or_(*alts) if alts else false()
+        conds = []
+        if m.code is not None:
+            conds.append(t.c.value == m.code)
+        if m.system is None:
+            conds.append(t.c.system.is_(None))
+        elif m.system != ANY:
+            conds.append(t.c.system == m.system)
+        return and_(true(), *conds)
+
+    def _ref(self, t: Any, m: RefMatch) -> ColumnElement[bool]:
+        if m.mode == "identifier":
+            conds = [t.c.ivalue == m.ident_value]
+            if m.ident_system is not None:
+                conds.append(t.c.isystem == m.ident_system)
+            return and_(*conds)
+        if m.mode in ("above", "below"):
+            return self._uri(t.c.url, UriMatch(m.mode, m.url or ""))
+        alts = []
+        if m.target_id is not None:
+            c = t.c.target_id == m.target_id
+            if m.target_type is not None:
+                c = and_(t.c.target_type == m.target_type, c)
+            alts.append(c)
+        if m.url is not None:
+            c = t.c.url == m.url
+            if m.version:
+                c = and_(c, t.c.version == m.version)
+            alts.append(c)
+        return or_(*alts) if alts else false()
+
+    def _date(self, m: RangeMatch, low: Any, high: Any) -> ColumnElement[bool]:
+        lo, hi = int(m.lo), int(m.hi)
+        eq = and_(low >= lo, high <= hi)
+        p = m.prefix
+        if p == "eq":
+            return eq
+        if p == "ne":
+            return or_(low < lo, high > hi)
+        if p == "gt":
+            return high > hi
+        if p == "lt":
+            return low < lo
+        if p == "ge":
+            return or_(high > hi, eq)
+        if p == "le":
+            return or_(low < lo, eq)
+        if p == "sa":
+            return low > hi
+        if p == "eb":
+            return high < lo
+        # ap: the spec leaves the width to the server: 10% of the distance from now, at least a day.
+        d = max(abs(self.now_us - lo) // 10, 86_400_000_000)
+        return and_(low <= min(hi + d, MAX_US), high >= max(lo - d, MIN_US))
+
+    def _number(self, m: RangeMatch, low: Any, high: Any) -> ColumnElement[bool]:
+        p, v = m.prefix, m.value
+        if p == "eq":
+            return and_(low >= m.lo, high < m.hi)
+        if p == "ne":
+            return or_(low < m.lo, high >= m.hi)
+        if p == "gt":
+            return high > v
+        if p == "lt":
+            return low < v
+        if p == "ge":
+            return high >= v
+        if p == "le":
+            return low <= v
+        if p == "sa":
+            return low > v
+        if p == "eb":
+            return high < v
+        d = abs(v) * 0.1
+        return and_(low <= v + d, high >= v - d)
+
+    def _quantity(self, t: Any, m: RangeMatch) -> ColumnElement[bool]:
+        cond = self._number(m, t.c.low, t.c.high)
+        if m.code is not None:
+            if m.system == ANY or m.system is None:
+                cond = and_(cond, or_(t.c.unit_code == m.code, t.c.unit == m.code))
+            else:
+                cond = and_(cond, t.c.system == m.system, t.c.unit_code == m.code)
+        elif m.system not in (ANY, None):
+            cond = and_(cond, t.c.system == m.system)
+        return cond
+
+    def _uri(self, col: Any, m: UriMatch) -> ColumnElement[bool]:
+        if m.mode == "below":
+            return col.like(_like_escape(m.value) + "%", escape="\\")
+        if m.mode == "above":
+            return literal(m.value).like(func.replace(func.replace(col, "%", "\\%"), "_", "\\_") + "%",
+                                         escape="\\")
+        return col == m.value
+
+    def _near(self, t: Any, m: NearMatch) -> ColumnElement[bool]:
+        # Equirectangular distance: exact enough at city scale and needs no trigonometry in SQL.
+        deg = m.km / 111.195
+        k = math.cos(math.radians(m.lat))
+        dx = (t.c.lon - m.lon) * k
+        dy = t.c.lat - m.lat
+        return and_(t.c.lat.between(m.lat - deg, m.lat + deg), dx * dx + dy * dy <= deg * deg)
+
+    def _composite(self, t: Any, m: CompositeMatch) -> ColumnElement[bool]:
+        conds = []
+        for i, (ctype, part) in enumerate(m.parts, start=1):
+            s, v, lo, hi = (t.c[f"s{i}"], t.c[f"v{i}"], t.c[f"lo{i}"], t.c[f"hi{i}"])
+            if ctype == "token":
+                c = [v == part.code] if part.code is not None else []
+                if part.system is None:
+                    c.append(s.is_(None))
+                elif part.system != ANY:
+                    c.append(s == part.system)
+                conds.append(and_(true(), *c))
+            elif ctype == "quantity":
+                c2 = self._number(part, lo, hi)
+                if part.code is not None:
+                    c2 = and_(c2, v == part.code)
+                if part.system not in (ANY, None):
+                    c2 = and_(c2, s == part.system)
+                conds.append(c2)
+            elif ctype == "number":
+                conds.append(self._number(part, lo, hi))
+            elif ctype == "date":
+                conds.append(self._date(part, lo, hi))
+            elif ctype == "string":
+                conds.append(self._string(v, v, part))
+            elif ctype == "reference":
+                conds.append(v == (f"{part.target_type}/{part.target_id}" if part.target_type else
+                                   part.url or part.target_id))
+            elif ctype == "uri":
+                conds.append(self._uri(v, part))
+        return and_(true(), *conds)
+
+    # -- sorting
+
+    def sort_expr(self, key: SortKey, tcol: Any, icol: Any, r: Any) -> Any:
+        if key.table == "_id":
+            return r.c.id
+        if key.table == "_lastUpdated":
+            return r.c.last_updated
+        t = TABLES[key.table].alias()
+        agg = func.max if key.desc else func.min
+        col: Any
+        if key.table in ("string", "uri"):
+            col = t.c.value
+        elif key.table == "token":
+            col = func.coalesce(t.c.value, t.c.text)
+        elif key.table == "reference":
+            col = func.coalesce(t.c.target_id, t.c.url, t.c.ivalue)
+        else:
+            col = t.c.high if key.desc else t.c.low
+        return (select(agg(col)).where(t.c.type == tcol, t.c.id == icol, t.c.code == key.code)
+                .scalar_subquery())
+
+
+# ------------------------------------------------------------------ running searches
+
+@dataclass
+class Hit:
+    type: str
+    id: str
+    version: int
+    last_updated: int
+    content: bytes
+    key: list[Any]  # sort values, then type and id: the keyset position
+
+
+def _after(cols: list[tuple[Any, bool]], last: list[Any]) -> ColumnElement[bool]:
+    """Rows strictly after ``last`` in the lexicographic order ``cols`` ((expr, descending) each)."""
+    alts = []
+    for i, (expr, desc) in enumerate(cols):
+        eqs = [(c.is_(None) if v is None else c == v) for (c, _d), v in zip(cols[:i], last[:i], strict=True)]
+        v = last[i]
+        if v is None:
+            continue  # nothing sorts strictly after NULL within the same null-flag group
+        cmp = expr < v if desc else expr > v
+        alts.append(and_(true(), *eqs, cmp))
+    return or_(*alts) if alts else false()
+
+
+def _order_cols(compiler: Compiler, sort: Sequence[SortKey], r: Any, system: bool) -> list[tuple[Any, bool]]:
+    cols: list[tuple[Any, bool]] = []
+    for k in sort:
+        e = compiler.sort_expr(k, r.c.type, r.c.id, r)
+        # NULLs (no value) last in both directions, through an explicit flag both backends agree on.
+        cols.append((case((e.is_(None), 1), else_=0), False))
+        cols.append((e, k.desc))
+    if system:
+        cols.append((r.c.type, False))
+    cols.append((r.c.id, False))
+    return cols
+
+
+async def page(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] | None, nodes: Sequence[Node],
+               sort: Sequence[SortKey], count: int, after: list[Any] | None = None, backward: bool = False,
+               ) -> tuple[list[Hit], bool]:
+    """One page of matches in sort order, after (or, ``backward``, before) a keyset position.
+
+    Returns the hits and whether more rows follow in the direction of travel.
+    """
+    comp = Compiler(is_sqlite)
+    r = resources.alias("r")
+    single = types[0] if types is not None and len(types) == 1 else None
+    conds: list[ColumnElement[bool]] = [r.c.deleted == false()]
+    if single is not None:
+        conds.append(r.c.type == single)
+    elif types is not None:
+        conds.append(r.c.type.in_(list(types)))
+    conds += comp.where(nodes, single, r.c.type, r.c.id)
+    cols = _order_cols(comp, sort, r, single is None)
+    # Walking backwards is walking forwards in the reversed order, then flipping the page.
+    eff = [(e, (not d) if backward else d) for e, d in cols]
+    inner_cols = [e.label(f"k{i}") for i, (e, _d) in enumerate(eff)]
+    inner = select(r.c.type, r.c.id, r.c.version, r.c.last_updated, r.c.content, *inner_cols).where(*conds)
+    sub = inner.subquery("m")
+    keycols = [(sub.c[f"k{i}"], d) for i, (_e, d) in enumerate(eff)]
+    q = select(sub)
+    if after is not None:
+        q = q.where(_after(keycols, after))
+    q = q.order_by(*[(c.desc() if d else c.asc()) for c, d in keycols]).limit(count + 1)
+    rows = (await conn.execute(q)).all()
+    more = len(rows) > count
+    rows = rows[:count]
+    hits = [Hit(row[0], row[1], row[2], row[3], row[4], list(row[5:])) for row in rows]
+    if backward:
+        hits.reverse()
+    return hits, more
+
+
+async def count_matches(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] | None,
+                        nodes: Sequence[Node]) -> int:
+    comp = Compiler(is_sqlite)
+    r = resources.alias("r")
+    single = types[0] if types is not None and len(types) == 1 else None
+    conds: list[ColumnElement[bool]] = [r.c.deleted == false()]
+    if single is not None:
+        conds.append(r.c.type == single)
+    elif types is not None:
+        conds.append(r.c.type.in_(list(types)))
+    conds += comp.where(nodes, single, r.c.type, r.c.id)
+    return int((await conn.execute(select(func.count()).select_from(r).where(*conds))).scalar_one())
+
+
+async def match_ids(conn: AsyncConnection, *, is_sqlite: bool, rtype: str, nodes: Sequence[Node],
+                    limit: int) -> list[str]:
+    comp = Compiler(is_sqlite)
+    q = comp.ids(rtype, nodes).limit(limit)
+    return [row[0] for row in (await conn.execute(q)).all()]
+
+
+async def include_targets(conn: AsyncConnection, sources: Sequence[tuple[str, str]], codes: Sequence[str] | None,
+                          target_type: str | None, limit: int) -> list[tuple[str, str]]:
+    """(type, id) of resources the given resources point at through reference parameters ``codes``."""
+    t = reference_t
+    out: list[tuple[str, str]] = []
+    by_type: dict[str, list[str]] = {}
+    for ty, i in sources:
+        by_type.setdefault(ty, []).append(i)
+    for ty, ids in by_type.items():
+        q = select(t.c.target_type, t.c.target_id).distinct().where(
+            t.c.type == ty, t.c.id.in_(ids), t.c.target_id.is_not(None))
+        if codes is not None:
+            q = q.where(t.c.code.in_(list(codes)))
+        if target_type is not None:
+            q = q.where(t.c.target_type == target_type)
+        out += [(row[0], row[1]) for row in (await conn.execute(q.limit(limit + 1))).all()]
+    return out
+
+
+async def revinclude_sources(conn: AsyncConnection, source_type: str, codes: Sequence[str] | None,
+                             targets: Sequence[tuple[str, str]], limit: int) -> list[tuple[str, str]]:
+    """(type, id) of ``source_type`` resources pointing at any of ``targets`` through ``codes``."""
+    t = reference_t
+    out: list[tuple[str, str]] = []
+    by_type: dict[str, list[str]] = {}
+    for ty, i in targets:
+        by_type.setdefault(ty, []).append(i)
+    for ty, ids in by_type.items():
+        q = select(t.c.type, t.c.id).distinct().where(t.c.target_type == ty, t.c.target_id.in_(ids))
+        if source_type != "*":
+            q = q.where(t.c.type == source_type)
+        if codes is not None:
+            q = q.where(t.c.code.in_(list(codes)))
+        out += [(row[0], row[1]) for row in (await conn.execute(q.limit(limit + 1))).all()]
+    return out
+
+
+async def fetch(conn: AsyncConnection, *, is_sqlite: bool, keys: Sequence[tuple[str, str]],
+                restrict: dict[str, list[Node]] | None = None) -> list[Hit]:
+    """Live resources by (type, id); ``restrict`` adds conditions per type (authorisation)."""
+    comp = Compiler(is_sqlite)
+    by_type: dict[str, list[str]] = {}
+    for ty, i in keys:
+        by_type.setdefault(ty, []).append(i)
+    out: list[Hit] = []
+    r = resources.alias("r")
+    for ty, ids in sorted(by_type.items()):
+        for i in range(0, len(ids), 500):
+            conds = [r.c.type == ty, r.c.id.in_(ids[i:i + 500]), r.c.deleted == false()]
+            if restrict is not None and ty in restrict:
+                conds += comp.where(restrict[ty], ty, r.c.type, r.c.id)
+            q = select(r.c.type, r.c.id, r.c.version, r.c.last_updated, r.c.content).where(*conds)
+            out += [Hit(row[0], row[1], row[2], row[3], row[4], []) for row in (await conn.execute(q)).all()]
+    return out

@@ -1,0 +1,215 @@
+"""Snapshot generation for profiles that arrive with a differential only.
+
+The base definition's snapshot (generated first if it lacks one too — profiles on profiles such as
+``patient-birth`` on ``uz-core-patient``) is copied, then each differential element is merged into the
+matching element. Elements the base does not list are created: children of a not-yet-expanded element come
+from its type profile (extensions), the sliced element's own children (for slices) or the datatype's
+definition; new slices are copies of the sliced element placed after its existing slices.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+BASE = "http://hl7.org/fhir/StructureDefinition/"
+
+# Differential properties that add to the base rather than replace it.
+_ADDITIVE = ("constraint", "condition", "mapping", "alias", "code")
+_NOT_MERGED = ("id", "path", "extension", "base")
+
+
+class SnapshotError(ValueError):
+    """The differential cannot be applied to its base."""
+
+
+def generate_snapshot(sd: dict[str, Any], registry: Any, _depth: int = 0) -> dict[str, Any]:
+    """Return a copy of ``sd`` with ``snapshot`` built from its base definition and differential."""
+    if _depth > 12:
+        raise SnapshotError("baseDefinition chain too deep (a cycle?)")
+    base_url = sd.get("baseDefinition")
+    if not base_url:
+        raise SnapshotError(f"{sd.get('url')}: no baseDefinition to build a snapshot from")
+    base = registry.structure_definition(base_url)
+    if base is None:
+        raise SnapshotError(f"{sd.get('url')}: base definition {base_url} is not known")
+    if not (base.get("snapshot") or {}).get("element"):
+        base = generate_snapshot(base, registry, _depth + 1)
+    elems: list[dict[str, Any]] = copy.deepcopy(base["snapshot"]["element"])
+    gen = _Generator(registry, elems, _depth)
+    for de in (sd.get("differential") or {}).get("element") or ():
+        gen.apply(de)
+    out = dict(sd)
+    out["snapshot"] = {"element": gen.elems}
+    return out
+
+
+def _elem_id(de: dict[str, Any]) -> str:
+    if de.get("id"):
+        return str(de["id"])
+    path = str(de["path"])
+    if de.get("sliceName"):
+        return f"{path}:{de['sliceName']}"
+    return path
+
+
+def _parent_id(eid: str) -> str:
+    return eid.rpartition(".")[0]
+
+
+class _Generator:
+    def __init__(self, registry: Any, elems: list[dict[str, Any]], depth: int) -> None:
+        self.registry = registry
+        self.elems = elems
+        self.depth = depth
+
+    def index(self, eid: str) -> int:
+        for i, e in enumerate(self.elems):
+            if e.get("id") == eid:
+                return i
+        return -1
+
+    def subtree_end(self, i: int) -> int:
+        """Index just past element i, its descendants and (for an unsliced element) its slices."""
+        eid = self.elems[i]["id"]
+        j = i + 1
+        while j < len(self.elems):
+            oid = self.elems[j]["id"]
+            if oid.startswith(eid + ".") or oid.startswith(eid + ":"):
+                j += 1
+            else:
+                break
+        return j
+
+    def children_end(self, i: int) -> int:
+        eid = self.elems[i]["id"]
+        j = i + 1
+        while j < len(self.elems) and self.elems[j]["id"].startswith(eid + "."):
+            j += 1
+        return j
+
+    def ensure(self, eid: str) -> int:
+        i = self.index(eid)
+        if i >= 0:
+            return i
+        parent, _, last = eid.rpartition(".")
+        name, _, slice_name = last.partition(":")
+        if slice_name:
+            sliced_id = f"{parent}.{name}" if parent else name
+            if "/" in slice_name:  # re-slice: hangs off the slice
+                sliced_id = f"{sliced_id}:{slice_name.rsplit('/', 1)[0]}"
+            si = self.ensure(sliced_id)
+            new = {k: copy.deepcopy(v) for k, v in self.elems[si].items() if k != "slicing"}
+            new["id"] = eid
+            new["sliceName"] = slice_name
+            pos = self.subtree_end(si)
+            self.elems.insert(pos, new)
+            return pos
+        if not parent:
+            raise SnapshotError(f"element {eid} not found in the base")
+        pi = self.ensure(parent)
+        if self.children_end(pi) == pi + 1:
+            self.expand(pi)
+            i = self.index(eid)
+            if i >= 0:
+                return i
+        # A renamed choice (valueQuantity for value[x]).
+        for j in range(pi + 1, self.children_end(pi)):
+            cid = self.elems[j]["id"]
+            if cid.endswith("[x]") and _parent_id(cid) == parent and name.startswith(cid.rsplit(".", 1)[1][:-3]):
+                return j
+        raise SnapshotError(f"element {eid} not found in the base definition")
+
+    def expand(self, pi: int) -> None:
+        """Insert the children of element pi (which has none in the snapshot yet)."""
+        parent = self.elems[pi]
+        pid, ppath = parent["id"], parent["path"]
+        source: list[dict[str, Any]] | None = None
+        root_id = root_path = ""
+        types = parent.get("type") or []
+        profiles = [p for t in types for p in t.get("profile") or ()]
+        if profiles:
+            psd = self.registry.structure_definition(profiles[0])
+            if psd is not None:
+                if not (psd.get("snapshot") or {}).get("element"):
+                    psd = generate_snapshot(psd, self.registry, self.depth + 1)
+                source = psd["snapshot"]["element"]
+        if source is None and parent.get("sliceName"):
+            sliced_id = pid.rpartition(":")[0]
+            si = self.index(sliced_id)
+            if si >= 0 and self.children_end(si) > si + 1:
+                src = self.elems[si + 1: self.children_end(si)]
+                copies = []
+                for e in src:
+                    c = copy.deepcopy(e)
+                    c["id"] = pid + c["id"][len(sliced_id):]
+                    copies.append(c)
+                self.elems[pi + 1: pi + 1] = copies
+                return
+        if source is None and parent.get("contentReference"):
+            ref = str(parent["contentReference"]).partition("#")[2]
+            ti = self.index(ref)
+            if ti < 0:
+                ti = next((k for k, e in enumerate(self.elems) if e.get("path") == ref), -1)
+            if ti >= 0:
+                src = self.elems[ti + 1: self.children_end(ti)]
+                copies = []
+                for e in src:
+                    c = copy.deepcopy(e)
+                    c["id"] = pid + c["id"][len(self.elems[ti]["id"]):]
+                    c["path"] = ppath + c["path"][len(self.elems[ti]["path"]):]
+                    copies.append(c)
+                self.elems[pi + 1: pi + 1] = copies
+                return
+        if source is None:
+            code = (types[0].get("code") if types else None) or ""
+            if not code:
+                raise SnapshotError(f"cannot expand {pid}: no type")
+            tsd = self.registry.structure_definition(code if "/" in code else BASE + code)
+            if tsd is None or not (tsd.get("snapshot") or {}).get("element"):
+                raise SnapshotError(f"cannot expand {pid}: type {code} unknown")
+            source = tsd["snapshot"]["element"]
+        root_id = source[0].get("id") or source[0]["path"]
+        root_path = source[0]["path"]
+        copies = []
+        for e in source[1:]:
+            c = copy.deepcopy(e)
+            c["id"] = pid + (c.get("id") or c["path"])[len(root_id):]
+            c["path"] = ppath + c["path"][len(root_path):]
+            copies.append(c)
+        self.elems[pi + 1: pi + 1] = copies
+
+    def apply(self, de: dict[str, Any]) -> None:
+        eid = _elem_id(de)
+        i = self.ensure(eid)
+        target = self.elems[i]
+        renamed = target["id"] != eid and target["id"].endswith("[x]")
+        for k, v in de.items():
+            if k in _NOT_MERGED or (k == "sliceName" and renamed):
+                continue
+            if k in _ADDITIVE and isinstance(v, list):
+                have = target.get(k) or []
+                if k == "constraint":
+                    keys = {c.get("key") for c in have}
+                    merged = list(have) + [copy.deepcopy(c) for c in v if c.get("key") not in keys]
+                else:
+                    merged = list(have) + [copy.deepcopy(x) for x in v if x not in have]
+                target[k] = merged
+            elif k == "slicing" and isinstance(target.get("slicing"), dict):
+                s = dict(target["slicing"])
+                s.update(copy.deepcopy(v))
+                target["slicing"] = s
+            elif k == "binding" and isinstance(target.get("binding"), dict):
+                b = dict(target["binding"])
+                b.update(copy.deepcopy(v))
+                target["binding"] = b
+            else:
+                if k.startswith(("fixed", "pattern")):
+                    for old in [x for x in target if x.startswith(k[:5] if k.startswith("fixed") else k[:7])]:
+                        del target[old]
+                target[k] = copy.deepcopy(v)
+        if renamed:
+            # valueQuantity in the differential narrows value[x] to that type.
+            tname = eid.rsplit(".", 1)[1][len(target["id"].rsplit(".", 1)[1]) - 3:]
+            target["type"] = [t for t in target.get("type") or [] if t.get("code", "").lower() == tname.lower()] \
+                or target.get("type", [])
