@@ -129,8 +129,10 @@ def start_server() -> Iterator[Callable[..., LiveServer]]:
 def server(request: pytest.FixtureRequest, start_server: Callable[..., LiveServer],
            new_db_url: Callable[[str], str]) -> LiveServer:
     """The default server of each backend: auth off, write-time profile validation off (generic REST tests
-    use minimal resources), all packages loaded. Tests of auth or validation start their own servers."""
-    return start_server(DHP_DATABASE_URL=new_db_url(request.param), DHP_AUTH="off", DHP_VALIDATION="off")
+    use minimal resources), all packages loaded; only the DHP IGs' conformance resources are stored in its database
+    (DHP_PACKAGE_IMPORT=ig) to keep start-up short. Tests of auth or validation start their own servers."""
+    return start_server(DHP_DATABASE_URL=new_db_url(request.param), DHP_AUTH="off", DHP_VALIDATION="off",
+                        DHP_PACKAGE_IMPORT="ig")
 
 
 @pytest.fixture(scope="session")

@@ -346,6 +346,9 @@ def test_compose_concept_lists_nested_value_sets_and_exclude(term: Terminology, 
     both = _vs({"system": CS + "states-cs", "valueSet": [VS + "state-vs"],
                 "filter": [_f("concept", "in", "1703,1706")]})
     assert _codes(_expand(term, both)) == ["1703", "1706"]
+    # Several "code =" filters in one include list codes (how loinc-birth-vs uses them).
+    listed_by_filters = _vs({"system": CS + "states-cs", "filter": [_f("code", "=", "1727"), _f("code", "=", "1703")]})
+    assert _codes(_expand(term, listed_by_filters)) == ["1703", "1727"]
     with pytest.raises(FHIRError) as e:
         _expand(term, _vs({"valueSet": ["https://example.org/ValueSet/missing"]}))
     assert e.value.status == 422

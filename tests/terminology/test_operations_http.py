@@ -306,3 +306,51 @@ def test_translate_icd10_to_local_code_forward_and_reverse(client: httpx.Client)
     outcome(client.get("/ConceptMap/$translate", params={"url": cm["url"] + "-nope", "system": icd,
                                                          "sourceCode": "C50.9"}), 404)
     outcome(client.get("/ConceptMap/$translate", params={"url": cm["url"], "sourceCode": "C50.9"}), 400)
+
+
+def test_remaining_parameters_over_http(client: httpx.Client, package_cs: Any) -> None:
+    act = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+    # abstract=false rejects a notSelectable code; omitted, it is allowed.
+    strict = ok(client.get("/CodeSystem/$validate-code", params={"url": act, "code": "_ActAccountCode",
+                                                                 "abstract": "false"}))
+    assert value(strict, "result") is False
+    assert value(ok(client.get("/CodeSystem/$validate-code", params={"url": act, "code": "_ActAccountCode"})),
+                 "result") is True
+    # activeOnly drops retired codes from an expansion and from validation.
+    vs = {"resourceType": "ValueSet", "status": "active", "compose": {"include": [{"system": act}]}}
+    everything = ok(client.post("/ValueSet/$expand", content=orjson.dumps({"resourceType": "Parameters",
+                    "parameter": [{"name": "valueSet", "resource": vs}]})))
+    retired = [c["code"] for c in contains(everything) if c.get("inactive")]
+    assert retired
+    active = ok(client.post("/ValueSet/$expand", content=orjson.dumps({"resourceType": "Parameters", "parameter": [
+        {"name": "valueSet", "resource": vs}, {"name": "activeOnly", "valueBoolean": True}]})))
+    assert active["expansion"]["total"] == everything["expansion"]["total"] - len(retired)
+    # excludeNested=false nests a position group's members under it.
+    nested = ok(client.post("/ValueSet/$expand", content=orjson.dumps({"resourceType": "Parameters", "parameter": [
+        {"name": "valueSet", "resource": {"resourceType": "ValueSet", "status": "active", "compose": {"include": [
+            {"system": POSITION, "filter": [{"property": "concept", "op": "is-a", "value": "1111"}]}]}}},
+        {"name": "excludeNested", "valueBoolean": False}]})))
+    codes = [c["code"] for c in package_cs(POSITION)["concept"]]
+    assert [c["code"] for c in contains(nested)] == ["1111"]
+    assert [c["code"] for c in contains(nested)[0]["contains"]] == [c for c in codes if c.startswith("1111.")]
+    # designation picks which designations come back.
+    ru = ok(client.get("/ValueSet/$expand", params={"url": VS + "state-vs", "designation": "ru", "count": 2}))
+    assert all([d["language"] for d in c["designation"]] == ["ru"] for c in contains(ru))
+    # date is accepted (current definitions are used); valueSetVersion must exist.
+    assert ok(client.get("/ValueSet/$expand", params={"url": VS + "state-vs", "date": "2025-01-01",
+                                                      "count": 1}))["expansion"]["total"] == 14
+    outcome(client.get("/ValueSet/$expand", params={"url": VS + "state-vs", "valueSetVersion": "9.9.9"}), 404)
+    # systemVersion / version: a version not loaded is reported, the loaded one is used.
+    v = ok(client.get("/ValueSet/$validate-code", params={"url": "http://hl7.org/fhir/ValueSet/address-use",
+                                                          "system": ADDRESS_USE, "code": "home",
+                                                          "systemVersion": "4.0.1"}))
+    assert value(v, "result") is True and "4.0.1" in value(v, "message")
+    lk = ok(client.get("/CodeSystem/$lookup", params={"system": ADDRESS_USE, "code": "home", "version": "5.0.0"}))
+    assert value(lk, "version") == "5.0.0"
+    # useSupplement must name a known supplement.
+    outcome(client.get("/CodeSystem/$lookup", params={"system": ADDRESS_USE, "code": "home",
+                                                      "useSupplement": "https://example.org/nope"}), 404)
+    assert value(ok(client.get("/CodeSystem/$lookup", params={
+        "system": ADDRESS_USE, "code": "home", "displayLanguage": "ru",
+        "useSupplement": CS + "address-use-cs"})), "display") == _designation(
+        next(c for c in package_cs(CS + "address-use-cs")["concept"] if c["code"] == "home"), "ru")

@@ -108,6 +108,18 @@ async def _form(request: Request) -> dict[str, str]:
     return out
 
 
+def _claimed_client(request: Request, form: dict[str, str]) -> str | None:
+    """The client id a request claims (for the audit trail of failures), authenticated or not."""
+    auth = request.headers.get("authorization", "")
+    if auth[:6].lower() == "basic ":
+        try:
+            return unquote(base64.b64decode(auth[6:].strip()).decode("utf-8").partition(":")[0])[:64] or None
+        except (ValueError, UnicodeDecodeError):
+            return None
+    cid = form.get("client_id")
+    return cid[:64] if cid else None
+
+
 def _address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
@@ -165,6 +177,7 @@ class Endpoints:
     async def token(self, request: Request) -> Response:
         client: db.ClientRow | None = None
         gt = ""
+        form: dict[str, str] = {}
         try:
             form = await _form(request)
             gt = form.get("grant_type", "")
@@ -183,7 +196,7 @@ class Endpoints:
                 body = await self._refresh(request, form, client)
         except OAuthError as e:
             await self.audit(kind="token", success=False, description=f"{gt or 'token'}: {e.error}: {e.description}",
-                             client_id=client.client_id if client else None,
+                             client_id=client.client_id if client else _claimed_client(request, form),
                              client_name=client.name if client else None, address=_address(request))
             return e.response()
         return JSONResponse(body, headers=_NO_STORE)
@@ -298,7 +311,7 @@ class Endpoints:
                 raise OAuthError("invalid_scope", str(e)) from e
             narrowed = grant(requested, scope, contexts=frozenset({"patient", "user"}),
                              extra=frozenset(s for s in scope if parse_resource_scope(s) is None))
-            if not narrowed or len(narrowed) != len(requested):
+            if not narrowed or set(narrowed) != set(requested):
                 raise OAuthError("invalid_scope", "A refresh can only keep or narrow the original scope")
             d["scope"] = narrowed
         new = secrets.token_urlsafe(32)
@@ -330,6 +343,7 @@ class Endpoints:
 
     async def revoke(self, request: Request) -> Response:
         client: db.ClientRow | None = None
+        form: dict[str, str] = {}
         try:
             form = await _form(request)
             client = await self.authenticate_client(request, form)
@@ -338,7 +352,8 @@ class Endpoints:
                 raise OAuthError("invalid_request", "Missing required parameter: token")
         except OAuthError as e:
             await self.audit(kind="revoke", success=False, description=f"revoke: {e.error}: {e.description}",
-                             client_id=client.client_id if client else None, address=_address(request))
+                             client_id=client.client_id if client else _claimed_client(request, form),
+                             address=_address(request))
             return e.response()
         what = "nothing (unknown token)"
         claims = self._claims_ignoring_expiry(token)

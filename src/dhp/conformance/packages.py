@@ -260,7 +260,9 @@ class PackageManager:
         for base in self.local_paths:
             if not base.exists():
                 continue
-            candidates = [base] if base.is_file() else sorted(base.iterdir())
+            is_package = base.is_file() or (base / "package" / "package.json").is_file() \
+                or (base / "package.json").is_file()
+            candidates = [base] if is_package else sorted(base.iterdir())
             for p in candidates:
                 try:
                     if p.is_file() and p.name.endswith((".tgz", ".tar.gz")):

@@ -53,6 +53,19 @@ class ParamDef:
             self.type != "special" or self.code == "near") and bool(self.expression)
 
 
+_OFTYPE_KIND = {"string": "string", "markdown": "string", "Quantity": "quantity", "CodeableConcept": "token",
+                "Coding": "token", "code": "token", "boolean": "token", "dateTime": "date", "Period": "date",
+                "date": "date", "Reference": "reference", "integer": "number", "decimal": "number"}
+
+
+def _infer_type(expression: str) -> str:
+    """A component's type when its definition is missing (R5 names Observation-value-string but lacks it)."""
+    for name, kind in _OFTYPE_KIND.items():
+        if f"ofType({name})" in expression:
+            return kind
+    return ""
+
+
 class ParamRegistry:
     """Search parameters by (resource type, code), compartments by compartment type."""
 
@@ -98,11 +111,13 @@ class ParamRegistry:
             return None
         if sp.get("status") == "retired":
             return None
+        if str(sp.get("url", "")).startswith("http://hl7.org/fhir/SearchParameter/example"):
+            return None  # the spec's worked examples (e.g. "part-agree"), not parameters of the base spec
         comps = []
         for c in sp.get("component") or []:
             d = urls.get(c.get("definition", "").split("|")[0])
-            comps.append(Component(c.get("definition", ""), c.get("expression", ""),
-                                   d.get("type", "") if d else ""))
+            ctype = d.get("type", "") if d else _infer_type(c.get("expression", ""))
+            comps.append(Component(c.get("definition", ""), c.get("expression", ""), ctype))
         return ParamDef(
             code=code, type=ptype, url=sp.get("url", ""), base=tuple(b for b in base if isinstance(b, str)),
             expression=sp.get("expression") or "", targets=tuple(sp.get("target") or ()),

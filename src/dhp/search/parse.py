@@ -159,8 +159,8 @@ class Parser:
             self._ignored(issues, name, f"The search parameter '{code}' is not supported by this server")
             return None
         if system and not code.startswith("_") and not types:
-            self._ignored(issues, name, f"'{code}' needs _type on a system-level search")
-            return None
+            # Ignoring it would return every resource of every type: refuse instead.
+            raise bad(f"'{code}' is not a common parameter: a system-level search needs _type for it", name)
         check_types = types or ["Resource"]
         if code == "_id":
             return self._id(name, modifier, value, rest)

@@ -325,7 +325,9 @@ class Compiler:
             by_sys: dict[str | None, list[str]] = {}
             for s, c in m.codes:
                 by_sys.setdefault(s, []).append(c)
-            alts = [and_(t.c.system.is_(None) if s is None else t.c.system == s, t.c.value.in_(sorted(cs)))
+            # A bare ``code`` element (Patient.gender) is indexed without a system: its binding gives it one.
+            alts = [and_(t.c.system.is_(None) if s is None else or_(t.c.system == s, t.c.system.is_(None)),
+                         t.c.value.in_(sorted(cs)))
                     for s, cs in by_sys.items()]
             return or_(*alts) if alts else false()
         conds = []

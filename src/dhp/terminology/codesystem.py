@@ -105,6 +105,7 @@ class CodeSystemIndex:
         self._lower: dict[str, Concept] | None = None
         self._desc: dict[str, frozenset[str]] = {}
         self._anc: dict[str, frozenset[str]] = {}
+        self._all_items: Any = None  # every code as expansion items (dhp.terminology.valueset.all_items)
 
         parent_codes = {c for c, p in self.property_defs.items() if p.get("uri") == CONCEPT_PROPERTIES + "parent"}
         parent_codes.add("parent")
@@ -129,23 +130,41 @@ class CodeSystemIndex:
     # -- building
 
     def _walk(self, concepts: list[dict[str, Any]], parent: str | None) -> None:
+        # The hot loop of index building (12,551 concepts for KODP): kept flat on purpose.
+        index, order, lang0 = self.concepts, self.order, self.language
         for c in concepts:
             code = c.get("code")
-            if not isinstance(code, str):
+            if code.__class__ is not str:
                 continue
-            con = self.concepts.get(code)
+            con = index.get(code)
             if con is None:
                 con = Concept(code, c.get("display"), c.get("definition"))
-                self.concepts[code] = con
-                self.order.append(con)
+                index[code] = con
+                order.append(con)
+                by_lang = con.by_lang
                 if con.display is not None:
-                    con.by_lang[self.language] = con.display
-                for d in c.get("designation") or []:
-                    self._add_designation(con, d)
-                con.properties.extend(p for p in c.get("property") or [] if isinstance(p, dict))
+                    by_lang[lang0] = con.display
+                for d in c.get("designation") or ():
+                    v = d.get("value") if d.__class__ is dict else None
+                    if v.__class__ is not str:
+                        continue
+                    con.designations.append(d)
+                    lang = d.get("language")
+                    if lang.__class__ is str:
+                        if not lang.islower():
+                            lang = lang.lower()
+                        if lang not in by_lang:
+                            by_lang[lang] = v
+                        if "-" in lang:
+                            by_lang.setdefault(lang.split("-", 1)[0], v)
+                props = c.get("property")
+                if props:
+                    con.properties.extend(p for p in props if p.__class__ is dict)
             if parent is not None and parent not in con.parents:
                 con.parents.append(parent)
-            self._walk(c.get("concept") or [], code)
+            sub = c.get("concept")
+            if sub:
+                self._walk(sub, code)
 
     @staticmethod
     def _add_designation(con: Concept, d: dict[str, Any]) -> None:

@@ -42,6 +42,12 @@ def check_names(call: OperationCall, allowed: set[str]) -> None:
     date = call.params.value("date")
     if date is not None and (not isinstance(date, str) or not _DATE.match(date)):
         raise bad_request(f"parameter 'date' must be a FHIR date or dateTime, not {date!r}", "date")
+    for ref in call.params.values("useSupplement"):
+        sup = call.server.registry.resolve(str(ref), "CodeSystem")
+        if sup is None or sup.get("content") != "supplement":
+            # Every known supplement is always applied; naming an unknown one is an error, not a no-op.
+            raise FHIRError(404, f"Supplement {ref} is not known here", "not-found", expression="useSupplement",
+                            message_id="cs-unknown")
     for name in call.params.names():
         if name not in ("designation", "property", "useSupplement", "dependency", "exclude-system",
                         "system-version", "check-system-version", "force-system-version", "tx-resource") \

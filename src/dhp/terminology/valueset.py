@@ -77,6 +77,23 @@ class Item:
         return out
 
 
+class SystemItems(list):  # type: ignore[type-arg]
+    """Every code of one code system as expansion items, in order, with a (system, code) index; built once per
+    CodeSystem index and shared (read-only) by all expansions that include the whole system."""
+
+    index: dict[tuple[str, str], Item]
+
+
+def all_items(cs: CodeSystemIndex) -> SystemItems:
+    got = cs._all_items
+    if got is None:
+        with no_gc():
+            got = SystemItems(Item(cs.url, cs.version, c.code, c) for c in cs.order)
+            got.index = {(it.system, it.code): it for it in got}
+        cs._all_items = got
+    return got
+
+
 @dataclass(frozen=True)
 class Options:
     """What changes the *set* of codes (text filter, paging and language only change what is shown)."""
@@ -102,6 +119,9 @@ class Expansion:
     _sorted: list[str] | None = None
     _by_code: dict[str, list[Item]] | None = None
     _prefix_cache: dict[str, set[int]] = field(default_factory=dict)
+    # Rendered full (unpaged, unfiltered) contains lists, by how they were rendered: the big drop-downs
+    # (mahalla-vs, 9,452 codes) are fetched whole again and again in the same few languages.
+    _rendered: dict[tuple[Any, ...], list[dict[str, Any]]] = field(default_factory=dict)
 
     def add(self, it: Item) -> None:
         key = (it.system, it.code)
@@ -185,6 +205,11 @@ def expand_compose(eng: Terminology, vs: dict[str, Any], opts: Options, stack: t
     for i, inc in enumerate(compose.get("include") or []):
         items, open_ = _eval_set(eng, exp, inc, opts, stack, f"ValueSet.compose.include[{i}]")
         exp.open_systems |= open_
+        if not exp.items and isinstance(items, SystemItems):
+            # A whole code system first: copy its prebuilt list and index (C-speed) instead of adding one by one.
+            exp.items = list(items)
+            exp.index = dict(items.index)
+            continue
         for it in items:
             exp.add(it)
     excluded: set[tuple[str, str]] = set()
@@ -289,11 +314,14 @@ def _eval_set(eng: Terminology, exp: Expansion, inc: dict[str, Any], opts: Optio
             selected: set[str] | None = None
             for j, f in enumerate(filters):
                 s = eval_filter(cs, f, f"{where}.filter[{j}]")
-                selected = s if selected is None else selected & s
+                if selected is None:
+                    selected = s
+                else:
+                    selected = selected | s if _code_list(filters) else selected & s
             sel = selected or set()
             items = [Item(system, cs.version, c.code, c) for c in cs.order if c.code in sel]
         else:
-            items = [Item(system, cs.version, c.code, c) for c in cs.order]
+            items = all_items(cs)
             if not cs.complete:
                 open_.add(system)
     if nested:
@@ -308,21 +336,32 @@ def _enumerated(concepts: list[Any], filters: list[Any]) -> list[tuple[str, str 
                 if isinstance(c, dict) and isinstance(c.get("code"), str)]
     if not filters:
         return None
-    out: list[tuple[str, str | None, Any]] = []
+    sets: list[list[str]] = []
     for f in filters:
         if not isinstance(f, dict) or f.get("property") not in ("code", "concept"):
             return None
         if f.get("op") == "=":
-            out.append((str(f.get("value", "")), None, None))
+            sets.append([str(f.get("value", ""))])
         elif f.get("op") == "in":
-            out.extend((v.strip(), None, None) for v in str(f.get("value", "")).split(",") if v.strip())
+            sets.append([v.strip() for v in str(f.get("value", "")).split(",") if v.strip()])
         else:
             return None
-    if len(filters) > 1 and all(f.get("op") == "=" for f in filters):
-        # Several '=' filters on the code are ANDed by the spec; the packages use them as a list of codes
-        # (e.g. loinc-birth-vs), so each one names a member.
-        return out
-    return out
+    if _code_list(filters):
+        codes = [s[0] for s in sets]
+    else:  # filters of one include are ANDed
+        codes = [c for c in sets[0] if all(c in s for s in sets[1:])]
+    return [(c, None, None) for c in dict.fromkeys(codes)]
+
+
+def _code_list(filters: list[Any]) -> bool:
+    """Several ``code = X`` filters in one include.
+
+    The spec ANDs the filters of an include, which would make this empty; the DHP packages use it to list
+    codes (loinc-birth-vs lists ten LOINC codes this way), so it is read as a list — the same whether or not
+    the code system is loaded here.
+    """
+    return len(filters) > 1 and all(isinstance(f, dict) and f.get("property") in ("code", "concept")
+                                    and f.get("op") == "=" for f in filters)
 
 
 _HIERARCHY_PROPS = frozenset({"concept", "code"})
@@ -430,10 +469,19 @@ def render(exp: Expansion, vs: dict[str, Any], ro: RenderOptions) -> dict[str, A
     langs = ro.langs
     want_desig = ro.include_designations or bool(ro.designations)
     props = ro.properties
-    contains = [_render_item(it, langs, want_desig, ro.designations, props) for it in page]
     nested = (not ro.exclude_nested and ro.count is None and ro.offset == 0 and positions is None)
-    if nested:
-        contains = _nest(page, contains)
+    whole = positions is None and ro.offset == 0 and len(page) == len(exp.items) and not nested
+    key = (langs, want_desig, ro.designations, props)
+    contains = exp._rendered.get(key) if whole else None
+    if contains is None:
+        with no_gc():
+            contains = [_render_item(it, langs, want_desig, ro.designations, props) for it in page]
+        if nested:
+            contains = _nest(page, contains)
+        elif whole and len(contains) >= 1000:
+            if len(exp._rendered) >= 8:
+                exp._rendered.clear()
+            exp._rendered[key] = contains
     out = {k: vs[k] for k in _KEEP if k in vs}
     out["resourceType"] = "ValueSet"
     if ro.include_definition and "compose" in vs:

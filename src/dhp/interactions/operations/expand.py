@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dhp.errors import FHIRError, bad_request
+from dhp.errors import bad_request
 from dhp.interactions.operations import OperationCall, operation
 from dhp.terminology import operations as tx
 from dhp.terminology.valueset import Options, RenderOptions
@@ -46,10 +46,6 @@ async def expand(call: OperationCall) -> dict[str, Any]:
         vs = url
     else:
         raise bad_request("$expand needs 'url' or 'valueSet' (or call it on a ValueSet instance)", "url")
-    for name in p.values("useSupplement"):
-        if term.registry.resolve(str(name), "CodeSystem") is None:
-            raise FHIRError(404, f"Supplement {name} is not known here", "not-found", expression="useSupplement",
-                            message_id="cs-unknown")
     check_versions = _canonicals(call, "check-system-version")
     opts = Options(
         active_only=p.bool("activeOnly") is True,

@@ -1,0 +1,76 @@
+"""``$reindex``: rebuild search index rows (after a SearchParameter was added or changed).
+
+- ``POST [base]/$reindex`` every resource type, ``POST [base]/[type]/$reindex`` one type,
+  ``POST [base]/[type]/[id]/$reindex`` one resource.
+- ``code`` (repeatable): only these parameters' rows; ``type`` (repeatable, system level): only these types.
+- ``background=true``: answer 202 at once and run as a job; ``GET [base]/$reindex?mode=status`` shows the
+  progress of recent jobs (also those started automatically when a SearchParameter is created).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from dhp import fhirjson
+from dhp.errors import FHIRError
+from dhp.interactions.operations import OperationCall, OperationResult, operation
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _engine(call: OperationCall) -> Any:
+    eng = call.server.search
+    if eng is None:
+        raise FHIRError(501, "Search is not available on this server", "not-supported",
+                        message_id="search-unavailable")
+    if eng.store is None:
+        eng.store = call.server.store
+    return eng
+
+
+@operation("reindex", system=True, type_level=True, instance=True, affects_state=True)
+async def reindex(call: OperationCall) -> dict[str, Any] | OperationResult:
+    eng = _engine(call)
+    params = call.params
+    codes = [str(c) for c in params.values("code") if c] or None
+    if params.str("mode") == "status":
+        return {"resourceType": "Parameters",
+                "parameter": [{"name": "job", "part": j.to_parameters()["parameter"]} for j in eng.jobs]}
+    if codes:
+        for c in codes:
+            types = [call.resource_type] if call.resource_type else None
+            if not any(eng.params.get(t, c) for t in (types or sorted(eng.params.resource_types))):
+                raise FHIRError(400, f"Unknown search parameter '{c}'", "invalid", expression=["code"],
+                                message_id="search-param-unknown")
+    if call.id is not None:
+        assert call.resource_type is not None
+        rec = await call.server.store.read(call.resource_type, call.id)
+        if rec is None or rec.deleted:
+            raise FHIRError(404, f"{call.resource_type}/{call.id} is not known", "not-found",
+                            message_id="not-found")
+        async with call.server.store.begin() as tx:
+            await eng.index(tx, call.resource_type, call.id, fhirjson.loads(rec.content))
+        return {"resourceType": "Parameters", "parameter": [
+            {"name": "status", "valueCode": "completed"}, {"name": "processed", "valueInteger": 1}]}
+    if call.resource_type:
+        types: list[str] | None = [call.resource_type]
+    else:
+        types = [str(t) for t in params.values("type") if t] or None
+        for t in types or []:
+            if t not in eng.params.resource_types:
+                raise FHIRError(400, f"Unknown resource type '{t}'", "invalid", expression=["type"],
+                                message_id="unknown-resource-type")
+    if params.bool("background"):
+        from dhp.search.engine import ReindexJob
+
+        job = ReindexJob(len(eng.jobs) + 1, list(types or []), codes)
+        eng.jobs.append(job)
+        task = asyncio.get_running_loop().create_task(eng.reindex(call.server.store, types, codes, job))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        return OperationResult(job.to_parameters(), status=202)
+    job = await eng.reindex(call.server.store, types, codes)
+    if job.error:
+        raise FHIRError(500, f"Reindexing failed: {job.error}", "exception", message_id="reindex-failed")
+    return job.to_parameters()

@@ -1,0 +1,462 @@
+"""Search over real HTTP on SQLite and PostgreSQL: every parameter type, modifier, prefix and result parameter."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import LiveServer
+from tests.search.conftest import PINFL
+
+H = {"Content-Type": "application/fhir+json"}
+
+
+def ids(bundle: dict[str, Any], mode: str = "match") -> list[str]:
+    return [e["resource"]["id"] for e in bundle.get("entry", []) if e.get("search", {}).get("mode") == mode]
+
+
+def get(c: httpx.Client, url: str, status: int = 200, **kw: Any) -> dict[str, Any]:
+    r = c.get(url, **kw)
+    assert r.status_code == status, f"{url}: {r.status_code} {r.text[:500]}"
+    return r.json()
+
+
+CASES: list[tuple[str, set[str]]] = [
+    # string: prefix, case/accent/apostrophe-insensitive, Latin and Cyrillic, :exact, :contains, OR and AND
+    ("Patient?name=kari", {"pat1"}),
+    ("Patient?name=KARIMOV", {"pat1"}),
+    ("Patient?name=каримов", {"pat1"}),
+    ("Patient?name=алишер", set()),
+    ("Patient?name:contains=алишер", {"pat1"}),
+    ("Patient?family=to'xtayeva", {"pat2"}),
+    ("Patient?given=o‘g‘iloy", {"pat2"}),
+    ("Patient?name=jose", {"pat3"}),
+    ("Patient?name:exact=Karimov", {"pat1"}),
+    ("Patient?name:exact=karimov", set()),
+    ("Patient?name:contains=rim", {"pat1"}),
+    ("Patient?family=kar,nun", {"pat1", "pat3"}),
+    ("Patient?name=kar&name=ali", {"pat1"}),
+    ("Patient?name=kar&name=dil", set()),
+    ("Patient?address-city=17150085", {"pat1"}),
+    ("Patient?address=mustaqillik", {"pat1"}),
+    ("Patient?address-state=1727", {"pat1", "pat2"}),
+    ("Organization?name=toshkent", {"org1"}),
+    ("Patient?name:missing=true", set()),
+    # token
+    (f"Patient?identifier={PINFL}|31234567890123", {"pat1"}),
+    ("Patient?identifier=31234567890123", {"pat1"}),
+    (f"Patient?identifier={PINFL}|", {"pat1", "pat2"}),
+    ("Patient?identifier=|31234567890123", set()),
+    ("Patient?identifier:of-type=http://terminology.hl7.org/CodeSystem/v2-0203|PPN|AB1234567", {"pat2"}),
+    ("Patient?identifier:of-type=http://terminology.hl7.org/CodeSystem/v2-0203|NI|AB1234567", set()),
+    ("Patient?gender=male", {"pat1", "pat3"}),
+    ("Patient?gender:not=male", {"pat2"}),
+    ("Patient?gender:not=male,female", set()),
+    ("Patient?active=true", {"pat1"}),
+    ("Patient?active:missing=true", {"pat3"}),
+    ("Patient?active:missing=false", {"pat1", "pat2"}),
+    ("Patient?telecom=%2B998901234567", {"pat1"}),
+    ("Patient?_tag=http://dhp.test/tag|vip", {"pat1"}),
+    ("Patient?_id=pat1,pat3", {"pat1", "pat3"}),
+    ("Observation?code=http://loinc.org|8867-4", {"obs1", "obs3"}),
+    ("Observation?code=http://snomed.info/sct|8867-4", set()),
+    ("Observation?code=8480-6,8867-4", {"obs1", "obs2", "obs3"}),
+    ("Observation?code:text=heart", {"obs1", "obs3"}),
+    ("Observation?code:text=tamaki", {"obs5"}),
+    ("Observation?code:text=chekish", {"obs5"}),
+    ("Observation?code:code-text=8867", {"obs1", "obs3"}),
+    ("Observation?status:not=final", {"obs3"}),
+    ("Observation?value-concept=http://snomed.info/sct|8517006", {"obs5"}),
+    ("Condition?clinical-status=active", {"cond1"}),
+    # reference
+    ("Observation?subject=Patient/pat1", {"obs1", "obs2", "obs6"}),
+    ("Observation?subject=pat1", {"obs1", "obs2", "obs6"}),
+    ("Observation?patient=pat1", {"obs1", "obs2", "obs6"}),
+    ("Observation?subject:Patient=pat2", {"obs3", "obs4"}),
+    ("Observation?subject:Group=pat2", set()),
+    ("Observation?encounter=Encounter/enc1", {"obs1"}),
+    ("Observation?subject=Patient/pat1,Patient/pat3", {"obs1", "obs2", "obs5", "obs6"}),
+    ("Organization?partof=org1", {"org2"}),
+    ("Patient?general-practitioner:missing=false", {"pat1"}),
+    ("Patient?general-practitioner:missing=true", {"pat2", "pat3"}),
+    ("Encounter?participant=Practitioner/doc1", {"enc1"}),
+    (f"Observation?performer:identifier={PINFL}|30101010000011", {"obs2"}),
+    ("Observation?performer:identifier=30101010000011", {"obs2"}),
+    ("Patient?_profile=https://dhp.uz/fhir/core/StructureDefinition/uz-core-patient", {"pat1"}),
+    ("Condition?evidence-detail=Observation/obs2", {"cond1"}),
+    # date: a date is a range at its precision
+    ("Patient?birthdate=1980", {"pat1", "pat3"}),
+    ("Patient?birthdate=1980-05", {"pat1"}),
+    ("Patient?birthdate=eq1980-05-06", {"pat1"}),
+    ("Patient?birthdate=ne1980", {"pat2"}),
+    ("Patient?birthdate=ge1990", {"pat2"}),
+    ("Patient?birthdate=gt1980-06", {"pat2", "pat3"}),
+    ("Patient?birthdate=lt1980-06", {"pat1", "pat3"}),
+    ("Patient?birthdate=le1980-05-06", {"pat1", "pat3"}),
+    ("Patient?birthdate=sa1980-12-31", {"pat2"}),
+    ("Patient?birthdate=eb1990", {"pat1", "pat3"}),
+    ("Patient?birthdate=ap1980-05-06", {"pat1", "pat3"}),
+    ("Patient?birthdate=ge1980&birthdate=lt1981", {"pat1", "pat3"}),
+    ("Patient?death-date=2024-03", {"pat2"}),
+    ("Observation?date=2024-01-01", {"obs1"}),
+    ("Observation?date=2023-06-01T07:30:00Z", {"obs3"}),
+    ("Observation?date=2023-06-01T12:30:00%2B05:00", {"obs3"}),
+    ("Observation?date=ge2024-05-01T10:02:00Z", {"obs4"}),
+    ("Observation?date=2024-05-01", {"obs4"}),
+    ("Observation?date=2022", {"obs5"}),
+    ("Encounter?date=2024-01-01", {"enc1"}),
+    ("Encounter?date=ge2024-06-01", {"enc2"}),
+    ("Encounter?date=2024-06", set()),
+    ("Patient?_lastUpdated=gt2000-01-01", {"pat1", "pat2", "pat3"}),
+    ("Patient?_lastUpdated=lt2000-01-01", set()),
+    # number
+    ("RiskAssessment?probability=0.35", {"risk1"}),
+    ("RiskAssessment?probability=gt0.5", {"risk2"}),
+    ("RiskAssessment?probability=100", {"risk2"}),
+    ("RiskAssessment?probability=1e2", {"risk2"}),
+    ("RiskAssessment?probability=ap0.34", {"risk1"}),
+    ("RiskAssessment?probability=le0.35", {"risk1"}),
+    ("RiskAssessment?probability=ne0.35", {"risk2"}),
+    # quantity: value precision, system|code, unit
+    ("Observation?value-quantity=72", {"obs1"}),
+    ("Observation?value-quantity=gt80", {"obs2", "obs3"}),
+    ("Observation?value-quantity=120.5|http://unitsofmeasure.org|mm[Hg]", {"obs2"}),
+    ("Observation?value-quantity=120|http://unitsofmeasure.org|mm[Hg]", set()),
+    ("Observation?value-quantity=le100||/min", {"obs1", "obs3"}),
+    ("Observation?value-quantity=le100||beats/minute", {"obs1", "obs3"}),
+    ("Observation?value-quantity=lt100|http://unitsofmeasure.org|mm[Hg]", set()),
+    ("Observation?component-value-quantity=gt125", {"obs4"}),
+    # uri
+    ("Questionnaire?url=http://dhp.test/fhir/Questionnaire/form-096", {"q1"}),
+    ("Questionnaire?url:below=http://dhp.test/fhir/Questionnaire/form-096", {"q1", "q2"}),
+    ("Questionnaire?url:above=http://dhp.test/fhir/Questionnaire/form-096/birth/v2", {"q1", "q2"}),
+    ("Questionnaire?url:above=http://dhp.test/fhir/Questionnaire/form-096", {"q1"}),
+    # composite
+    ("Observation?code-value-quantity=http://loinc.org|8867-4$gt80", {"obs3"}),
+    ("Observation?code-value-quantity=8867-4$72", {"obs1"}),
+    ("Observation?component-code-value-quantity=8480-6$gt125", {"obs4"}),
+    ("Observation?combo-code-value-quantity=8480-6$lt125", {"obs2"}),
+    ("Observation?combo-code-value-quantity=8480-6$gt125", {"obs4"}),
+    ("Observation?code-value-string=72166-2$never", {"obs6"}),
+    # special
+    ("Location?near=41.3|69.28|5|km", {"loc1"}),
+    ("Location?near=41.3|69.28|300|km", {"loc1", "loc2"}),
+    ("Location?near=41.3|69.28|2000|m", {"loc1"}),
+    # chains (any depth, with and without a type)
+    ("Observation?subject.name=karimov", {"obs1", "obs2", "obs6"}),
+    (f"Observation?subject:Patient.identifier={PINFL}|41234567890123", {"obs3", "obs4"}),
+    ("Observation?patient.organization.name=samarqand", {"obs3", "obs4"}),
+    ("Observation?patient.organization.partof.name=toshkent", {"obs3", "obs4"}),
+    ("Observation?encounter.service-provider.identifier=200100100", {"obs1"}),
+    ("Observation?subject.birthdate=lt1981", {"obs1", "obs2", "obs5", "obs6"}),
+    # reverse chains, nested
+    ("Patient?_has:Observation:subject:code=8867-4", {"pat1", "pat2"}),
+    ("Patient?_has:Observation:patient:_has:Condition:evidence-detail:code=I10", {"pat1"}),
+    ("Practitioner?_has:Encounter:participant:status=completed", {"doc1"}),
+    ("Patient?_has:Observation:subject:code=8867-4&gender=female", {"pat2"}),
+    # _list, embedded document resources
+    ("Patient?_list=list1", {"pat1", "pat3"}),
+    ("Bundle?composition.category=birth", {"doc-bundle"}),
+    ("Bundle?type=document&composition.type=http://loinc.org|11503-0", {"doc-bundle"}),
+    ("Bundle?composition.subject:Patient.name=to'xta", {"doc-bundle"}),
+    ("Bundle?composition.category=death", set()),
+]
+
+
+@pytest.mark.parametrize(("query", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_search_matches(fhir: httpx.Client, query: str, expected: set[str]) -> None:
+    b = get(fhir, "/" + query)
+    assert b["resourceType"] == "Bundle" and b["type"] == "searchset"
+    assert set(ids(b)) == expected
+    assert b["total"] == len(expected)
+    for e in b.get("entry", []):
+        if e["search"]["mode"] == "match":
+            assert e["fullUrl"].endswith(f"/{e['resource']['resourceType']}/{e['resource']['id']}")
+
+
+ERRORS = [
+    ("Patient?birthdate=xx", "birthdate"),
+    ("Patient?birthdate=zz1980", "birthdate"),
+    ("Patient?birthdate=1980-13", "birthdate"),
+    ("RiskAssessment?probability=abc", "probability"),
+    ("Patient?name:foo=x", "name:foo"),
+    ("Patient?gender:exact=male", "gender:exact"),
+    ("Observation?subject.foo=bar", "subject.foo"),
+    ("Observation?code.name=x", "code.name"),
+    ("Observation?subject:Foo.name=x", "subject:Foo.name"),
+    ("Patient?_has:Observation:code:code=1", "_has:Observation:code:code"),
+    ("Patient?_has:Nope:subject:code=1", "_has:Nope:subject:code"),
+    ("Patient?active:missing=maybe", "active:missing"),
+    ("Patient?_count=many", "_count"),
+    ("Patient?_sort=nope", "_sort"),
+    ("Patient?_total=some", "_total"),
+    ("Patient?_include=Patient:name", "_include"),
+    ("Patient?identifier:of-type=a|b", "identifier:of-type"),
+    ("Observation?code-value-quantity=8867-4", "code-value-quantity"),
+    ("Location?near=north", "near"),
+    ("?name=karimov", "name"),
+    ("Patient?_cursor=garbage", "_cursor"),
+]
+
+
+@pytest.mark.parametrize(("query", "param"), ERRORS, ids=[e[0] for e in ERRORS])
+def test_malformed_is_400_naming_the_parameter(fhir: httpx.Client, query: str, param: str) -> None:
+    oo = get(fhir, "/" + query, status=400)
+    assert oo["resourceType"] == "OperationOutcome"
+    issue = oo["issue"][0]
+    assert issue["severity"] == "error"
+    assert param in issue.get("expression", []) or param in issue["diagnostics"], issue
+
+
+def test_unknown_parameter_is_reported_or_strict_400(fhir: httpx.Client) -> None:
+    b = get(fhir, "/Patient?nonsense=1&gender=female")
+    assert ids(b) == ["pat2"]
+    outcomes = [e["resource"] for e in b["entry"] if e["search"]["mode"] == "outcome"]
+    assert outcomes and "nonsense" in outcomes[0]["issue"][0]["diagnostics"]
+    assert not any("nonsense" in link["url"] for link in b["link"])
+    oo = get(fhir, "/Patient?nonsense=1", status=400, headers={"Prefer": "handling=strict"})
+    assert "nonsense" in oo["issue"][0]["diagnostics"]
+    # a parameter the spec defines but this server cannot evaluate: reported, never silently dropped
+    b = get(fhir, "/Patient?_text=karimov&gender=female")
+    assert ids(b) == ["pat2"]
+    assert any(e["search"]["mode"] == "outcome" for e in b["entry"])
+    get(fhir, "/Patient?_text=karimov", status=400, headers={"Prefer": "handling=strict"})
+
+
+# ---------------------------------------------------------------- sorting and paging
+
+SORTS = [
+    ("Patient?_sort=birthdate", ["pat3", "pat1", "pat2"]),
+    ("Patient?_sort=-birthdate", ["pat2", "pat3", "pat1"]),
+    ("Patient?_sort=family", ["pat1", "pat3", "pat2"]),
+    ("Patient?_sort=-family", ["pat2", "pat3", "pat1"]),
+    ("Patient?_sort=gender,-birthdate", ["pat2", "pat3", "pat1"]),
+    ("Patient?_sort=-_id", ["pat3", "pat2", "pat1"]),
+    ("Patient?_sort=identifier", ["pat1", "pat2", "pat3"]),
+    ("Observation?_sort=value-quantity", ["obs1", "obs3", "obs2", "obs4", "obs5", "obs6"]),
+    ("Observation?_sort=-value-quantity", ["obs2", "obs3", "obs1", "obs4", "obs5", "obs6"]),
+    ("Observation?_sort=subject,_id", ["obs1", "obs2", "obs6", "obs3", "obs4", "obs5"]),
+    ("RiskAssessment?_sort=-probability", ["risk2", "risk1"]),
+    ("Questionnaire?_sort=-url", ["q2", "q1"]),
+]
+
+
+@pytest.mark.parametrize(("query", "expected"), SORTS, ids=[s[0] for s in SORTS])
+def test_sort(fhir: httpx.Client, query: str, expected: list[str]) -> None:
+    assert ids(get(fhir, "/" + query)) == expected
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_paging_walks_forward_and_back(fhir: httpx.Client, count: int) -> None:
+    order = ["obs1", "obs3", "obs2", "obs4", "obs5", "obs6"]
+    b = get(fhir, f"/Observation?_sort=value-quantity&_count={count}")
+    assert b["total"] == 6
+    seen, pages = ids(b), [b]
+    while (nxt := next((link["url"] for link in b["link"] if link["relation"] == "next"), None)):
+        b = httpx.get(nxt, timeout=30).json()
+        assert len(ids(b)) <= count
+        seen += ids(b)
+        pages.append(b)
+    assert seen == order
+    # walk back from the last page with the previous links
+    back: list[str] = []
+    b = pages[-1]
+    while (prev := next((link["url"] for link in b["link"] if link["relation"] == "previous"), None)):
+        b = httpx.get(prev, timeout=30).json()
+        back = ids(b) + back
+    assert back + ids(pages[-1]) == order
+
+
+def test_paging_survives_concurrent_writes(fhir: httpx.Client) -> None:
+    def dev(i: str) -> dict[str, Any]:
+        return {"resourceType": "Device", "id": f"page-{i}", "status": "active"}
+
+    for i in "bcdef":
+        assert fhir.put(f"/Device/page-{i}", json=dev(i), headers=H).status_code in (200, 201)
+    b = get(fhir, "/Device?_id=page-a,page-b,page-c,page-d,page-e,page-f,page-g&_count=2&_total=accurate")
+    assert ids(b) == ["page-b", "page-c"] and b["total"] == 5
+    nxt = next(link["url"] for link in b["link"] if link["relation"] == "next")
+    # writes between the pages: one before the cursor, one deleted behind it, one after
+    fhir.put("/Device/page-a", json=dev("a"), headers=H)
+    fhir.delete("/Device/page-b")
+    fhir.put("/Device/page-g", json=dev("g"), headers=H)
+    b2 = httpx.get(nxt, timeout=30).json()
+    assert ids(b2) == ["page-d", "page-e"]
+    b3 = httpx.get(next(link["url"] for link in b2["link"] if link["relation"] == "next"), timeout=30).json()
+    assert ids(b3) == ["page-f", "page-g"]
+
+
+def test_total_modes_and_summary_count(fhir: httpx.Client) -> None:
+    b = get(fhir, "/Observation?_count=2&_total=accurate")
+    assert b["total"] == 6 and len(ids(b)) == 2
+    delivered = ids(b)
+    while (nxt := next((link["url"] for link in b["link"] if link["relation"] == "next"), None)):
+        b = httpx.get(nxt, timeout=30).json()
+        assert b["total"] == 6
+        delivered += ids(b)
+    assert len(delivered) == 6 == len(set(delivered))
+    assert "total" not in get(fhir, "/Observation?_count=2&_total=none")
+    assert get(fhir, "/Observation?_count=2&_total=estimate")["total"] == 6
+    c = get(fhir, "/Observation?code=8867-4&_summary=count")
+    assert c["total"] == 2 and "entry" not in c
+    c0 = get(fhir, "/Observation?_count=0")
+    assert c0["total"] == 6 and "entry" not in c0
+
+
+def test_self_link_echoes_the_search(fhir: httpx.Client) -> None:
+    b = get(fhir, "/Patient?gender=male&_sort=birthdate&_count=1")
+    self_url = next(link["url"] for link in b["link"] if link["relation"] == "self")
+    assert "gender=male" in self_url and "_sort=birthdate" in self_url and "_count=1" in self_url
+    assert httpx.get(self_url, timeout=30).json()["entry"][0]["resource"]["id"] == "pat3"
+
+
+def test_summary_and_elements(fhir: httpx.Client) -> None:
+    b = get(fhir, "/Patient?_id=pat1&_elements=gender")
+    r = b["entry"][0]["resource"]
+    assert r["gender"] == "male" and "name" not in r and "birthDate" not in r
+    assert any(t.get("code") == "SUBSETTED" for t in r["meta"]["tag"])
+    r2 = get(fhir, "/Patient?_id=pat1&_summary=true")["entry"][0]["resource"]
+    assert "name" in r2 and "gender" in r2
+    r3 = get(fhir, "/Patient?_id=pat1&_summary=data")["entry"][0]["resource"]
+    assert "text" not in r3 and "address" in r3
+
+
+# ---------------------------------------------------------------- includes
+
+def test_include_and_revinclude(fhir: httpx.Client) -> None:
+    b = get(fhir, "/Observation?_id=obs1&_include=Observation:subject")
+    assert ids(b) == ["obs1"] and ids(b, "include") == ["pat1"]
+    assert b["total"] == 1
+    b = get(fhir, "/Observation?_id=obs1&_include=Observation:performer:Practitioner")
+    assert ids(b, "include") == ["doc1"]
+    b = get(fhir, "/Observation?_id=obs1&_include=*")
+    assert set(ids(b, "include")) == {"pat1", "enc1", "doc1"}
+    b = get(fhir, "/Patient?_id=pat1&_revinclude=Observation:subject")
+    assert ids(b) == ["pat1"] and set(ids(b, "include")) == {"obs1", "obs2", "obs6"}
+    b = get(fhir, "/Patient?_id=pat1&_revinclude=*")
+    assert {"obs1", "obs2", "obs6", "enc1", "cond1", "risk1", "list1", "pat3"} <= set(ids(b, "include"))
+    b = get(fhir, "/Observation?_id=obs1&_include=Observation:patient&_include:iterate=Patient:organization")
+    assert set(ids(b, "include")) == {"pat1", "org1"}
+    b = get(fhir, "/Observation?_id=obs3&_include=Observation:patient&_include:iterate=Patient:organization"
+                  "&_include:iterate=Organization:partof")
+    assert set(ids(b, "include")) == {"pat2", "org2", "org1"}
+    b = get(fhir, "/Organization?_id=org1&_revinclude=Patient:organization"
+                  "&_revinclude:iterate=Observation:patient")
+    assert set(ids(b, "include")) == {"pat1", "obs1", "obs2", "obs6"}
+    b = get(fhir, "/Patient?_id=pat1&_include=Patient:organization&_summary=true")
+    assert ids(b, "include") == ["org1"]
+
+
+# ---------------------------------------------------------------- other entry points
+
+def test_post_search_form_encoded(fhir: httpx.Client) -> None:
+    r = fhir.post("/Patient/_search", content="name=kari&gender=male",
+                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert ids(r.json()) == ["pat1"]
+
+
+def test_system_search(fhir: httpx.Client) -> None:
+    b = get(fhir, "/?_type=Patient,Practitioner&_id=pat1,doc1,org1")
+    assert sorted(ids(b)) == ["doc1", "pat1"]
+    b = get(fhir, "/?_id=pat1,doc1,org1")
+    assert sorted(ids(b)) == ["doc1", "org1", "pat1"]
+    b = get(fhir, "/?_type=Patient,Practitioner&name=rahimov")
+    assert ids(b) == ["doc1"]
+    b = get(fhir, "/?_tag=http://dhp.test/tag|vip")
+    assert ids(b) == ["pat1"]
+
+
+def test_compartment_search(fhir: httpx.Client) -> None:
+    assert set(ids(get(fhir, "/Patient/pat1/Observation"))) == {"obs1", "obs2", "obs6"}
+    assert ids(get(fhir, "/Patient/pat1/Observation?code=8480-6")) == ["obs2"]
+    assert set(ids(get(fhir, "/Patient/pat2/Encounter"))) == {"enc2"}
+    everything = get(fhir, "/Patient/pat1/*")
+    assert set(ids(everything)) == {"pat1", "pat3", "enc1", "obs1", "obs2", "obs6", "risk1", "cond1"}
+    assert set(ids(get(fhir, "/Patient/pat1/*?_type=Observation,Condition"))) == {"obs1", "obs2", "obs6",
+                                                                                    "cond1"}
+    get(fhir, "/Patient/pat1/Organization", status=400)
+
+
+def test_index_is_written_with_the_resource(fhir: httpx.Client) -> None:
+    r = {"resourceType": "Patient", "id": "fresh1", "name": [{"family": "Yangiboyev"}], "gender": "other"}
+    assert fhir.put("/Patient/fresh1", json=r, headers=H).status_code in (200, 201)
+    assert ids(get(fhir, "/Patient?family=yangiboyev")) == ["fresh1"]
+    r["name"] = [{"family": "Eskiboyev"}]
+    assert fhir.put("/Patient/fresh1", json=r, headers=H).status_code == 200
+    assert ids(get(fhir, "/Patient?family=yangiboyev")) == []
+    assert ids(get(fhir, "/Patient?family=eskiboyev")) == ["fresh1"]
+    assert fhir.delete("/Patient/fresh1").status_code in (200, 204)
+    assert ids(get(fhir, "/Patient?family=eskiboyev")) == []
+    assert ids(get(fhir, "/Patient?gender=other")) == []
+
+
+def test_conditional_create_update_delete(fhir: httpx.Client) -> None:
+    ident = f"{PINFL}|55500011122233"
+    body = {"resourceType": "Patient", "identifier": [{"system": PINFL, "value": "55500011122233"}],
+            "name": [{"family": "Shartli"}]}
+    r1 = fhir.post("/Patient", json=body, headers={**H, "If-None-Exist": f"identifier={ident}"})
+    assert r1.status_code == 201, r1.text
+    r2 = fhir.post("/Patient", json=body, headers={**H, "If-None-Exist": f"identifier={ident}"})
+    assert r2.status_code == 200
+    assert r2.json()["id"] == r1.json()["id"]
+    # several matches → 412
+    r3 = fhir.post("/Patient", json=body, headers={**H, "If-None-Exist": "gender=male"})
+    assert r3.status_code == 412
+    # conditional update finds the one match
+    body["name"] = [{"family": "Shartliyev"}]
+    r4 = fhir.put(f"/Patient?identifier={ident}", json=body, headers=H)
+    assert r4.status_code == 200 and r4.json()["id"] == r1.json()["id"]
+    assert ids(get(fhir, "/Patient?family=shartliyev")) == [r1.json()["id"]]
+    r5 = fhir.delete(f"/Patient?identifier={ident}")
+    assert r5.status_code in (200, 204)
+    assert ids(get(fhir, f"/Patient?identifier={ident}")) == []
+
+
+def test_conditional_reference_in_transaction(fhir: httpx.Client) -> None:
+    tx = {"resourceType": "Bundle", "type": "transaction", "entry": [{
+        "resource": {"resourceType": "Observation", "status": "final", "id": "cref",
+                     "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+                     "subject": {"reference": f"Patient?identifier={PINFL}|31234567890123"}},
+        "request": {"method": "PUT", "url": "Observation/cref"}}]}
+    r = fhir.post("", json=tx, headers=H)
+    assert r.status_code == 200, r.text
+    b = get(fhir, "/Observation?subject=Patient/pat1&code=29463-7")
+    assert ids(b) == ["cref"]
+    tx["entry"][0]["resource"]["subject"]["reference"] = "Patient?gender=male"
+    r = fhir.post("", json=tx, headers=H)
+    assert r.status_code == 412, r.text
+    assert fhir.delete("/Observation/cref").status_code in (200, 204)
+
+
+def test_search_parameter_created_through_the_api(fhir: httpx.Client, search_server: LiveServer) -> None:
+    ext = "http://dhp.test/StructureDefinition/nickname"
+    old = {"resourceType": "Patient", "id": "nick-old", "extension": [{"url": ext, "valueString": "Bahodir"}]}
+    assert fhir.put("/Patient/nick-old", json=old, headers=H).status_code in (200, 201)
+    sp = {"resourceType": "SearchParameter", "id": "patient-nickname", "status": "active", "name": "nickname",
+          "url": "http://dhp.test/SearchParameter/patient-nickname", "code": "nickname", "base": ["Patient"],
+          "type": "string", "description": "Nickname",
+          "expression": f"Patient.extension('{ext}').value.ofType(string)"}
+    r = fhir.put("/SearchParameter/patient-nickname", json=sp, headers=H)
+    assert r.status_code in (200, 201), r.text
+    new = {"resourceType": "Patient", "id": "nick-new", "extension": [{"url": ext, "valueString": "Bahrom"}]}
+    assert fhir.put("/Patient/nick-new", json=new, headers=H).status_code in (200, 201)
+    strict = {"Prefer": "handling=strict"}
+    assert ids(get(fhir, "/Patient?nickname=bahr", headers=strict)) == ["nick-new"]
+    # data written before the parameter existed: indexed by the background job (or $reindex)
+    deadline = time.time() + 30
+    while time.time() < deadline and ids(get(fhir, "/Patient?nickname=bahod")) != ["nick-old"]:
+        time.sleep(0.2)
+    r = fhir.post("/Patient/$reindex", json={"resourceType": "Parameters",
+                                            "parameter": [{"name": "code", "valueString": "nickname"}]},
+                  headers=H)
+    assert r.status_code == 200, r.text
+    assert ids(get(fhir, "/Patient?nickname=bahod")) == ["nick-old"]
+    assert ids(get(fhir, "/Patient?nickname=ba&_sort=nickname")) == ["nick-old", "nick-new"]
+    r = fhir.post("/$reindex", json={"resourceType": "Parameters",
+                                     "parameter": [{"name": "mode", "valueString": "status"}]}, headers=H)
+    assert r.status_code == 200, r.text
+    assert r.json()["resourceType"] == "Parameters" and r.json()["parameter"]
