@@ -14,7 +14,6 @@ import httpx
 import pytest
 from joserfc import jwt
 from joserfc.jwk import RSAKey
-
 from tests.auth.conftest import PASSWORD, REDIRECT, SSO, hidden, login_and_consent, pkce_pair
 
 TOKEN = "/oauth/token"
@@ -174,7 +173,7 @@ def test_code_bound_to_client(sso: SSO, web: dict[str, Any]) -> None:
 
 def test_pkce_mismatch_and_missing_verifier(sso: SSO, web: dict[str, Any]) -> None:
     pub = web["public"]
-    verifier, challenge = pkce_pair()
+    _, challenge = pkce_pair()
     q = login_and_consent(sso, pub["client_id"], web["user"], scope="user/*.rs", challenge=challenge)
     wrong, _ = pkce_pair()
     body = oauth_error(httpx.post(sso.base + TOKEN, data={

@@ -14,7 +14,6 @@ import pytest
 from authlib.integrations.httpx_client import OAuth2Client
 from joserfc import jws, jwt
 from joserfc.jwk import KeySet
-
 from tests.auth.conftest import PASSWORD, REDIRECT, SSO, hidden, login_and_consent, pkce_pair
 
 FJ = {"Accept": "application/fhir+json", "Content-Type": "application/fhir+json"}

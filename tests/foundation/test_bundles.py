@@ -7,7 +7,6 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 FJ = "application/fhir+json"

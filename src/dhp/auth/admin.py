@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from dhp.auth.core import AuthError, create_client, create_user, hash_password, rotate_client_secret
+from dhp.auth.core import AuthError, create_client, create_user, hash_password_async, rotate_client_secret
 from dhp.store import auth as db
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -99,6 +99,7 @@ def admin_routes(server: Any) -> list[BaseRoute]:
 
     async def rotate_secret(request: Request) -> Response:
         secret = await rotate_client_secret(server.store, request.path_params["client_id"])
+        server.auth.forget_client(request.path_params["client_id"])
         if secret is None:
             return _error(404, "not_found", "no such active confidential client")
         return JSONResponse({"client_id": request.path_params["client_id"], "client_secret": secret},
@@ -133,7 +134,8 @@ def admin_routes(server: Any) -> list[BaseRoute]:
         pw = d.get("password")
         if not isinstance(pw, str) or len(pw) < 8:
             raise ValueError("password must be a string of at least 8 characters")
-        if not await db.set_user_password(server.store, request.path_params["username"], hash_password(pw)):
+        if not await db.set_user_password(server.store, request.path_params["username"],
+                                          await hash_password_async(pw)):
             return _error(404, "not_found", "no such user")
         return Response(status_code=204)
 

@@ -405,7 +405,7 @@ def parse_instant_param(name: str, value: str) -> tuple[int, int]:
             sign = 1 if tz[0] == "+" else -1
             tzinfo = timezone(sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])))
         start = datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0),
-                         int(round(float(frac) * 1_000_000)) if frac else 0, tzinfo=tzinfo)
+                         round(float(frac) * 1_000_000) if frac else 0, tzinfo=tzinfo)
         if mo is None:
             end = start.replace(year=start.year + 1)
         elif d is None:

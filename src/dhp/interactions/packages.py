@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from dhp import fhirjson
 from dhp.conformance import CANONICAL_TYPES
-from dhp.interactions.crud import ID_RE, _stamp
 from dhp.interactions.context import Server
+from dhp.interactions.crud import ID_RE, _stamp
 from dhp.store import now_us
 
 log = logging.getLogger("dhp.packages")

@@ -281,7 +281,7 @@ def apply_fhirpath_patch(resource: dict[str, Any], params: dict[str, Any]) -> di
                 if len(locs) > 1:
                     raise _unprocessable(f"delete: path {path!r} designates more than one element", path)
                 for container, key in locs:  # deleting nothing is not an error
-                    container.pop(key) if isinstance(container, dict) else container.pop(key)
+                    container.pop(key)
             else:
                 if value is None:
                     raise bad_request(f"operation {n} (replace) needs 'value'", message_id="patch-invalid")

@@ -19,8 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, delete, event, exists, func, insert, literal, or_, select, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import (
+    Engine,
+    and_,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -65,11 +77,28 @@ def _sqlite_path(url: str) -> str | None:
     return u.database or ":memory:"
 
 
+class SyncConn:
+    """Gives a synchronous SQLAlchemy connection the awaitable ``execute`` of an AsyncConnection.
+
+    SQLite writes are serialised anyway; running them on the event loop thread avoids one thread hop per
+    statement (aiosqlite), which dominated write latency.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.sync_connection = conn
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        return self.sync_connection.execute(statement, parameters)
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.sync_connection, *args)
+
+
 @dataclass
 class WriteTx:
     """One write transaction. Other modules add their own rows through :attr:`conn`."""
 
-    conn: AsyncConnection
+    conn: AsyncConnection | SyncConn  # both: ``await conn.execute(statement[, params])``
     is_sqlite: bool
     after_commit: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     conformance_changed: bool = False
@@ -119,6 +148,8 @@ class Store:
         self.engine: AsyncEngine
         self.read_engine: AsyncEngine
         self._sqlite_reader: sqlite3.Connection | None = None
+        self._sqlite_writer: Engine | None = None
+        self._write_lock: asyncio.Lock | None = None
         self._pg_pool: Any = None
         self._opened = False
 
@@ -137,6 +168,10 @@ class Store:
                                                    connect_args={"timeout": 60})
             _sqlite_setup(self.engine, immediate=True)
             _sqlite_setup(self.read_engine, immediate=False)
+            self._sqlite_writer = create_engine(f"sqlite:///{self.sqlite_path}", pool_size=1, max_overflow=0,
+                                                connect_args={"timeout": 60, "check_same_thread": False})
+            _sqlite_setup(self._sqlite_writer, immediate=True)
+            self._write_lock = asyncio.Lock()
         else:
             self.engine = create_async_engine(self.url, pool_size=10, max_overflow=10, pool_pre_ping=False)
             self.read_engine = (create_async_engine(self.read_url, pool_size=10, max_overflow=10)
@@ -159,6 +194,9 @@ class Store:
         if self._pg_pool is not None:
             await self._pg_pool.close()
             self._pg_pool = None
+        if self._sqlite_writer is not None:
+            self._sqlite_writer.dispose()
+            self._sqlite_writer = None
         if self._opened:
             await self.engine.dispose()
             if self.read_engine is not self.engine:
@@ -175,6 +213,20 @@ class Store:
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[WriteTx]:
         """A write transaction: committed when the block ends, rolled back on any exception."""
+        if self._sqlite_writer is not None:
+            assert self._write_lock is not None
+            async with self._write_lock:
+                with self._sqlite_writer.connect() as sconn:
+                    tx = WriteTx(SyncConn(sconn), True)
+                    with sconn.begin():
+                        yield tx
+                        if tx.conformance_changed:
+                            await tx.bump(CONFORMANCE_EPOCH)
+            for fn in tx.after_commit:
+                r = fn()
+                if r is not None:
+                    await r
+            return
         async with self.engine.connect() as conn:
             tx = WriteTx(conn, self.is_sqlite)
             async with conn.begin():
@@ -346,8 +398,10 @@ def _chunks(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
         yield seq[i:i + n]
 
 
-def _sqlite_setup(engine: AsyncEngine, immediate: bool) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _sqlite_setup(engine: AsyncEngine | Engine, immediate: bool) -> None:
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+
+    @event.listens_for(sync_engine, "connect")
     def _connect(dbapi_conn: Any, _rec: Any) -> None:
         # Take transaction control from the driver so we can say BEGIN IMMEDIATE ourselves.
         dbapi_conn.isolation_level = None
@@ -357,7 +411,7 @@ def _sqlite_setup(engine: AsyncEngine, immediate: bool) -> None:
         cur.execute("PRAGMA busy_timeout=60000")
         cur.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(sync_engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
@@ -374,4 +428,4 @@ async def retry_conflicts(fn: Callable[[], Awaitable[Any]], attempts: int = 5) -
     raise AssertionError("unreachable")
 
 
-__all__ += ["retry_conflicts", "or_"]
+__all__ += ["SyncConn", "retry_conflicts"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,6 +83,7 @@ class SystemItems(list):  # type: ignore[type-arg]
     CodeSystem index and shared (read-only) by all expansions that include the whole system."""
 
     index: dict[tuple[str, str], Item]
+    vocab: tuple[dict[str, list[int]], list[str]] | None = None  # type-ahead word index, shared
 
 
 def all_items(cs: CodeSystemIndex) -> SystemItems:
@@ -90,6 +92,7 @@ def all_items(cs: CodeSystemIndex) -> SystemItems:
         with no_gc():
             got = SystemItems(Item(cs.url, cs.version, c.code, c) for c in cs.order)
             got.index = {(it.system, it.code): it for it in got}
+            got.vocab = None
         cs._all_items = got
     return got
 
@@ -122,6 +125,9 @@ class Expansion:
     # Rendered full (unpaged, unfiltered) contains lists, by how they were rendered: the big drop-downs
     # (mahalla-vs, 9,452 codes) are fetched whole again and again in the same few languages.
     _rendered: dict[tuple[Any, ...], list[dict[str, Any]]] = field(default_factory=dict)
+    # When the expansion is exactly one whole code system, its word index is kept with that system's items
+    # and survives expansion-cache drops (API writes elsewhere) and other value sets over the same system.
+    source: SystemItems | None = None
 
     def add(self, it: Item) -> None:
         key = (it.system, it.code)
@@ -143,18 +149,13 @@ class Expansion:
     # -- type-ahead: every query word must start a word of some designation (or the code)
 
     def _build_vocab(self) -> None:
-        vocab: dict[str, list[int]] = {}
-        with no_gc():
-            tokens = words_many([" ".join(dict.fromkeys(it.texts())) for it in self.items])
-            for i, ws in enumerate(tokens):
-                for w in set(ws):
-                    lst = vocab.get(w)
-                    if lst is None:
-                        vocab[w] = [i]
-                    else:
-                        lst.append(i)
-            self._vocab = vocab
-            self._sorted = sorted(vocab)
+        src = self.source
+        if src is not None and len(src) == len(self.items):
+            if src.vocab is None:
+                src.vocab = _vocab(list(src))
+            self._vocab, self._sorted = src.vocab
+            return
+        self._vocab, self._sorted = _vocab(self.items)
 
     def _prefix(self, q: str) -> set[int]:
         got = self._prefix_cache.get(q)
@@ -188,6 +189,17 @@ class Expansion:
         return sorted(hits or ())
 
 
+def _vocab(items: list[Item]) -> tuple[dict[str, list[int]], list[str]]:
+    """word → positions of the items having that word (a position may repeat), and the sorted words."""
+    vocab: defaultdict[str, list[int]] = defaultdict(list)
+    with no_gc():
+        tokens = words_many([" ".join(dict.fromkeys(it.texts())) for it in items])
+        for i, ws in enumerate(tokens):
+            for w in ws:
+                vocab[w].append(i)
+        return dict(vocab), sorted(vocab)
+
+
 # ---------------------------------------------------------------- compose evaluation
 
 
@@ -209,7 +221,10 @@ def expand_compose(eng: Terminology, vs: dict[str, Any], opts: Options, stack: t
             # A whole code system first: copy its prebuilt list and index (C-speed) instead of adding one by one.
             exp.items = list(items)
             exp.index = dict(items.index)
+            exp.source = items
             continue
+        if items:
+            exp.source = None
         for it in items:
             exp.add(it)
     excluded: set[tuple[str, str]] = set()
@@ -224,6 +239,8 @@ def expand_compose(eng: Terminology, vs: dict[str, Any], opts: Options, stack: t
                 and not (it.system in dropped and dropped[it.system] in (None, it.version))]
         exp.items = keep
         exp.index = {(it.system, it.code): it for it in keep}
+    if exp.source is not None and len(exp.items) != len(exp.source):
+        exp.source = None
     return exp
 
 
@@ -475,7 +492,10 @@ def render(exp: Expansion, vs: dict[str, Any], ro: RenderOptions) -> dict[str, A
     contains = exp._rendered.get(key) if whole else None
     if contains is None:
         with no_gc():
-            contains = [_render_item(it, langs, want_desig, ro.designations, props) for it in page]
+            if want_desig or props:
+                contains = [_render_item(it, langs, want_desig, ro.designations, props) for it in page]
+            else:
+                contains = _render_plain(page, langs)
         if nested:
             contains = _nest(page, contains)
         elif whole and len(contains) >= 1000:
@@ -534,6 +554,38 @@ def _render_item(it: Item, langs: tuple[str, ...], want_desig: bool, desig_filte
         if pv:
             d["property"] = pv
     return d
+
+
+def _render_plain(page: list[Item], langs: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``_render_item`` without designations or properties, inlined: the path of big drop-downs."""
+    out: list[dict[str, Any]] = []
+    append = out.append
+    for it in page:
+        d: dict[str, Any] = {"system": it.system}
+        if it.abstract:
+            d["abstract"] = True
+        if it.inactive:
+            d["inactive"] = True
+        if it.version:
+            d["version"] = it.version
+        d["code"] = it.code
+        con = it.concept
+        if con is not None and it.display is None and not it.designations:
+            disp = None
+            by_lang = con.by_lang
+            for lang in langs:
+                disp = by_lang.get(lang)
+                if disp is not None:
+                    break
+            if disp is None:
+                disp = con.display if con.display is not None else (
+                    con.designations[0]["value"] if con.designations else None)
+        else:
+            disp = it.display_for(langs)
+        if disp is not None:
+            d["display"] = disp
+        append(d)
+    return out
 
 
 def designation_matches(d: dict[str, Any], wanted: tuple[str, ...]) -> bool:

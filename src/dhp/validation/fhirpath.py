@@ -152,7 +152,12 @@ def _comparable(inputs: list[Any], other: Any) -> list[bool]:
     return [False]
 
 
+def _trace(inputs: list[Any], *_: Any) -> list[Any]:
+    return inputs  # invariants use trace() for debugging only; keep stdout quiet
+
+
 USER_FUNCTIONS: dict[str, dict[str, Any]] = {
+    "trace": {"fn": _trace, "arity": {1: ["String"], 2: ["AnyAtRoot"]}},
     "hasValue": {"fn": _has_value},
     "getValue": {"fn": _get_value},
     "resolve": {"fn": _resolve},

@@ -43,7 +43,8 @@ async def expand(call: OperationCall) -> dict[str, Any]:
             raise bad_request("give either 'url' or 'valueSet', not both", "url")
         vs = inline
     elif url is not None:
-        vs = url
+        vs, _, pinned = url.partition("|")
+        version = version or pinned or None
     else:
         raise bad_request("$expand needs 'url' or 'valueSet' (or call it on a ValueSet instance)", "url")
     check_versions = _canonicals(call, "check-system-version")

@@ -1,0 +1,195 @@
+"""REST throughput and latency of read / create / update against a ceiling measured in the same run.
+
+The ceiling is an empty endpoint (``/healthz``: a tiny JSON response) on the same server process and stack
+(Starlette + uvicorn with uvloop/httptools, one worker). Load comes from ``wrk`` (Debian package) on the same
+machine, so client cost is in both numbers alike.
+
+    python benchmarks/rest_bench.py [--backend sqlite|pg|both] [--duration 10] [--connections 32]
+
+Prints absolute requests/s, p50/p99 latency, errors and the ratio to the ceiling, plus start-up time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.pgserver import PgServer, free_port  # noqa: E402
+
+PATIENT = {"resourceType": "Patient", "active": True,
+           "identifier": [{"system": "https://dpm.uz/identifier/national-unique-id", "value": "31234567890123"}],
+           "name": [{"family": "Karimov", "given": ["Aziz"]}], "gender": "male", "birthDate": "1990-05-17",
+           "address": [{"use": "home", "state": "1727", "district": "1727220", "city": "17150085", "country": "UZ"}]}
+
+TARGETS = {"read": 0.35, "create": 0.20, "update": 0.20}
+
+
+def start_server(db_url: str, port: int, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], float]:
+    env = {**os.environ, "DHP_DATABASE_URL": db_url, "DHP_AUTH": "off", "DHP_VALIDATION": "off",
+           "DHP_LOG_LEVEL": "warning", **(extra_env or {})}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "dhp.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"server failed to start: {proc.stderr.read().decode() if proc.stderr else ''}")
+        time.sleep(0.05)
+    return proc, time.perf_counter() - t0
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+_LUA_READ = """
+local ids = {%s}
+request = function()
+  return wrk.format("GET", "/fhir/Patient/" .. ids[math.random(#ids)], {["Accept"]="application/fhir+json"})
+end
+"""
+_LUA_CREATE = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/fhir+json"
+"""
+_LUA_UPDATE = """
+local ids = {%s}
+local pre = [[%s]]
+local post = [[%s]]
+request = function()
+  local id = ids[math.random(#ids)]
+  return wrk.format("PUT", "/fhir/Patient/" .. id, {["Content-Type"]="application/fhir+json"}, pre .. id .. post)
+end
+"""
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    v, unit = float(m.group(1)), m.group(2)
+    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+
+def wrk(url: str, script: str | None, duration: int, connections: int) -> dict[str, float]:
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    tmp = None
+    if script:
+        tmp = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+        tmp.write(script)
+        tmp.close()
+        args += ["-s", tmp.name]
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    if tmp:
+        os.unlink(tmp.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors, "requests": total}
+
+
+def run_backend(backend: str, duration: int, connections: int) -> dict[str, object]:
+    pg = None
+    tmpdir = Path(tempfile.mkdtemp(prefix="dhp-bench-"))
+    try:
+        if backend == "pg":
+            pg = PgServer()
+            pg.start()
+            db_url = pg.create_db("bench")
+        else:
+            db_url = f"sqlite+aiosqlite:///{tmpdir / 'bench.db'}"
+        port = free_port()
+        # First start builds the database (migrations, package install); the second is the warm start-up.
+        proc, first = start_server(db_url, port)
+        stop(proc)
+        proc, warm = start_server(db_url, port)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            ids = []
+            with httpx.Client(base_url=base + "/fhir", headers={"Content-Type": "application/fhir+json"}) as c:
+                for _ in range(500):
+                    r = c.post("/Patient", content=json.dumps(PATIENT))
+                    r.raise_for_status()
+                    ids.append(r.json()["id"])
+            id_list = ",".join(f'"{i}"' for i in ids)
+            results: dict[str, dict[str, float]] = {}
+            wrk(base + "/healthz", None, 2, connections)  # warm-up
+            results["ceiling"] = wrk(base + "/healthz", None, duration, connections)
+            results["read"] = wrk(base, _LUA_READ % id_list, duration, connections)
+            body = json.dumps(PATIENT)
+            results["create"] = wrk(base + "/fhir/Patient", _LUA_CREATE % body, duration, connections)
+            upd = json.dumps({**PATIENT, "id": "@@ID@@"})
+            pre, post = upd.split("@@ID@@")
+            results["update"] = wrk(base, _LUA_UPDATE % (id_list, pre, post), duration, connections)
+            results["ceiling_after"] = wrk(base + "/healthz", None, duration, connections)
+        finally:
+            stop(proc)
+        return {"backend": backend, "first_start_s": first, "warm_start_s": warm, "results": results}
+    finally:
+        if pg:
+            pg.stop()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def report(run: dict[str, object]) -> str:
+    res: dict[str, dict[str, float]] = run["results"]  # type: ignore[assignment]
+    ceiling = (res["ceiling"]["rps"] + res["ceiling_after"]["rps"]) / 2
+    lines = [f"### {run['backend']}",
+             f"start-up: first run {run['first_start_s']:.1f} s (migrations + package install), "
+             f"warm {run['warm_start_s']:.1f} s", "",
+             "| interaction | req/s | p50 ms | p99 ms | errors | ratio to ceiling | target |",
+             "|---|---|---|---|---|---|---|",
+             f"| empty endpoint (ceiling, mean of before/after) | {ceiling:,.0f} | {res['ceiling']['p50_ms']:.2f} | "
+             f"{res['ceiling']['p99_ms']:.2f} | {res['ceiling']['errors']:.0f} | 1.00 | |"]
+    for k in ("read", "create", "update"):
+        r = res[k]
+        ratio = r["rps"] / ceiling
+        ok = "met" if ratio >= TARGETS[k] and r["errors"] == 0 else "NOT met"
+        lines.append(f"| {k} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']:.0f} | "
+                     f"{ratio:.2f} | ≥ {TARGETS[k]:.2f} ({ok}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["sqlite", "pg", "both"], default="both")
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed (apt-get install wrk)")
+    backends = ["sqlite", "pg"] if args.backend == "both" else [args.backend]
+    for b in backends:
+        print(report(run_backend(b, args.duration, args.connections)), flush=True)
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""Search at scale: load a synthetic Uzbek data set through transactions, then time the searches clinicians run.
+
+    python benchmarks/search_bench.py --patients 50000            # the issue's full size on PostgreSQL
+    python benchmarks/search_bench.py --patients 2000 --backend sqlite
+
+What it does, in one run:
+
+1. starts PostgreSQL (tests/pgserver.py) unless ``--db-url`` is given, and a DHP server (uvicorn, its own process);
+2. loads organizations, practitioners, patients (PINFL, Latin + Cyrillic names, mahalla-coded addresses),
+   encounters and observations (LOINC, UCUM) as transaction Bundles, with a progress bar: the load rate;
+3. times each query kind over HTTP (p50/p95, ms) against the issue's targets;
+4. measures create throughput with search indexing and without (same process, same database kind, the
+   interaction layer without HTTP) — the ratio is what the issue bounds at >= 50%.
+
+Profile validation is off for the load (it measures search and storage, not validation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from synthetic import LOINC, PINFL, VITALS, Generator, Sizes  # noqa: E402
+
+console = Console()
+
+SINGLE_TARGET_MS = 50.0
+COMPLEX_TARGET_MS = 150.0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(db_url: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "DHP_DATABASE_URL": db_url, "DHP_AUTH": "off", "DHP_VALIDATION": "off",
+           "DHP_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "dhp.api:create_app", "--factory", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/fhir"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log}")
+        try:
+            if httpx.get(base + "/metadata", timeout=5).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not start")
+
+
+# ------------------------------------------------------------------ loading
+
+async def load(base: str, gen: Generator, batch: int, workers: int) -> tuple[int, float]:
+    sizes = gen.sizes
+    per_patient = 1 + sizes.encounters_per_patient + sizes.observations_per_patient
+    total = sizes.organizations + sizes.practitioners + sizes.patients * per_patient
+    queue: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue(maxsize=workers * 2)
+    done = 0
+    errors: list[str] = []
+
+    async def worker(client: httpx.AsyncClient, progress: Progress, task: Any) -> None:
+        nonlocal done
+        while True:
+            chunk = await queue.get()
+            if chunk is None:
+                return
+            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+                for r in chunk]}
+            for attempt in range(5):
+                resp = await client.post(base + "/", json=bundle, headers={"Content-Type": "application/fhir+json"})
+                if resp.status_code == 200:
+                    break
+                if attempt == 4:
+                    errors.append(f"{resp.status_code} {resp.text[:500]}")
+                await asyncio.sleep(0.2 * (attempt + 1))
+            done += len(chunk)
+            progress.update(task, advance=len(chunk))
+
+    def chunks() -> Any:
+        buf: list[dict[str, Any]] = []
+        for r in [*gen.organizations(), *gen.practitioners()]:
+            buf.append(r)
+        for i in range(sizes.patients):
+            buf.append(gen.patient(i))
+            buf.extend(gen.clinical(i))
+            if len(buf) >= batch:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    t0 = time.perf_counter()
+    with Progress(TextColumn("loading"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("load", total=total, rate="")
+        async with httpx.AsyncClient(timeout=300) as client:
+            ws = [asyncio.create_task(worker(client, progress, task)) for _ in range(workers)]
+            for c in chunks():
+                await queue.put(c)
+                el = time.perf_counter() - t0
+                progress.update(task, rate=f"{done / el:,.0f} res/s" if el > 0 else "")
+            for _ in ws:
+                await queue.put(None)
+            await asyncio.gather(*ws)
+    if errors:
+        raise RuntimeError(f"{len(errors)} transactions failed, first: {errors[0]}")
+    return total, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ queries
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def query_kinds(gen: Generator, rng: random.Random) -> list[tuple[str, bool, Any]]:
+    n = gen.sizes.patients
+    fams = [f for f, _c in __import__("synthetic").FAMILY]
+
+    def pid() -> str:
+        return f"pat-{rng.randrange(n)}"
+
+    def ident() -> str:
+        return gen.pinfls[rng.randrange(n)]
+
+    def code() -> str:
+        return rng.choice(VITALS)[0]
+
+    def year() -> int:
+        return rng.randint(1941, 2022)
+
+    def month_range() -> str:
+        y, m = year(), rng.randint(1, 11)
+        return f"birthdate=ge{y}-{m:02d}-01&birthdate=lt{y}-{m + 1:02d}-01"
+
+    def obs_q() -> str:
+        y = rng.randint(2021, 2024)
+        return f"Observation?subject=Patient/{pid()}&code={LOINC}|{code()}&date=ge{y}-01-01&date=lt{y + 1}-01-01"
+
+    return [
+        ("identifier token", False, lambda: f"Patient?identifier={PINFL}|{ident()}"),
+        ("name prefix", False, lambda: f"Patient?name={rng.choice(fams)[:5]}&_count=20"),
+        ("name :contains", False, lambda: f"Patient?name:contains={rng.choice(fams)[2:6]}&_count=20"),
+        ("name Cyrillic", False, lambda: "Patient?name=" + rng.choice(__import__("synthetic").FAMILY)[1][:4]
+                                         + "&_count=20"),
+        ("birthdate range", False, lambda: f"Patient?{month_range()}&_count=20"),
+        ("Observation subject+code+date", False, obs_q),
+        ("chain subject:Patient.identifier", True,
+         lambda: f"Observation?subject:Patient.identifier={PINFL}|{ident()}&code={code()}"),
+        ("_revinclude Observation:subject", True,
+         lambda: f"Patient?_id={pid()}&_revinclude=Observation:subject"),
+        ("_has Observation code", True,
+         lambda: f"Patient?_has:Observation:subject:code={code()}&{month_range()}"),
+        ("Encounter + _include subject", True,
+         lambda: f"Encounter?subject=Patient/{pid()}&_include=Encounter:subject&_include=Encounter:participant"),
+    ]
+
+
+def run_queries(base: str, gen: Generator, reps: int, pages: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    results = []
+    with httpx.Client(timeout=120) as c:
+        for name, complex_, make in query_kinds(gen, rng):
+            times: list[float] = []
+            hits = 0
+            for i in range(reps + 3):
+                url = f"{base}/{make()}"
+                t0 = time.perf_counter()
+                r = c.get(url)
+                dt = (time.perf_counter() - t0) * 1000
+                if r.status_code != 200:
+                    raise RuntimeError(f"{url}: {r.status_code} {r.text[:300]}")
+                if i >= 3:  # warm-up
+                    times.append(dt)
+                    hits += len(r.json().get("entry", []))
+            results.append({"kind": name, "complex": complex_, "n": len(times), "p50": pct(times, 0.5),
+                            "p95": pct(times, 0.95), "avg_entries": hits / max(len(times), 1)})
+        # sorted paging: follow next links to page `pages`, time each page fetch
+        times = []
+        walks = max(2, reps // 20)
+        for _ in range(walks):
+            url = f"{base}/Patient?_sort=birthdate,family&_count=20&gender={rng.choice(['male', 'female'])}"
+            for page in range(1, pages + 1):
+                t0 = time.perf_counter()
+                b = c.get(url).json()
+                dt = (time.perf_counter() - t0) * 1000
+                if page == pages:
+                    times.append(dt)
+                nxt = next((link["url"] for link in b.get("link", []) if link["relation"] == "next"), None)
+                if nxt is None:
+                    break
+                url = nxt
+        results.append({"kind": f"sorted paging, page {pages}", "complex": False, "n": len(times),
+                        "p50": pct(times, 0.5), "p95": pct(times, 0.95), "avg_entries": 20})
+    return results
+
+
+# ------------------------------------------------------------------ create throughput with / without indexing
+
+async def create_throughput(db_url: str, n: int, rounds: int) -> tuple[float, float]:
+    from dhp.api.app import build_server
+    from dhp.interactions import crud
+    from dhp.interactions.context import RequestContext
+    from dhp.settings import Settings
+
+    settings = Settings.from_env({**os.environ, "DHP_DATABASE_URL": db_url, "DHP_AUTH": "off",
+                                  "DHP_VALIDATION": "off"})
+    server = await build_server(settings)
+    ctx = RequestContext(base_url="http://bench/fhir")
+    gen = Generator(Sizes(patients=n), seed=7)
+    engine = server.search
+    with_idx: list[float] = []
+    without: list[float] = []
+    counter = 0
+
+    async def one_round(indexing: bool) -> float:
+        nonlocal counter
+        server.search = engine if indexing else None
+        items = []
+        for _ in range(n // 10):
+            i = counter
+            counter += 1
+            items.append(gen.patient(i))
+            items.extend(list(gen.clinical(i))[:9])
+        t0 = time.perf_counter()
+        for r in items:
+            r = dict(r)
+            r.pop("id", None)
+            await crud.create(server, ctx, r["resourceType"], r)
+        return len(items) / (time.perf_counter() - t0)
+
+    await one_round(True)  # warm-up: compiled expressions, connection pools
+    for _ in range(rounds):
+        with_idx.append(await one_round(True))
+        without.append(await one_round(False))
+    server.search = engine
+    await server.store.close()
+    return statistics.median(with_idx), statistics.median(without)
+
+
+# ------------------------------------------------------------------ main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patients", type=int, default=50000)
+    ap.add_argument("--observations-per-patient", type=int, default=10)
+    ap.add_argument("--encounters-per-patient", type=int, default=2)
+    ap.add_argument("--backend", choices=["pg", "sqlite"], default="pg")
+    ap.add_argument("--db-url", default="", help="use this database instead of starting one")
+    ap.add_argument("--batch", type=int, default=250, help="resources per transaction Bundle")
+    ap.add_argument("--workers", type=int, default=2, help="concurrent transactions while loading")
+    ap.add_argument("--reps", type=int, default=100, help="timed queries per kind")
+    ap.add_argument("--pages", type=int, default=50)
+    ap.add_argument("--creates", type=int, default=1000, help="resources per create-throughput round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=42)
+    args = ap.parse_args()
+
+    pg = None
+    tmp = Path(tempfile.mkdtemp(prefix="dhp-searchbench-"))
+
+    def new_db(name: str) -> str:
+        nonlocal pg
+        if args.backend == "sqlite":
+            return f"sqlite+aiosqlite:///{tmp / (name + '.db')}"
+        if pg is None:
+            from tests.pgserver import PgServer
+
+            pg = PgServer()
+            pg.start()
+        return pg.create_db(f"{name}_{uuid.uuid4().hex[:6]}")
+
+    try:
+        db_url = args.db_url or new_db("bench")
+        console.print(f"[bold]DHP search benchmark[/] — {args.patients:,} patients on {args.backend}")
+        t0 = time.perf_counter()
+        proc, base = start_server(db_url, tmp / "server.log")
+        console.print(f"server up in {time.perf_counter() - t0:.1f}s (package install and indexing included)")
+        try:
+            gen = Generator(Sizes(args.patients, args.encounters_per_patient, args.observations_per_patient),
+                            args.seed)
+            total, secs = asyncio.run(load(base, gen, args.batch, args.workers))
+            console.print(f"loaded {total:,} resources in {secs:.0f}s: [bold]{total / secs:,.0f} resources/s[/]")
+            if args.backend == "pg":
+                # Fresh tables: give the planner statistics, as autovacuum would shortly after a bulk load.
+                subprocess.run([str(pg.bindir / "psql") if pg else "psql", db_url.replace("+asyncpg", ""),
+                                "-q", "-c", "ANALYZE"], check=False, capture_output=True)
+            results = run_queries(base, gen, args.reps, args.pages, args.seed)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        with_idx, without = asyncio.run(create_throughput(new_db("creates"), args.creates, args.rounds))
+    finally:
+        if pg is not None:
+            pg.stop()
+
+    table = Table(title=f"Search latency over HTTP — {args.patients:,} patients, {total:,} resources, "
+                        f"{args.backend}")
+    for col in ("query", "n", "p50 ms", "p95 ms", "target p95", "ok", "entries/page"):
+        table.add_column(col)
+    lines = ["| query | n | p50 ms | p95 ms | target p95 ms | met |", "|---|---|---|---|---|---|"]
+    for r in results:
+        target = COMPLEX_TARGET_MS if r["complex"] else SINGLE_TARGET_MS
+        ok = r["p95"] <= target
+        table.add_row(r["kind"], str(r["n"]), f"{r['p50']:.1f}", f"{r['p95']:.1f}", f"{target:.0f}",
+                      "yes" if ok else "NO", f"{r['avg_entries']:.1f}")
+        lines.append(f"| {r['kind']} | {r['n']} | {r['p50']:.1f} | {r['p95']:.1f} | {target:.0f} | "
+                     f"{'yes' if ok else 'no'} |")
+    console.print(table)
+    ratio = with_idx / without if without else float("nan")
+    console.print(f"create throughput: {with_idx:,.0f}/s with indexing, {without:,.0f}/s without "
+                  f"(ceiling) → [bold]{ratio:.0%}[/] (target >= 50%)")
+    console.print(f"load rate: {total / secs:,.0f} resources/s ({total:,} in {secs:.0f}s, "
+                  f"{args.batch}-resource transactions, {args.workers} concurrent)")
+    print("\n".join(lines))
+    print(f"\ncreate with indexing {with_idx:.0f}/s, without {without:.0f}/s, ratio {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
