@@ -62,7 +62,7 @@ def serve(
     started = time.perf_counter()
     # Prepare once in this process (packages, migrations, first-run install) with a progress bar, so the
     # workers start warm.
-    asyncio.run(_prepare(settings))
+    registry = asyncio.run(_prepare(settings))
     console.print(f"[green]ready in {time.perf_counter() - started:.1f}s[/] — FHIR base "
                   f"{settings.base_url or f'http://{host}:{port}/fhir'}")
     if workers > 1:
@@ -71,10 +71,10 @@ def serve(
     else:
         from dhp.api import create_app
 
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, proxy_headers=True)
+        uvicorn.run(create_app(settings, registry), host=host, port=port, log_level=settings.log_level, proxy_headers=True)
 
 
-async def _prepare(settings: Settings) -> None:
+async def _prepare(settings: Settings) -> Any:
     from dhp.api.app import build_server
     from dhp.conformance import load_registry
     from dhp.interactions.packages import install_packages
@@ -109,6 +109,7 @@ async def _prepare(settings: Settings) -> None:
             console.print("[bold red]WARNING: DHP_AUTH=off — the FHIR API accepts requests without a token.[/]")
     finally:
         await server.store.close()
+    return registry
 
 
 @db_app.command("upgrade")

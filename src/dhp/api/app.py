@@ -117,6 +117,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         # Auth routes need the Server, which exists only after start-up: resolve it lazily.
         for r in auth.routes(_LazyServer(app, settings)):
             app.router.routes.insert(0, r)
+    documents = _optional("dhp.documents")
+    if documents is not None and hasattr(documents, "routes"):
+        for r in documents.routes(_LazyServer(app, settings)):
+            app.router.routes.insert(0, r)
     app.router.routes.append(Mount("/fhir", app=fhir))
     app.state.fhir = fhir
 

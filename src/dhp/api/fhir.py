@@ -177,9 +177,15 @@ class FHIRApp:
     # ------------------------------------------------------------ interactions
 
     async def read(self, request: Request, pretty: bool, rtype: str, rid: str) -> Response:
-        http.negotiate(request)
         assert self.server is not None
-        rec = await crud.read(self.server, self.context(request), rtype, rid)
+        documents = self.server.documents
+        media = http.negotiate(request, html_ok=documents is not None and rtype == "Bundle")
+        ctx = self.context(request)
+        rec = await crud.read(self.server, ctx, rtype, rid)
+        if media == "text/html":
+            # A document Bundle shown to a person (documents renders it in the requested language).
+            html = await documents.render_html(ctx, rec)
+            return Response(html, 200, {"ETag": crud.etag(rec.version)}, media_type="text/html; charset=utf-8")
         tag = crud.etag(rec.version)
         headers = {"ETag": tag, "Last-Modified": crud.http_date(rec.last_updated)}
         inm = request.headers.get("if-none-match")
@@ -229,8 +235,6 @@ class FHIRApp:
         await self.server.maybe_sync_conformance()
         source = await self.body(request)
         resource = crud.parse_resource(source)
-        if rtype == "Bundle" and resource.get("type") == "document" and self.server.documents is not None:
-            return await self.server.documents.submit_response(self, request, ctx, resource, source, pretty)
         res = await crud.create(self.server, ctx, rtype, resource, source,
                                 if_none_exist=request.headers.get("if-none-exist"))
         return self._write_response(ctx, res, pretty)

@@ -216,6 +216,9 @@ async def create(server: Server, ctx: RequestContext, rtype: str, resource: dict
         raise bad_request(f"resourceType '{resource.get('resourceType')}' does not match the URL type '{rtype}'",
                           "resourceType", "type-mismatch")
     authorize(server, ctx, "c", rtype, resource)
+    if rtype == "Bundle" and resource.get("type") == "document" and server.documents is not None:
+        # Clinical documents have their own path: profile checks, immutability, index, split, signatures.
+        return await server.documents.create(server, ctx, resource, source, tx=tx, rid=rid)
     rid = rid or str(uuid.uuid4())
     ts = now_us()
     stamped = _stamp(resource, rid, 1, ts)
@@ -270,6 +273,8 @@ async def update(server: Server, ctx: RequestContext, rtype: str, rid: str, reso
     async def work(t: WriteTx) -> WriteResult:
         cur = await t.current(rtype, rid)
         check_precondition(server, cur, if_match, rtype, rid)
+        if server.documents is not None and cur is not None:
+            server.documents.check_change(rtype, cur, "update")
         if cur is not None and not cur.deleted and ctx.principal is not None \
                 and needs_resource_check(ctx.principal, "u", rtype):
             authorize(server, ctx, "u", rtype, fhirjson.loads(cur.content))
@@ -300,6 +305,8 @@ async def patch(server: Server, ctx: RequestContext, rtype: str, rid: str, patch
         if cur.deleted:
             raise FHIRError(410, f"{rtype}/{rid} was deleted", "deleted", message_id="resource-deleted")
         check_precondition(server, cur, if_match, rtype, rid)
+        if server.documents is not None:
+            server.documents.check_change(rtype, cur, "patch")
         current = fhirjson.loads(cur.content)
         authorize(server, ctx, "u", rtype, current)
         patched = apply_json_patch(current, patch_body) if kind == "json-patch" \
@@ -330,6 +337,8 @@ async def delete(server: Server, ctx: RequestContext, rtype: str, rid: str, *, i
             return WriteResult(cur, 204)
         if if_match is not None:
             check_precondition(server, cur, if_match, rtype, rid)
+        if server.documents is not None:
+            server.documents.check_change(rtype, cur, "delete")
         if ctx.principal is not None and needs_resource_check(ctx.principal, "d", rtype):
             authorize(server, ctx, "d", rtype, fhirjson.loads(cur.content))
         ts = now_us()

@@ -37,13 +37,14 @@ _TOKEN_RE = re.compile(r"\$this|resolve\(\)|extension\('([^']*)'\)|extension\(\"
 class _Run:
     """State of one top-level validate() call."""
 
-    __slots__ = ("bundles", "conform_cache", "containers", "full_urls", "issues", "profile", "seen",
+    __slots__ = ("bundles", "conform_cache", "contained_flags", "containers", "full_urls", "issues", "profile", "seen",
                  "silent", "unchecked")
 
     def __init__(self, silent: bool = False) -> None:
         self.issues: list[Issue] = []
         self.seen: set[tuple[Any, ...]] = set()
         self.containers: list[dict[str, Any]] = []  # resource stack (for %resource, contained, '#id')
+        self.contained_flags: list[bool] = []  # parallel to containers: is that resource a contained one?
         self.bundles: list[dict[str, dict[str, Any]]] = []  # fullUrl / Type/id → resource, innermost last
         self.full_urls: dict[int, str] = {}  # id(resource) → its entry's fullUrl
         self.conform_cache: dict[tuple[int, str], bool] = {}
@@ -210,8 +211,9 @@ class Validator:
 
     # ------------------------------------------------------------------ resources
 
-    def _resource(self, run: _Run, res: dict[str, Any], plan: Plan, path: str) -> None:
+    def _resource(self, run: _Run, res: dict[str, Any], plan: Plan, path: str, contained: bool = False) -> None:
         run.containers.append(res)
+        run.contained_flags.append(contained)
         bundle_pushed = False
         try:
             if res.get("resourceType") == "Bundle" and isinstance(res.get("entry"), list):
@@ -220,6 +222,7 @@ class Validator:
             self._complex(run, res, plan.root, plan.type, path, plan.type, resource=True)
         finally:
             run.containers.pop()
+            run.contained_flags.pop()
             if bundle_pushed:
                 run.bundles.pop()
 
@@ -277,18 +280,10 @@ class Validator:
 
     def _container_root(self, run: _Run) -> dict[str, Any] | None:
         """The resource that holds ``contained`` for the current position (skips contained resources)."""
-        for r in reversed(run.containers):
-            if not self._is_contained(run, r):
+        for r, contained in zip(reversed(run.containers), reversed(run.contained_flags), strict=True):
+            if not contained:
                 return r
         return run.containers[0] if run.containers else None
-
-    @staticmethod
-    def _is_contained(run: _Run, r: dict[str, Any]) -> bool:
-        idx = run.containers.index(r) if r in run.containers else -1
-        if idx <= 0:
-            return False
-        parent = run.containers[idx - 1]
-        return any(c is r for c in parent.get("contained") or ())
 
     # ------------------------------------------------------------------ effective element checks
 
@@ -648,7 +643,7 @@ class Validator:
                 elif p.type == rt and all(p.key != q.key for q in plans):
                     plans.append(p)
         for p in plans:
-            self._resource(run, value, p, rpath)
+            self._resource(run, value, p, rpath, contained=elem.name == "contained")
 
     def _is_a(self, rtype: str, ancestor: str) -> bool:
         p = self.type_plan(rtype)
@@ -804,6 +799,7 @@ class Validator:
         sub.bundles = run.bundles
         sub.full_urls = run.full_urls
         sub.containers = list(run.containers)
+        sub.contained_flags = list(run.contained_flags)
         sub.conform_cache = run.conform_cache
         run.conform_cache[key] = True  # break cycles
         if isinstance(value, dict) and value.get("resourceType") and p.kind == "resource":

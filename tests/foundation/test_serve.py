@@ -1,0 +1,71 @@
+"""The README's server command, end to end: `dhp serve` on a fresh embedded database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.pgserver import free_port
+
+
+def test_dhp_serve_starts_prints_admin_client_and_serves(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "DHP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'dhp.db'}",
+           "DHP_PACKAGE_IMPORT": "ig", "DHP_LOG_LEVEL": "warning"}
+    env.pop("DHP_AUTH", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dhp.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "dhp serve did not start"
+            time.sleep(0.2)
+        cs = httpx.get(f"http://127.0.0.1:{port}/fhir/metadata", timeout=30)
+        assert cs.status_code == 200 and cs.json()["fhirVersion"] == "5.0.0"
+        # auth is on by default: the API wants a token, and the admin client was printed once
+        r = httpx.get(f"http://127.0.0.1:{port}/fhir/Patient/x", timeout=30)
+        assert r.status_code == 401 and "Bearer" in r.headers.get("WWW-Authenticate", "")
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert "client_id:" in out and "client_secret:" in out
+    lines = dict(line.strip().split(":", 1) for line in out.splitlines() if line.strip().startswith("client_"))
+    # the printed credentials work when the server runs again on the same database
+    proc2 = subprocess.Popen([sys.executable, "-m", "dhp.cli", "serve", "--port", str(port)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc2.poll() is None
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            t = c.post("/oauth/token", data={"grant_type": "client_credentials",
+                                             "client_id": lines["client_id"].strip(),
+                                             "client_secret": lines["client_secret"].strip()})
+            assert t.status_code == 200, t.text
+            access = t.json()["access_token"]
+            created = c.post("/fhir/Basic", content=b'{"resourceType":"Basic","code":{"text":"t"}}',
+                             headers={"Authorization": f"Bearer {access}",
+                                      "Content-Type": "application/fhir+json"})
+            assert created.status_code == 201, created.text
+    finally:
+        proc2.terminate()
+        out2, _ = proc2.communicate(timeout=30)
+    assert "client_secret:" not in out2  # printed on first start only
