@@ -6,7 +6,7 @@ Built once per CodeSystem ``url|version`` on first use, with every supplement of
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 CONCEPT_PROPERTIES = "http://hl7.org/fhir/concept-properties#"
@@ -54,10 +54,12 @@ class Concept:
         self.code = code
         self.display = display
         self.definition = definition
-        self.designations: list[dict[str, Any]] = []  # {language?, use?, value}
-        self.properties: list[dict[str, Any]] = []  # {code, value[x]}
-        self.parents: list[str] = []
-        self.children: list[str] = []
+        # Sequences start as the shared empty tuple or as the resource's own lists, and are replaced (never
+        # changed in place) when something is added: 12,551 concepts × 4 lists is a lot of allocation.
+        self.designations: Sequence[dict[str, Any]] = ()  # {language?, use?, value}
+        self.properties: Sequence[dict[str, Any]] = ()  # {code, value[x]}
+        self.parents: Sequence[str] = ()
+        self.children: Sequence[str] = ()
         self.abstract = False
         self.inactive = False
         self.status: str | None = None
@@ -105,6 +107,7 @@ class CodeSystemIndex:
         self._lower: dict[str, Concept] | None = None
         self._desc: dict[str, frozenset[str]] = {}
         self._anc: dict[str, frozenset[str]] = {}
+        self._has_properties = False
         self._all_items: Any = None  # every code as expansion items (dhp.terminology.valueset.all_items)
 
         parent_codes = {c for c, p in self.property_defs.items() if p.get("uri") == CONCEPT_PROPERTIES + "parent"}
@@ -144,24 +147,25 @@ class CodeSystemIndex:
                 by_lang = con.by_lang
                 if con.display is not None:
                     by_lang[lang0] = con.display
-                for d in c.get("designation") or ():
-                    v = d.get("value") if d.__class__ is dict else None
-                    if v.__class__ is not str:
-                        continue
-                    con.designations.append(d)
-                    lang = d.get("language")
-                    if lang.__class__ is str:
-                        if not lang.islower():
-                            lang = lang.lower()
-                        if lang not in by_lang:
-                            by_lang[lang] = v
-                        if "-" in lang:
-                            by_lang.setdefault(lang.split("-", 1)[0], v)
+                desig = c.get("designation")
+                if desig:
+                    good = [d for d in desig if d.__class__ is dict and d.get("value").__class__ is str]
+                    con.designations = desig if len(good) == len(desig) else good
+                    for d in con.designations:
+                        lang = d.get("language")
+                        if lang.__class__ is str:
+                            if not lang.islower():
+                                lang = lang.lower()
+                            if lang not in by_lang:
+                                by_lang[lang] = d["value"]
+                            if "-" in lang:
+                                by_lang.setdefault(lang.split("-", 1)[0], d["value"])
                 props = c.get("property")
                 if props:
-                    con.properties.extend(p for p in props if p.__class__ is dict)
+                    con.properties = [p for p in props if p.__class__ is dict]
+                    self._has_properties = True
             if parent is not None and parent not in con.parents:
-                con.parents.append(parent)
+                con.parents = [*con.parents, parent]
             sub = c.get("concept")
             if sub:
                 self._walk(sub, code)
@@ -170,7 +174,7 @@ class CodeSystemIndex:
     def _add_designation(con: Concept, d: dict[str, Any]) -> None:
         if not isinstance(d, dict) or not isinstance(d.get("value"), str):
             return
-        con.designations.append(d)
+        con.designations = [*con.designations, d]
         lang = d.get("language")
         if isinstance(lang, str):
             lang = lang.lower()
@@ -193,26 +197,29 @@ class CodeSystemIndex:
                 self._add_designation(con, {"language": lang, "value": c["display"]})
             for d in c.get("designation") or []:
                 self._add_designation(con, d)
-            con.properties.extend(p for p in c.get("property") or [] if isinstance(p, dict))
+            extra = [p for p in c.get("property") or [] if isinstance(p, dict)]
+            if extra:
+                con.properties = [*con.properties, *extra]
+                self._has_properties = True
         for p in sup.get("property") or []:
             if isinstance(p, dict) and "code" in p:
                 self.property_defs.setdefault(p["code"], p)
 
     def _link(self) -> None:
         concepts = self.concepts
-        for con in self.order:
+        for con in self.order if self._has_properties else ():
             for p in con.properties:
                 pc = p.get("code")
                 v = property_value(p)
                 if pc in self._parent_props:
                     target = value_text(v)
                     if target and target != con.code and target not in con.parents:
-                        con.parents.append(target)
+                        con.parents = [*con.parents, target]
                 elif pc in self._child_props:
                     target = value_text(v)
                     child = concepts.get(target)
                     if child is not None and con.code not in child.parents and target != con.code:
-                        child.parents.append(con.code)
+                        child.parents = [*child.parents, con.code]
                 elif pc in self._status_props:
                     con.status = value_text(v)
                     if con.status in ("retired", "inactive"):
@@ -225,11 +232,21 @@ class CodeSystemIndex:
             for con in self.order:
                 head, dot, _ = con.code.rpartition(".")
                 if dot and head in concepts and head not in con.parents:
-                    con.parents.append(head)
+                    con.parents = [*con.parents, head]
+        kids: dict[str, list[str]] = {}
         for con in self.order:
-            con.parents = [p for p in con.parents if p in concepts]
+            if not con.parents:
+                continue
+            if not all(p in concepts for p in con.parents):
+                con.parents = [p for p in con.parents if p in concepts]
             for p in con.parents:
-                concepts[p].children.append(con.code)
+                lst = kids.get(p)
+                if lst is None:
+                    kids[p] = [con.code]
+                else:
+                    lst.append(con.code)
+        for code, lst in kids.items():
+            concepts[code].children = lst
 
     # -- reading
 

@@ -112,7 +112,8 @@ class Terminology:
     # ------------------------------------------------------------------ code systems
 
     def _resolve_cs(self, url: str, version: str | None) -> dict[str, Any] | None:
-        res = self.registry.resolve(url + ("|" + version if version else ""), "CodeSystem")
+        with no_gc():  # the first resolve parses the file: 12,551 concepts are ~60,000 objects
+            res = self.registry.resolve(url + ("|" + version if version else ""), "CodeSystem")
         if res is None or res.get("content") == "supplement":
             return None
         return res
