@@ -78,6 +78,21 @@ class Settings:
     #: Which packages' conformance resources are stored in the database (readable/searchable through the
     #: API): all | ig (only non-HL7 packages) | none. Validation and terminology use every loaded package anyway.
     package_import: str = "all"
+    # ---- clinical documents (dhp.documents) ----
+    #: Split accepted document Bundles into atomic resources (linked back by a Provenance).
+    document_split: bool = True
+    #: JWKS file with the public keys trusted to sign documents (national e-signature services, signers).
+    document_trusted_keys: str = ""
+    #: PEM file of CA certificates: a JWS whose x5c certificate one of them issued is trusted too.
+    document_trust_anchors: str = ""
+    #: The platform's private signing key (JWK JSON or PEM file) used to countersign documents.
+    document_signing_key: str = ""
+    #: kid published for the platform key (default: the key's own kid or its thumbprint).
+    document_signing_kid: str = ""
+    #: Countersign every accepted document with the platform key (needs document_signing_key).
+    document_countersign: bool = False
+    #: (auth) JWS algorithm of access and ID tokens: RS256 (default) or ES256.
+    token_alg: str = "RS256"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -417,3 +417,28 @@ def test_login_page_languages(sso: SSO, lang: str, word: str) -> None:
                                                          "redirect_uri": REDIRECT, "scope": "user/*.rs"},
                   headers={"Accept-Language": f"{lang};q=0.9, de;q=0.8"})
     assert f'<html lang="{lang}">' in r.text
+
+
+def test_es256_tokens(sso: SSO) -> None:
+    """DHP_TOKEN_ALG=ES256: a process signing with P-256 keys; the key lands in the shared JWKS."""
+    from types import SimpleNamespace
+
+    from dhp.auth.core import AuthState
+    from dhp.settings import Settings
+
+    host = sso.base.split("://")[1]
+
+    async def es256() -> tuple[str, Any]:
+        server = SimpleNamespace(settings=Settings(token_alg="ES256"), store=sso.live.server.store)
+        st = AuthState(server)
+        await st.load_keys()
+        tok, _ = st.issue_access_token(headers={"host": host}, client_id="c", sub="c", scope=["system/*.rs"],
+                                       fhir_user=None, patient=None, grant_id=None)
+        return tok, await st.authenticate({"authorization": "Bearer " + tok, "host": host})
+
+    tok, principal = sso.call(es256())
+    assert jws.extract_compact(tok.encode()).headers()["alg"] == "ES256"
+    assert principal.can("s", "Patient")
+    # The API process finds the new key in the database when it meets an unknown kid.
+    assert httpx.get(sso.fhir + "/Patient", headers=bearer(tok)).status_code == 200
+    assert any(k["kty"] == "EC" for k in httpx.get(sso.base + "/oauth/jwks").json()["keys"])

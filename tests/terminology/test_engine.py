@@ -581,3 +581,46 @@ def test_check_definition_finds_terminology_errors(term: Terminology) -> None:
     ns = {"resourceType": "NamingSystem", "uniqueId": [{"type": "uri", "value": "a", "preferred": True},
                                                         {"type": "uri", "value": "b", "preferred": True}]}
     assert any(i.message_id == "ns-preferred" for i in term.check_definition(ns))
+
+
+def test_terminology_capabilities_lists_loaded_code_systems(term: Terminology, registry: Any) -> None:
+    caps = term.capabilities("https://example.org/fhir")
+    assert caps["resourceType"] == "TerminologyCapabilities" and caps["kind"] == "instance"
+    uris = {c["uri"]: c for c in caps["codeSystem"]}
+    assert uris[CS + "mahalla-cs"]["content"] == "complete"
+    assert CS + "address-use-cs" not in uris  # a supplement is not a code system
+    assert "http://loinc.org" not in uris
+    assert {p["name"] for p in caps["expansion"]["parameter"]} >= {"filter", "count", "displayLanguage"}
+    # Every CodeSystem the engine can index is listed.
+    assert all(u in uris for u in (CS + "states-cs", "http://hl7.org/fhir/address-use"))
+
+
+def _all_words(concepts: list[dict[str, Any]]) -> list[str]:
+    out: set[str] = set()
+    for c in concepts:
+        for t in (c["display"], *(d["value"] for d in c["designation"])):
+            out.update(words(t))
+    return sorted(out)
+
+
+def test_type_ahead_equals_brute_force_for_random_prefixes(term: Terminology, package_cs: Any) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    concepts = package_cs(CS + "mahalla-cs")["concept"]
+    vocab = _all_words(concepts)
+    texts = [[w for t in (c["display"], *(d["value"] for d in c["designation"])) for w in words(t)] + [c["code"]]
+             for c in concepts]
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.sampled_from(vocab), st.integers(1, 6)), min_size=1, max_size=2))
+    def check(picks: list[tuple[str, int]]) -> None:
+        query = " ".join(w[:n] for w, n in picks)
+        qs = words(query)
+        expected = [c["code"] for c, ws in zip(concepts, texts, strict=True)
+                    if all(any(w.startswith(q) for w in ws) for q in qs)]
+        out = _expand(term, VS + "mahalla-vs", text_filter=query, count=10)
+        assert out["expansion"]["total"] == len(expected)
+        assert _codes(out) == expected[:10]
+
+    check()

@@ -340,6 +340,10 @@ def test_remaining_parameters_over_http(client: httpx.Client, package_cs: Any) -
     assert ok(client.get("/ValueSet/$expand", params={"url": VS + "state-vs", "date": "2025-01-01",
                                                       "count": 1}))["expansion"]["total"] == 14
     outcome(client.get("/ValueSet/$expand", params={"url": VS + "state-vs", "valueSetVersion": "9.9.9"}), 404)
+    pinned = ok(client.get("/ValueSet/$expand", params={"url": "http://hl7.org/fhir/ValueSet/address-use",
+                                                         "valueSetVersion": "5.0.0"}))
+    assert pinned["version"] == "5.0.0"
+    assert [c["code"] for c in contains(pinned)] == [c["code"] for c in package_cs(ADDRESS_USE)["concept"]]
     # systemVersion / version: a version not loaded is reported, the loaded one is used.
     v = ok(client.get("/ValueSet/$validate-code", params={"url": "http://hl7.org/fhir/ValueSet/address-use",
                                                           "system": ADDRESS_USE, "code": "home",

@@ -97,6 +97,11 @@ class FHIRApp:
             mode = request.query_params.get("mode", "full")
             if mode not in ("full", "normative", "terminology"):
                 raise bad_request(f"mode must be full, normative or terminology, not {mode!r}", "mode")
+            if mode == "terminology" and server.terminology is not None:
+                from dhp import __version__
+
+                return http.fhir_response(server.terminology.capabilities(ctx.base_url, __version__),
+                                          pretty=pretty)
             return http.fhir_response(capability_statement(server, ctx.base_url), pretty=pretty)
         if parts[0] == "_history" and len(parts) == 1:
             if method != "GET":

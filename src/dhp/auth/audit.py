@@ -17,6 +17,7 @@ from typing import Any
 
 from dhp import fhirjson
 from dhp.store import Store, StoredResource, now_us
+from dhp.store.auth import put_new_resources
 
 log = logging.getLogger("dhp.auth")
 
@@ -138,9 +139,8 @@ class AuditWriter:
 
         async def once() -> None:
             async with self.store.begin() as tx:
-                for rid, content, patient in prepared:
-                    await tx.put(StoredResource("AuditEvent", rid, 1, ts, False, content), "POST",
-                                 exists_before=False, patient=patient)
+                await put_new_resources(tx, [(StoredResource("AuditEvent", rid, 1, ts, False, content), patient)
+                                             for rid, content, patient in prepared])
                 search = getattr(self.server, "search", None)
                 if search is not None and hasattr(search, "index_many"):
                     await search.index_many(tx, [("AuditEvent", rid, content) for rid, content, _ in prepared])

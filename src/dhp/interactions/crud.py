@@ -151,13 +151,20 @@ async def vread(server: Server, ctx: RequestContext, rtype: str, rid: str, vid: 
 # ---------------------------------------------------------------- writes
 
 
+_TERMINOLOGY_TYPES = frozenset({"CodeSystem", "ValueSet", "ConceptMap", "NamingSystem"})
+
+
 def _validate(server: Server, resource: dict[str, Any], source: bytes | None) -> list[Issue]:
     mode = server.settings.validation
-    if mode == "off" or server.validator is None:
-        return []
-    issues: list[Issue] = server.validator.validate(resource, source=source)
+    issues: list[Issue] = []
+    # Terminology definitions are checked for their own consistency (duplicate codes, bad filters, …) even
+    # with profile validation off: a broken CodeSystem would break every expansion that uses it.
+    if server.terminology is not None and resource.get("resourceType") in _TERMINOLOGY_TYPES:
+        issues += server.terminology.check_definition(resource)
+    if mode != "off" and server.validator is not None:
+        issues += server.validator.validate(resource, source=source)
     errors = [i for i in issues if i.severity in ("error", "fatal")]
-    if errors and mode == "strict":
+    if errors and mode in ("strict", "off"):
         raise FHIRError(422, errors[0].diagnostics, issues=issues)
     if mode == "lenient":
         for i in errors:

@@ -132,7 +132,10 @@ class SearchEngine:
                 if ex.root is not None:
                     got.append((kind, p.code, ex))
             self._extractors[rtype] = got
-            self._kinds[rtype] = tuple(sorted({k for k, _c, _e in got}))
+            kinds = {k for k, _c, _e in got}
+            if any(e.embedded for _k, _c, e in got):
+                kinds = set(sql.TABLES)  # an embedded resource's rows can land in any table
+            self._kinds[rtype] = tuple(sorted(kinds))
         return got
 
     def rows(self, rtype: str, rid: str, resource: dict[str, Any],
@@ -163,11 +166,18 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ write hooks
 
-    async def index(self, tx: Any, rtype: str, rid: str, resource: dict[str, Any]) -> None:
-        """Replace the resource's index rows (inside the caller's write transaction)."""
+    async def index(self, tx: Any, rtype: str, rid: str, resource: dict[str, Any], *,
+                    fresh: bool | None = None) -> None:
+        """Replace the resource's index rows (inside the caller's write transaction).
+
+        Version 1 of a resource has no rows yet (a delete removes them), so a create skips the deletes.
+        """
         rows = self.rows(rtype, rid, resource)
-        await sql.delete_rows(tx.conn, rtype, rid, self.kinds(rtype))
-        await sql.insert_rows(tx.conn, rows)
+        if fresh is None:
+            meta = resource.get("meta")
+            fresh = isinstance(meta, dict) and meta.get("versionId") == "1"
+        kinds = self.kinds(rtype) if not fresh else ()
+        await sql.replace_rows(tx.conn, rtype, rid, rows, kinds, fresh=fresh, is_sqlite=tx.is_sqlite)
 
     async def unindex(self, tx: Any, rtype: str, rid: str) -> None:
         await sql.delete_rows(tx.conn, rtype, rid)

@@ -27,9 +27,10 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 
-from dhp.store import Store, now_us
-from dhp.store.schema import BigId, metadata
+from dhp.store import ConflictError, Store, StoredResource, WriteTx, now_us
+from dhp.store.schema import BigId, history, metadata, resources
 
 #: JWS signing keys (private JWK as JSON). ``retired_at`` set: no longer signs, still published in the JWKS.
 auth_keys = Table(
@@ -454,3 +455,24 @@ async def throttle_fail(store: Store, limits: dict[str, int], window_us: int, lo
 async def throttle_clear(store: Store, key: str) -> None:
     async with store.begin() as tx:
         await tx.conn.execute(delete(auth_throttle).where(auth_throttle.c.key == key))
+
+
+# ---------------------------------------------------------------------------------------------- audit events
+
+async def put_new_resources(tx: WriteTx, recs: list[tuple[StoredResource, str | None]]) -> None:
+    """Insert brand-new resources (version 1, method POST) with their history rows, many at once.
+
+    The same rows :meth:`WriteTx.put` writes for a new resource, as two executemany statements: the SSO
+    writes an AuditEvent per token, and building two Core statements per event cost more than signing it.
+    """
+    if not recs:
+        return
+    try:
+        await tx.conn.execute(insert(resources), [
+            {"type": r.type, "id": r.id, "version": r.version, "last_updated": r.last_updated, "deleted": False,
+             "patient": patient, "package": None, "content": r.content} for r, patient in recs])
+        await tx.conn.execute(insert(history), [
+            {"type": r.type, "id": r.id, "version": r.version, "last_updated": r.last_updated, "deleted": False,
+             "method": "POST", "content": r.content} for r, _ in recs])
+    except IntegrityError as e:
+        raise ConflictError("an audit event id was taken concurrently") from e

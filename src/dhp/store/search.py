@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Column,
     Float,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    bindparam,
     case,
     delete,
     false,
@@ -131,6 +133,37 @@ async def delete_many(conn: AsyncConnection, keys: Sequence[tuple[str, str]], ki
         t = TABLES[k]
         for i in range(0, len(keys), 500):
             await conn.execute(delete(t).where(tuple_(t.c.type, t.c.id).in_(list(keys[i:i + 500]))))
+
+
+async def replace_rows(conn: AsyncConnection, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
+                       kinds: Iterable[str], *, fresh: bool, is_sqlite: bool) -> None:
+    """Replace one resource's index rows. ``fresh``: it has none yet (a create), so nothing to delete.
+
+    On PostgreSQL this is ONE statement: data-modifying CTEs share a snapshot, so the DELETEs remove only
+    the old rows while the INSERTs (``unnest`` of arrays: the same SQL text whatever the row count, so it
+    stays prepared) add the new ones. A write pays one round trip for its index, not one per table.
+    """
+    if is_sqlite:
+        if not fresh:
+            await delete_rows(conn, rtype, rid, kinds)
+        await insert_rows(conn, rows)
+        return
+    ctes: list[Any] = []
+    if not fresh:
+        for k in kinds:
+            t = TABLES[k]
+            ctes.append(delete(t).where(t.c.type == rtype, t.c.id == rid).cte(f"d_{k}"))
+    for k, items in sorted(rows.items()):
+        if not items:
+            continue
+        t = TABLES[k]
+        names = ("type", "id", "code", *COLUMNS[k])
+        cols = list(zip(*items, strict=True))
+        src = select(*[func.unnest(bindparam(f"{k}_{n}", list(vals), type_=ARRAY(t.c[n].type)))
+                       for n, vals in zip(names, cols, strict=True)])
+        ctes.append(insert(t).from_select(list(names), src).cte(f"i_{k}"))
+    if ctes:
+        await conn.execute(select(literal(1)).add_cte(*ctes))
 
 
 async def insert_rows(conn: AsyncConnection, rows: dict[str, list[tuple[Any, ...]]]) -> None:

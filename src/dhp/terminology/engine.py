@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from dhp.conformance import Registry
@@ -557,6 +558,55 @@ class Terminology:
                            f"No {'reverse ' if reverse else ''}mapping found for {sys}#{code} ({where})"})
         params.extend(m.to_parameter() for m in matches)
         return {"resourceType": "Parameters", "parameter": params}
+
+    # ------------------------------------------------------------------ TerminologyCapabilities
+
+    def capabilities(self, base_url: str = "", software_version: str = "") -> dict[str, Any]:
+        """A TerminologyCapabilities resource (for ``GET /metadata?mode=terminology``): the code systems
+        loaded here, and what $expand, $validate-code and $translate support."""
+        systems: dict[str, list[str]] = {}
+        contents: dict[str, str] = {}
+        for meta in self.registry.iter_meta("CodeSystem"):
+            url, content = meta.get("url"), meta.get("content")
+            if not url or content in ("supplement", "not-present"):
+                continue
+            versions = systems.setdefault(url, [])
+            if meta.get("version") and meta["version"] not in versions:
+                versions.append(meta["version"])
+            contents.setdefault(url, content or "complete")
+        code_systems: list[dict[str, Any]] = []
+        for url in sorted(systems):
+            entry: dict[str, Any] = {"uri": url}
+            if systems[url]:
+                entry["version"] = [{"code": v} for v in systems[url]]
+            entry["content"] = contents[url]
+            code_systems.append(entry)
+        code_systems.append({"uri": ucum.UCUM, "content": "not-present"})
+        out: dict[str, Any] = {
+            "resourceType": "TerminologyCapabilities",
+            "status": "active",
+            "date": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "kind": "instance",
+            "software": {"name": "DHP", **({"version": software_version} if software_version else {})},
+            "codeSystem": code_systems,
+            "expansion": {
+                "hierarchical": True, "paging": True, "incomplete": False,
+                "parameter": [{"name": n} for n in (
+                    "url", "valueSet", "valueSetVersion", "filter", "count", "offset", "displayLanguage",
+                    "includeDesignations", "designation", "includeDefinition", "activeOnly", "excludeNested",
+                    "excludeNotForUI", "property", "exclude-system", "system-version", "check-system-version",
+                    "force-system-version", "date")],
+                "textFilter": "Case-insensitive; every word must start a word of a designation in any language "
+                              "or of the code; Uzbek apostrophe variants (oʻ/o'/gʻ/g') are treated alike.",
+            },
+            "codeSearch": "in-compose-or-expansion",
+            "validateCode": {"translations": False},
+            "translation": {"needsMap": False},
+            "closure": {"translation": False},
+        }
+        if base_url:
+            out["implementation"] = {"description": "DHP terminology service", "url": base_url}
+        return out
 
     # ------------------------------------------------------------------ checks on definitions written via the API
 

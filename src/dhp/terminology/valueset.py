@@ -11,7 +11,7 @@ import re
 import uuid
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -34,13 +34,13 @@ class Item:
     __slots__ = ("abstract", "code", "concept", "designations", "display", "inactive", "system", "version")
 
     def __init__(self, system: str, version: str | None, code: str, concept: Concept | None,
-                 display: str | None = None, designations: list[dict[str, Any]] | None = None) -> None:
+                 display: str | None = None, designations: Sequence[dict[str, Any]] | None = None) -> None:
         self.system = system
         self.version = version
         self.code = code
         self.concept = concept
         self.display = display  # the value set's own display, when it gives one
-        self.designations = designations or []  # the value set's own designations
+        self.designations = designations or ()  # the value set's own designations
         self.abstract = concept.abstract if concept is not None else False
         self.inactive = concept.inactive if concept is not None else False
 

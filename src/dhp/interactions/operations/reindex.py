@@ -50,7 +50,7 @@ async def reindex(call: OperationCall) -> dict[str, Any] | OperationResult:
             raise FHIRError(404, f"{call.resource_type}/{call.id} is not known", "not-found",
                             message_id="not-found")
         async with call.server.store.begin() as tx:
-            await eng.index(tx, call.resource_type, call.id, fhirjson.loads(rec.content))
+            await eng.index(tx, call.resource_type, call.id, fhirjson.loads(rec.content), fresh=False)
         return {"resourceType": "Parameters", "parameter": [
             {"name": "status", "valueCode": "completed"}, {"name": "processed", "valueInteger": 1}]}
     if call.resource_type:
