@@ -16,7 +16,7 @@ import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ class Generator:
         pid = f"pat-{i}"
         encs = []
         for e in range(self.sizes.encounters_per_patient):
-            start = datetime(2021, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=rng.randint(0, 60 * 24 * 365 * 4))
+            start = datetime(2021, 1, 1, tzinfo=UTC) + timedelta(minutes=rng.randint(0, 60 * 24 * 365 * 4))
             end = start + timedelta(minutes=rng.randint(10, 240))
             eid = f"enc-{i}-{e}"
             encs.append((eid, start))
@@ -194,7 +194,7 @@ class Generator:
                    "actualPeriod": {"start": _iso(start), "end": _iso(end)}}
         for o in range(self.sizes.observations_per_patient):
             code, display, unit, lo, hi, dec = rng.choice(VITALS)
-            eid, start = rng.choice(encs) if encs else (None, datetime(2023, 1, 1, tzinfo=timezone.utc))
+            eid, start = rng.choice(encs) if encs else (None, datetime(2023, 1, 1, tzinfo=UTC))
             when = start + timedelta(minutes=rng.randint(0, 30))
             value = round(rng.uniform(lo, hi), dec) if dec else rng.randint(int(lo), int(hi))
             obs: dict[str, Any] = {

@@ -73,6 +73,7 @@ class LiveServer:
     _uv: Any
     _thread: threading.Thread
     admin_client: dict[str, str] | None = None
+    loop: Any = None  # the server's event loop (for tests that must run coroutines on it)
 
     def stop(self) -> None:
         self._uv.should_exit = True
@@ -93,8 +94,13 @@ def _start(env: dict[str, str]) -> LiveServer:
     uv = uvicorn.Server(config)
     uv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
 
+    loops: list[Any] = []
+
     def run() -> None:
-        asyncio.run(uv.serve())
+        loop = asyncio.new_event_loop()
+        loops.append(loop)
+        loop.run_until_complete(uv.serve())
+        loop.close()
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
@@ -107,7 +113,8 @@ def _start(env: dict[str, str]) -> LiveServer:
         pass
     base = f"http://127.0.0.1:{port}"
     state = app.state
-    return LiveServer(base, base + "/fhir", state.server, app, uv, t, getattr(state, "admin_client", None))
+    return LiveServer(base, base + "/fhir", state.server, app, uv, t, getattr(state, "admin_client", None),
+                      loops[0] if loops else None)
 
 
 @pytest.fixture(scope="session")

@@ -1,119 +1,32 @@
-"""Fixtures of the SSO tests: a real DHP server with auth on (the lead's ``start_server``), users, clients and
-small helpers for the OAuth flows."""
+"""Fixtures of the SSO tests: the real DHP server with auth on (the lead's ``start_server``, SQLite and
+PostgreSQL), users, clients and small helpers for the OAuth flows."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
-import os
 import re
 import secrets
-import socket
-import threading
-import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+
 from tests.conftest import LiveServer
-from tests.pgserver import free_port
 
 REDIRECT = "http://127.0.0.1:9/callback"  # never contacted: the tests read the Location header
 PASSWORD = "correct horse battery"
 
 
-def _own_server(env: dict[str, str], registry: Any) -> LiveServer:
-    """The real FHIR API (``dhp.api.fhir.FHIRApp`` + interactions) with our routes, built without the
-    optional services — used only when the full app cannot start while other areas are mid-change."""
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.routing import Mount
-
-    import dhp.auth as auth
-    from dhp.api.fhir import FHIRApp
-    from dhp.errors import FHIRError
-    from dhp.interactions.context import Server
-    from dhp.settings import Settings
-    from dhp.store import Store
-
-    settings = Settings.from_env({**os.environ, **env})
-    fhir = FHIRApp()
-    holder: dict[str, Any] = {}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> Any:
-        store = Store(settings.database_url)
-        await store.open()
-        server = Server(settings, registry, store)
-        await auth.start(server)
-        server.check_resource = auth.check_resource
-        app.state.server = server
-        app.state.admin_client = await auth.ensure_admin_client(server)
-
-        async def authenticate(request: Request) -> Any:
-            try:
-                return await auth.authenticate(server, request.headers)
-            except auth.AuthError as e:
-                raise FHIRError(401, str(e), "login", message_id="invalid-token",
-                                headers={"WWW-Authenticate": e.www_authenticate}) from None
-
-        fhir.authenticate = authenticate
-        fhir.server = server
-        holder["loop"] = asyncio.get_running_loop()
-        yield
-        await auth.stop(server)
-        await store.close()
-
-    class Lazy:
-        settings_ = settings
-
-        def __getattr__(self, name: str) -> Any:
-            if name == "settings":
-                return settings
-            return getattr(app.state.server, name)
-
-    app = Starlette(lifespan=lifespan)
-    for r in auth.routes(Lazy()):
-        app.router.routes.append(r)
-    app.router.routes.append(Mount("/fhir", app=fhir))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                                       loop="asyncio", http="h11"))
-    uv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    t = threading.Thread(target=lambda: asyncio.run(uv.serve()), daemon=True)
-    t.start()
-    deadline = time.time() + 120
-    while not uv.started:
-        if not t.is_alive() or time.time() > deadline:
-            raise RuntimeError("auth test server did not start")
-        time.sleep(0.05)
-    with socket.create_connection(("127.0.0.1", port), timeout=5):
-        pass
-    base = f"http://127.0.0.1:{port}"
-    s = LiveServer(base, base + "/fhir", app.state.server, app, uv, t, app.state.admin_client)
-    s.loop = holder["loop"]  # type: ignore[attr-defined]
-    return s
-
-
-def start_auth_server(start_server: Callable[..., LiveServer], registry: Any, db_url: str,
-                      **env: str) -> LiveServer:
-    """Prefer the lead's full server; fall back to our own app around the real FHIR API."""
-    full_env = {"DHP_DATABASE_URL": db_url, "DHP_AUTH": "on", "DHP_VALIDATION": "off",
-                "DHP_PACKAGE_IMPORT": "none", **env}
-    try:
-        s = start_server(**full_env)
-    except Exception as e:  # another area's code does not import right now
-        warnings.warn(f"full DHP app did not start ({e}); using the auth test app", stacklevel=2)
-        return _own_server(full_env, registry)
-    return s
+def start_auth_server(start_server: Callable[..., LiveServer], db_url: str, **env: str) -> LiveServer:
+    """The lead's full server with auth on (validation and package import off: not what these tests test)."""
+    return start_server(DHP_DATABASE_URL=db_url, DHP_AUTH="on", DHP_VALIDATION="off", DHP_PACKAGE_IMPORT="none",
+                        **env)
 
 
 @dataclass
@@ -181,25 +94,13 @@ class SSO:
 
 
 def _attach_loop(s: LiveServer) -> None:
-    if getattr(s, "loop", None) is not None:
-        return
-    # The lead's LiveServer runs uvicorn inside asyncio.run on a thread: its store's engine pool is bound to
-    # that loop. Find the loop from the uvicorn server's running tasks.
-    import gc
-
-    for obj in gc.get_objects():
-        if isinstance(obj, asyncio.AbstractEventLoop) and obj.is_running() and not obj.is_closed():
-            # The test thread has no running loop, so every running loop belongs to a server thread; pick the
-            # one whose thread serves this LiveServer.
-            thread_id = getattr(obj, "_thread_id", None)
-            if thread_id == s._thread.ident:
-                s.loop = obj  # type: ignore[attr-defined]
-                return
-    raise RuntimeError("cannot find the server's event loop")
+    # The store's connections belong to the server's loop, so in-process checks must run there.
+    if s.loop is None:
+        raise RuntimeError("the test server exposes no event loop")
 
 
-def make_sso(start_server: Callable[..., LiveServer], registry: Any, db_url: str, **env: str) -> SSO:
-    live = start_auth_server(start_server, registry, db_url, **env)
+def make_sso(start_server: Callable[..., LiveServer], db_url: str, **env: str) -> SSO:
+    live = start_auth_server(start_server, db_url, **env)
     _attach_loop(live)
     admin = live.admin_client
     assert admin and admin.get("client_secret"), "an empty database must print an admin client"
@@ -207,15 +108,15 @@ def make_sso(start_server: Callable[..., LiveServer], registry: Any, db_url: str
 
 
 @pytest.fixture(scope="session")
-def sso(start_server: Callable[..., LiveServer], registry: Any, new_db_url: Callable[[str], str]) -> SSO:
+def sso(start_server: Callable[..., LiveServer], new_db_url: Callable[[str], str]) -> SSO:
     """A server on SQLite with auth on."""
-    return make_sso(start_server, registry, new_db_url("sqlite"))
+    return make_sso(start_server, new_db_url("sqlite"))
 
 
 @pytest.fixture(scope="session")
-def sso_pg(start_server: Callable[..., LiveServer], registry: Any, new_db_url: Callable[[str], str]) -> SSO:
+def sso_pg(start_server: Callable[..., LiveServer], new_db_url: Callable[[str], str]) -> SSO:
     """A server on PostgreSQL with auth on."""
-    return make_sso(start_server, registry, new_db_url("pg"))
+    return make_sso(start_server, new_db_url("pg"))
 
 
 @pytest.fixture(params=["sqlite", "pg"])
@@ -267,9 +168,3 @@ def login_and_consent(sso: SSO, client_id: str, username: str, *, scope: str,
     loc = r.headers["location"]
     assert loc.startswith(redirect_uri)
     return parse_qs(urlsplit(loc).query)
-
-
-@pytest.fixture
-def browser_client(sso: SSO) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=sso.base, follow_redirects=False, timeout=30) as c:
-        yield c

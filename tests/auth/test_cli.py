@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from tests.auth.conftest import PASSWORD, REDIRECT, SSO, login_and_consent
 
 from dhp.auth.core import CLIENT_TTL, REVOCATION_POLL
+from tests.auth.conftest import PASSWORD, REDIRECT, SSO, login_and_consent
 
 
 @dataclass

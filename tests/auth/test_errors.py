@@ -14,6 +14,7 @@ import httpx
 import pytest
 from joserfc import jwt
 from joserfc.jwk import RSAKey
+
 from tests.auth.conftest import PASSWORD, REDIRECT, SSO, hidden, login_and_consent, pkce_pair
 
 TOKEN = "/oauth/token"
@@ -391,3 +392,30 @@ def test_failed_logins_are_throttled_per_address(sso: SSO, web: dict[str, Any]) 
     assert _attempt(sso, cid, user, PASSWORD).status_code == 429
     sso.call(db.throttle_clear(sso.live.server.store, "addr:127.0.0.1"))
     assert _attempt(sso, cid, user, PASSWORD).status_code == 200
+
+
+def test_other_server_jws_are_not_access_tokens(sso: SSO, web: dict[str, Any]) -> None:
+    """The sign-in page's signed request (it carries client_id and exp) is not a bearer token."""
+    c = web["client"]
+    r = httpx.get(sso.base + "/oauth/authorize", params={"response_type": "code", "client_id": c["client_id"],
+                                                         "redirect_uri": REDIRECT, "scope": "user/*.rs"})
+    req = hidden(r.text, "request")
+    fhir_401(httpx.get(sso.fhir + "/Patient", headers={"Authorization": "Bearer " + req}))
+    assert httpx.post(sso.base + "/oauth/introspect", data={"token": req, **sso.admin}).json() == {"active": False}
+
+
+def test_concurrent_code_exchange_has_one_winner(any_sso: SSO) -> None:
+    """Two exchanges of one code racing: exactly one gets tokens, and the replay revokes them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sso = any_sso
+    user = sso.create_user(fhir_user="Practitioner/race")
+    c = sso.create_client("user/*.rs", redirect_uris=[REDIRECT])
+    q = login_and_consent(sso, c["client_id"], user, scope="user/*.rs")
+    data = {"grant_type": "authorization_code", "code": q["code"][0], "redirect_uri": REDIRECT, **c}
+    with ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(lambda _: httpx.post(sso.base + TOKEN, data=data), range(4)))
+    ok = [r for r in rs if r.status_code == 200]
+    assert len(ok) == 1, [r.status_code for r in rs]
+    assert all(r.json()["error"] == "invalid_grant" for r in rs if r.status_code != 200)
+    fhir_401(httpx.get(sso.fhir + "/Patient", headers={"Authorization": "Bearer " + ok[0].json()["access_token"]}))

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from tests.auth.conftest import REDIRECT, SSO, login_and_consent
 
 FJ = "application/fhir+json"

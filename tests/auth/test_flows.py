@@ -4,7 +4,6 @@ SMART client ``fhirclient``: client credentials, authorization code with and wit
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -14,6 +13,7 @@ import pytest
 from authlib.integrations.httpx_client import OAuth2Client
 from joserfc import jws, jwt
 from joserfc.jwk import KeySet
+
 from tests.auth.conftest import PASSWORD, REDIRECT, SSO, hidden, login_and_consent, pkce_pair
 
 FJ = {"Accept": "application/fhir+json", "Content-Type": "application/fhir+json"}
@@ -327,7 +327,8 @@ def test_keys_are_shared_through_the_database(sso: SSO) -> None:
     async def fresh_verify() -> Any:
         st = AuthState(sso.live.server)
         await st.load_keys(create=False)
-        return await st.authenticate({"authorization": "Bearer " + tok, "host": sso.base.split("://")[1]})
+        # A plain dict in HTTP's usual casing works as well as Starlette's headers.
+        return await st.authenticate({"Authorization": "Bearer " + tok, "Host": sso.base.split("://")[1]})
 
     p = sso.call(fresh_verify())
     assert p.client_id == c["client_id"] and p.can("r", "Patient") and not p.can("c", "Patient")
@@ -393,7 +394,6 @@ def test_disabled_user_tokens_die(sso: SSO) -> None:
     tok = httpx.post(sso.base + "/oauth/token", data={"grant_type": "authorization_code", "code": q["code"][0],
                                                       "redirect_uri": REDIRECT, **c}).json()
     assert httpx.get(sso.fhir + "/Patient", headers=bearer(tok["access_token"])).status_code == 200
-    time.sleep(1.05)  # revocation compares whole-second iat with the disable instant
     r = httpx.post(f"{sso.base}/admin/users/{user}/disable", headers={"Authorization": "Bearer " + sso.admin_token()})
     assert r.status_code == 204
     assert httpx.get(sso.fhir + "/Patient", headers=bearer(tok["access_token"])).status_code == 401
@@ -442,3 +442,55 @@ def test_es256_tokens(sso: SSO) -> None:
     # The API process finds the new key in the database when it meets an unknown kid.
     assert httpx.get(sso.fhir + "/Patient", headers=bearer(tok)).status_code == 200
     assert any(k["kty"] == "EC" for k in httpx.get(sso.base + "/oauth/jwks").json()["keys"])
+
+
+def test_audit_events_are_searchable(sso: SSO) -> None:
+    c = sso.create_client("system/*.rs")
+    r = httpx.post(sso.base + "/oauth/token", data={"grant_type": "client_credentials",
+                                                    "client_id": c["client_id"], "client_secret": "wrong"})
+    assert r.status_code == 401
+    sso.call(sso.state.audit.wait_indexed())
+
+    async def latest_error() -> str:
+        from dhp import fhirjson
+
+        for rec in await sso.live.server.store.list_current("AuditEvent"):
+            ev = fhirjson.loads(rec.content)
+            if any(a["who"].get("identifier", {}).get("value") == c["client_id"] for a in ev["agent"]):
+                return str(ev["id"])
+        raise AssertionError("no event")
+
+    eid = sso.call(latest_error())
+    h = bearer(sso.admin_token())
+    hit = httpx.get(sso.fhir + "/AuditEvent", params={"_id": eid, "outcome": "error"}, headers=h)
+    assert hit.status_code == 200, hit.text
+    assert [e["resource"]["id"] for e in hit.json().get("entry", [])] == [eid]
+    miss = httpx.get(sso.fhir + "/AuditEvent", params={"_id": eid, "outcome": "success"}, headers=h)
+    assert miss.json().get("entry", []) == []
+
+
+def test_admin_client_is_created_once(sso: SSO) -> None:
+    import dhp.auth as auth
+
+    assert sso.admin["client_id"] == auth.ADMIN_CLIENT_ID
+    assert sso.call(auth.ensure_admin_client(sso.live.server)) is None  # it exists: nothing printed again
+    tok = sso.admin_token()
+    claims = verify(sso, tok)
+    assert set(claims["scope"].split()) == {"system/*.cruds", "dhp/admin"}
+
+
+def test_public_client_refresh_and_rotated_token_is_inactive(sso: SSO) -> None:
+    user = sso.create_user(fhir_user="Practitioner/pub")
+    c = sso.create_client("user/*.rs offline_access", public=True, redirect_uris=[REDIRECT])
+    verifier, challenge = pkce_pair()
+    q = login_and_consent(sso, c["client_id"], user, scope="user/*.rs offline_access", challenge=challenge)
+    first = httpx.post(sso.base + "/oauth/token", data={
+        "grant_type": "authorization_code", "code": q["code"][0], "redirect_uri": REDIRECT,
+        "client_id": c["client_id"], "code_verifier": verifier}).json()
+    second = httpx.post(sso.base + "/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": first["refresh_token"], "client_id": c["client_id"]})
+    assert second.status_code == 200, second.text
+    intro = httpx.post(sso.base + "/oauth/introspect", data={"token": first["refresh_token"], **sso.admin})
+    assert intro.json() == {"active": False}
+    intro = httpx.post(sso.base + "/oauth/introspect", data={"token": second.json()["refresh_token"], **sso.admin})
+    assert intro.json()["active"] is True and intro.json()["sub"] == user

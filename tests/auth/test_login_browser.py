@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+
 from tests.auth.conftest import PASSWORD, REDIRECT, SSO, pkce_pair
 
 CHROMIUM = "/usr/bin/chromium"

@@ -29,12 +29,12 @@ def narrative(text: str) -> dict[str, str]:
     return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><p>{text}</p></div>'}
 
 
-def organization(tax_id: str = "200935935") -> dict[str, Any]:
+def organization(tax_id: str = "200935935", name: str = "Toshkent shahar 4-son tug'ruq majmuasi") -> dict[str, Any]:
     return {"resourceType": "Organization", "meta": {"profile": [CORE + "uz-core-organization"]},
             "identifier": [{"use": "official", "type": {"coding": [{"system": V2_0203, "code": "TAX",
                                                                     "display": "Tax ID number"}]},
                             "system": "https://soliq.uz", "value": tax_id}],
-            "active": True, "name": "Toshkent shahar 4-son tug'ruq majmuasi"}
+            "active": True, "name": name}
 
 
 def practitioner(pid: str) -> dict[str, Any]:
@@ -144,9 +144,15 @@ def apgar(subject: str, performer: str, code: str, minute: int, score: int | Non
     return o
 
 
-def form_096(*, mother_pinfl: str = "41403965740021", doc_id: str | None = None,
+def pinfl() -> str:
+    """A fresh 14-digit PINFL, so documents of different tests do not share a person."""
+    return "4" + str(uuid.uuid4().int)[:13]
+
+
+def form_096(*, mother_pinfl: str | None = None, doc_id: str | None = None,
              status: str = "final") -> dict[str, Any]:
     """Twins born in a maternity ward: a live-born girl and a stillborn boy, with an APGAR series."""
+    mother_pinfl = mother_pinfl or pinfl()
     u = {k: urn() for k in ("comp", "org", "prac", "role", "mother", "rp1", "rp2", "baby1", "baby2", "enc",
                             "w1", "w2", "l1", "ga", "a1", "a5", "a1b")}
     born1, born2 = "2026-03-02T10:15:00+05:00", "2026-03-02T10:31:00+05:00"
@@ -226,9 +232,10 @@ def condition(subject: str, enc: str, icd: str, display: str, dtype: str, dtype_
             "recordedDate": "2026-02-10"}
 
 
-def form_003(*, patient_pinfl: str = "30211975910033", doc_id: str | None = None,
+def form_003(*, patient_pinfl: str | None = None, doc_id: str | None = None,
              status: str = "final") -> dict[str, Any]:
     """An inpatient stay: acute appendicitis, appendectomy, discharge home."""
+    patient_pinfl = patient_pinfl or pinfl()
     u = {k: urn() for k in ("comp", "pat", "enc", "org", "prac", "role", "dx1", "dx2", "proc", "obs", "med")}
     pat = mother_patient(patient_pinfl)
     pat["name"] = [{"use": "usual", "family": "Usmonov", "given": ["Salim"], "text": "Usmonov Salim"}]
@@ -306,7 +313,7 @@ def form_003(*, patient_pinfl: str = "30211975910033", doc_id: str | None = None
                              "gencl-0001-00008", "Yakuniy tashxis", u["prac"])),
         (u["proc"], proc), (u["obs"], obs), (u["med"], med),
         (u["prac"], practitioner("5501198100456")), (u["role"], practitioner_role(u["prac"], u["org"])),
-        (u["org"], organization("201122334")),
+        (u["org"], organization("201122334", "Respublika shoshilinch tibbiy yordam ilmiy markazi")),
     ]
     return {"resourceType": "Bundle",
             "identifier": {"system": "https://dhp.uz/fhir/integrations/NamingSystem/document-bundle",

@@ -87,6 +87,11 @@ CASES: list[tuple[str, set[str]]] = [
     ("Observation?performer:identifier=30101010000011", {"obs2"}),
     ("Patient?_profile=https://dhp.uz/fhir/core/StructureDefinition/uz-core-patient", {"pat1"}),
     ("Condition?evidence-detail=Observation/obs2", {"cond1"}),
+    ("Patient?_profile:below=https://dhp.uz/fhir/core/StructureDefinition/", {"pat1"}),
+    ("Patient?_profile:below=https://dhp.uz/fhir/other/", set()),
+    ("Patient?_source=http://mis.dhp.test/1", {"pat2"}),
+    ("Patient?_security=http://terminology.hl7.org/CodeSystem/v3-Confidentiality|R", {"pat3"}),
+    ("Patient?_security:not=R", {"pat1", "pat2"}),
     # date: a date is a range at its precision
     ("Patient?birthdate=1980", {"pat1", "pat3"}),
     ("Patient?birthdate=1980-05", {"pat1"}),

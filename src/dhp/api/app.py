@@ -103,6 +103,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         try:
             yield
         finally:
+            if auth is not None and hasattr(auth, "stop"):
+                await auth.stop(server)
             await server.store.close()
 
     async def root(_: Request) -> Response:

@@ -362,6 +362,12 @@ class FHIRApp:
                 params += parse_qsl(body, keep_blank_values=True)
         from dhp.interactions import search as search_mod
 
+        # SMART 's' permission: on the searched type, or on every type for a system search.
+        if ctx.principal is not None:
+            target = rtype if rtype not in (None, "*") else "*"
+            if not ctx.principal.can("s", target):
+                raise FHIRError(403, f"The access token's scopes do not allow searching {target}", "forbidden",
+                                message_id="insufficient-scope")
         if compartment is not None:
             comp_type, comp_id = compartment
             if rtype != "*":
@@ -386,6 +392,7 @@ class FHIRApp:
         ctx = self.context(request)
         await server.maybe_sync_conformance()
         body_resource: dict[str, Any] | None = None
+        source: bytes | None = None
         if request.method == "POST":
             http.content_kind(request)
             source = await self.body(request)
@@ -402,7 +409,8 @@ class FHIRApp:
             params = Params.from_query(self.query(request))
         else:
             raise _allow("GET", "POST")
-        call = OperationCall(server, ctx, name, rtype, rid, params, request.method, body_resource)
+        call = OperationCall(server, ctx, name, rtype, rid, params, request.method, body_resource,
+                             source if body_resource is not None else None)
         call.ctx.headers = request.headers
         result = await op.handler(call)
         if isinstance(result, OperationResult):

@@ -273,7 +273,7 @@ class AuthState:
         return self.sign(claims)
 
     async def authenticate(self, headers: Mapping[str, str]) -> Principal:
-        value = headers.get("authorization") or headers.get("Authorization")
+        value = header(headers, "authorization")
         if not value:
             raise AuthError("an access token is required (Authorization: Bearer ...)")
         scheme, _, token = value.partition(" ")
@@ -282,7 +282,7 @@ class AuthState:
             raise AuthError("the Authorization header must be 'Bearer <access token>'")
         await self.sync_revocations()
         # The audience was checked against this host's FHIR base: the cache key includes the host.
-        ck = (headers.get("host") or "") + " " + token
+        ck = (header(headers, "host") or "") + " " + token
         p = self.cache.get(ck)
         if p is None:
             p = await self._verify(token, headers)
@@ -309,7 +309,7 @@ class AuthState:
                     raise AuthError("the access token's signature is invalid") from e
             else:
                 raise AuthError("the access token is malformed or its signature is invalid") from e
-        if header.get("typ") not in ("at+jwt", "JWT", None) or "client_id" not in claims:
+        if header.get("typ") != "at+jwt" or "client_id" not in claims:
             raise AuthError("not an access token")
         if claims.get("iss") != self.issuer(headers) and not _same_ignoring_scheme(claims.get("iss"),
                                                                                     self.issuer(headers)):
@@ -333,7 +333,10 @@ class AuthState:
         if not self.revoked:
             return False
         iat_us = iat * 1_000_000
-        for key in (f"jti:{jti}", f"grant:{grant_id}", f"client:{client_id}", f"sub:{sub}"):
+        keys = [f"jti:{jti}", f"grant:{grant_id}", f"client:{client_id}"]
+        if sub != client_id:  # a user's token (client_credentials tokens carry the client id as sub)
+            keys.append(f"sub:{sub}")
+        for key in keys:
             at = self.revoked.get(key)
             if at is not None and iat_us <= at:
                 return True
@@ -385,9 +388,17 @@ class AuthState:
         return ok
 
 
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header from Starlette's case-insensitive Headers or from a plain dict in any common casing."""
+    v = headers.get(name)
+    if v is None and not hasattr(headers, "getlist"):
+        v = headers.get(name.title()) or next((x for k, x in headers.items() if k.lower() == name), None)
+    return v
+
+
 def _origin(headers: Mapping[str, str]) -> str:
-    host = headers.get("x-forwarded-host") or headers.get("host") or "localhost"
-    proto = headers.get("x-forwarded-proto") or "http"
+    host = header(headers, "x-forwarded-host") or header(headers, "host") or "localhost"
+    proto = header(headers, "x-forwarded-proto") or "http"
     return f"{proto}://{host.split(',')[0].strip()}"
 
 

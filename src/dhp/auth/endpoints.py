@@ -376,14 +376,15 @@ class Endpoints:
                          client_name=client.name, address=_address(request))
         return Response(b"", 200, headers=_NO_STORE)
 
-    def _claims_ignoring_expiry(self, token: str) -> dict[str, Any] | None:
+    def _claims_ignoring_expiry(self, token: str, typ: str = "at+jwt") -> dict[str, Any] | None:
+        """Claims of a JWS we signed with header ``typ`` (access token, request, ticket, session), else None."""
         if token.count(".") != 2:
             return None
         try:
-            _, claims = self.state.decode(token)
+            header, claims = self.state.decode(token)
         except (JoseError, ValueError):
             return None
-        return claims
+        return claims if header.get("typ") == typ else None
 
     async def introspect(self, request: Request) -> Response:
         try:
@@ -508,7 +509,7 @@ class Endpoints:
         smart["capabilities"] = [
             "launch-standalone", "client-public", "client-confidential-symmetric", "context-standalone-patient",
             "sso-openid-connect", "permission-offline", "permission-online", "permission-patient",
-            "permission-user", "permission-v1", "permission-v2", "authorize-post",
+            "permission-user", "permission-v1", "permission-v2",
         ]
         return JSONResponse(smart, headers={"Cache-Control": "public, max-age=300"})
 
@@ -616,7 +617,7 @@ class Endpoints:
         raw = request.cookies.get(SESSION_COOKIE)
         if not raw:
             return None
-        claims = self._claims_ignoring_expiry(raw)
+        claims = self._claims_ignoring_expiry(raw, "dhp-session")
         if claims is None or claims.get("typ") != "dhp-session" or int(claims.get("exp", 0)) <= time.time():
             return None
         user = await db.get_user(self.state.store, str(claims.get("sub")))
@@ -663,7 +664,7 @@ class Endpoints:
             return self._error_page(lang, e.error, e.description)
         lang = i18n.pick_language(form.get("lang"), request.headers.get("accept-language"))
         t = i18n.MESSAGES[lang]
-        req = self._claims_ignoring_expiry(form.get("request", ""))
+        req = self._claims_ignoring_expiry(form.get("request", ""), "dhp-authz")
         cookie = request.cookies.get(CSRF_COOKIE, "")
         field = form.get("csrf_token", "")
         if (req is None or req.get("typ") != "dhp-authz" or int(req.get("exp", 0)) <= time.time()
@@ -679,7 +680,7 @@ class Endpoints:
             return await self._login(request, form, lang, client, req, cookie)
         if step != "consent":
             return self._error_page(lang, "invalid_request", "Unknown form step", query=req["q"])
-        ticket = self._claims_ignoring_expiry(form.get("ticket", ""))
+        ticket = self._claims_ignoring_expiry(form.get("ticket", ""), "dhp-ticket")
         if (ticket is None or ticket.get("typ") != "dhp-ticket" or ticket.get("req") != req["jti"]
                 or int(ticket.get("exp", 0)) <= time.time()):
             return self._error_page(lang, "access_denied", t["csrf"], 403, query=req["q"])

@@ -8,6 +8,7 @@ type a resource type or ``*``; permissions a subset of ``cruds`` in that order (
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
@@ -49,6 +50,7 @@ class ResourceScope:
         return s
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_resource_scope(s: str) -> ResourceScope | None:
     """The resource scope ``s`` names, None if it is not a resource scope; :class:`ScopeError` if malformed."""
     if "/" not in s or s in OTHER_SCOPES:

@@ -18,7 +18,7 @@ from dhp.documents import split as splitter
 from dhp.errors import FHIRError, Issue
 from dhp.interactions import crud
 from dhp.interactions.context import RequestContext, Server
-from dhp.store import StoredResource, WriteTx, now_us, retry_conflicts
+from dhp.store import ConflictError, StoredResource, WriteTx, now_us, retry_conflicts
 from dhp.store import documents as docstore
 
 
@@ -164,13 +164,16 @@ class DocumentService:
                 if previous is not None:
                     prev_map = {fu: (rt, i) for fu, rt, i, mine in await docstore.resources_of(t, previous.bundle_id)
                                 if mine}
-                mapping, owned = await splitter.split(server, sys_ctx, t, bundle_id, bundle, prev_map)
+                mapping, owned = await splitter.split(server, sys_ctx, t, bundle_id, bundle, prev_map,
+                                                       ctx.base_url)
             elif previous is not None and status == "entered-in-error":
                 await splitter.retire(server, sys_ctx, t, await docstore.resources_of(t, previous.bundle_id))
             patient = _patient_of(comp, mapping)
             await t.put(rec, "POST", exists_before=False, patient=patient)
             if server.search is not None:
                 await server.search.index(t, "Bundle", bundle_id, stamped)
+            if previous is not None and not await docstore.supersede(t, previous.bundle_id):
+                raise ConflictError(f"Bundle/{previous.bundle_id} was replaced concurrently")  # retried: 409
             await docstore.add(t, docstore.DocumentRow(
                 bundle_id, ident["system"], ident["value"], comp_key or None, None, status, True,
                 previous.bundle_id if previous else None, None, patient, canon_hash, sign.sha256_hex(original), ts),
@@ -182,7 +185,6 @@ class DocumentService:
             comp_id = mapping.get(entries[0].get("fullUrl") or "", "").partition("/")[2] or None
             await docstore.set_docref(t, bundle_id, dres.rec.id if dres.rec else "", comp_id)
             if previous is not None:
-                await docstore.supersede(t, previous.bundle_id)
                 if previous.docref_id:
                     await self._supersede_docref(sys_ctx, t, previous.docref_id)
             if isinstance(bundle.get("signature"), dict):
@@ -318,6 +320,35 @@ class DocumentService:
         cur = await self.server.store.read("Provenance", pid)
         assert cur is not None
         return fhirjson.loads(cur.content)  # type: ignore[no-any-return]
+
+    async def check_provenance(self, resource: dict[str, Any], tx: WriteTx | None = None) -> None:
+        """A Provenance that carries signatures over a stored document must verify (422 otherwise).
+
+        Meant to be called by crud before writing any Provenance (``POST /fhir/Provenance`` or a transaction
+        entry), so signatures arriving outside ``$sign`` are checked too.
+        """
+        sigs = [s for s in resource.get("signature") or () if isinstance(s, dict)]
+        if not sigs:
+            return
+        for ti, target in enumerate(resource.get("target") or ()):
+            ref = target.get("reference") if isinstance(target, dict) else None
+            if not isinstance(ref, str) or not ref.startswith("Bundle/"):
+                continue
+            bid = ref[7:].split("/")[0]
+            cur = await tx.current("Bundle", bid) if tx is not None else await self.server.store.read("Bundle", bid)
+            if cur is None or cur.deleted or b'"document"' not in cur.content:
+                continue
+            bundle = fhirjson.loads(cur.content)
+            if bundle.get("type") != "document":
+                continue
+            canonical = sign.canonical(bundle)
+            for si, sig in enumerate(sigs):
+                try:
+                    self.keys.verify(sig, canonical)
+                except sign.SignatureError as e:
+                    raise FHIRError(422, f"Provenance.signature[{si}] over {ref} (target[{ti}]) is not valid: {e}",
+                                    "security", expression=f"Provenance.signature[{si}]",
+                                    message_id="doc-signature-invalid") from None
 
     async def verify(self, bundle_id: str) -> dict[str, Any]:
         """Check every signature on a stored document: Bundle.signature and the Provenances that target it."""

@@ -32,6 +32,8 @@ CANON_DOCUMENT = "http://hl7.org/fhir/canonicalization/json#document"
 AUTHOR_SIG = {"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1", "display": "Author's Signature"}
 VERIFY_SIG = {"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.5",
               "display": "Verification Signature"}
+#: National e-signature services add JAdES header fields (sigT, …): accept headers joserfc does not know.
+_REGISTRY = jws.JWSRegistry(strict_check_header=False)
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
 
 
@@ -91,8 +93,8 @@ class Keys:
         if self.signing is None:
             raise SignatureError("no platform signing key is configured (DHP_DOCUMENT_SIGNING_KEY)")
         alg = _alg_for(self.signing)
-        token = jws.serialize_compact({"alg": alg, "kid": self.signing_kid, "typ": "JOSE",
-                                       "sigT": _now_iso()}, payload, self.signing, algorithms=[alg])
+        token = jws.serialize_compact({"alg": alg, "kid": self.signing_kid, "typ": "JOSE"}, payload,
+                                      self.signing, algorithms=[alg])
         h, _p, s = token.split(".")
         return f"{h}..{s}"
 
@@ -134,7 +136,8 @@ class Keys:
         key = self._key_for(header)
         try:
             jws.deserialize_compact(f"{parts[0]}..{parts[2]}" if not parts[1] else token, key,
-                                    algorithms=ALGORITHMS, payload=payload if not parts[1] else None)
+                                    algorithms=ALGORITHMS, payload=payload if not parts[1] else None,
+                                    registry=_REGISTRY)
         except JoseError as e:
             raise SignatureError(f"the signature does not verify: {e.error}") from None
         except ValueError as e:

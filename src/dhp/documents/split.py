@@ -66,6 +66,13 @@ async def match_identifier(server: Server, t: WriteTx, rtype: str, resource: dic
     return None
 
 
+def _server_url_id(full_url: str, r: dict[str, Any], base_url: str) -> str | None:
+    rt, rid = r.get("resourceType"), r.get("id")
+    if base_url and isinstance(rid, str) and full_url == f"{base_url}/{rt}/{rid}":
+        return rid
+    return None
+
+
 def local_aliases(entry: dict[str, Any]) -> list[str]:
     """References that mean this entry: its fullUrl, and Type/id when the fullUrl is that resource's URL."""
     fu = entry.get("fullUrl")
@@ -78,7 +85,8 @@ def local_aliases(entry: dict[str, Any]) -> list[str]:
 
 
 async def split(server: Server, ctx: RequestContext, t: WriteTx, bundle_id: str, bundle: dict[str, Any],
-                previous: dict[str, tuple[str, str]]) -> tuple[dict[str, str], list[tuple[str, str, str, bool]]]:
+                previous: dict[str, tuple[str, str]], base_url: str = ""
+                ) -> tuple[dict[str, str], list[tuple[str, str, str, bool]]]:
     """Write the entries as atomic resources. Returns (reference mapping, (fullUrl, type, id, owned) rows).
 
     ``previous``: fullUrl → (type, id) of resources the replaced version wrote (updated, not duplicated).
@@ -91,14 +99,19 @@ async def split(server: Server, ctx: RequestContext, t: WriteTx, bundle_id: str,
         rt = r["resourceType"]
         fu = e.get("fullUrl") or ""
         prev = previous.get(fu)
+        own = _server_url_id(fu, r, base_url)
         if prev is not None and prev[0] == rt:
             action, rid = "update", prev[1]
+        elif own is not None and await t.current(rt, own) is not None:
+            # The entry *is* a resource of this server (fullUrl = its URL, e.g. from $document): link, don't copy.
+            action, rid = "match", own
         else:
             found = await match_identifier(server, t, rt, r) if rt != "Composition" else None
             action, rid = ("match", found) if found else ("create", str(uuid.uuid4()))
         for alias in local_aliases(e):
             mapping[alias] = f"{rt}/{rid}"
         plan.append((e, rt, rid, action))
+    await _match_roles(server, t, plan, mapping)
     rows: list[tuple[str, str, str, bool]] = []
     targets: list[dict[str, str]] = []
     for e, rt, rid, action in plan:
@@ -125,6 +138,36 @@ async def split(server: Server, ctx: RequestContext, t: WriteTx, bundle_id: str,
         prov = provenance_for_split(bundle_id, bundle, targets, mapping)
         await crud.create(server, ctx, "Provenance", prov, tx=t)
     return mapping, rows
+
+
+async def _match_roles(server: Server, t: WriteTx, plan: list[tuple[dict[str, Any], str, str, str]],
+                       mapping: dict[str, str]) -> None:
+    """A PractitionerRole rarely has an identifier: it is the same role when a known practitioner already has
+    one at the same known organization (both matched, not new in this document)."""
+    if server.search is None:
+        return
+    new = {f"{rt}/{rid}" for _e, rt, rid, action in plan if action == "create"}
+    from dhp.interactions.search import find_ids
+
+    for i, (e, rt, _rid, action) in enumerate(plan):
+        if rt != "PractitionerRole" or action != "create":
+            continue
+        r = e["resource"]
+        refs = []
+        for el in ("practitioner", "organization"):
+            ref = (r.get(el) or {}).get("reference") if isinstance(r.get(el), dict) else None
+            ref = mapping.get(ref, ref) if isinstance(ref, str) else None
+            if ref is None or ref in new or ref.startswith(("urn:", "http:", "https:")) or ref.count("/") != 1:
+                break
+            refs.append((el, ref))
+        if len(refs) != 2:
+            continue
+        found = await find_ids(server, "PractitionerRole", refs, tx=t)
+        if found:
+            rid = sorted(found)[0]
+            plan[i] = (e, rt, rid, "match")
+            for alias in local_aliases(e):
+                mapping[alias] = f"{rt}/{rid}"
 
 
 def _agent_who(comp: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:

@@ -113,6 +113,7 @@ async def find_ids(server: Any, rtype: str, params: list[tuple[str, str]], tx: A
     if tx is not None:
         return await sql.match_ids(tx.conn, is_sqlite=is_sqlite, rtype=rtype, nodes=nodes, limit=10000)
     async with server.store.read_conn() as conn:
+        await sql.prepare_read(conn, is_sqlite)
         return await sql.match_ids(conn, is_sqlite=is_sqlite, rtype=rtype, nodes=nodes, limit=10000)
 
 
@@ -159,6 +160,7 @@ async def _search(server: Any, ctx: Any, types: list[str] | None, params: list[t
     count_only = q.summary == "count" or q.count == 0
     issues: list[Issue] = list(q.issues)
     async with store.read_conn() as conn:
+        await sql.prepare_read(conn, store.is_sqlite)
         total: int | None = None
         hits: list[sql.Hit] = []
         more = False

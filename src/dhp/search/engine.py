@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 from dhp import fhirjson
 from dhp.conformance import Registry
 from dhp.errors import FHIRError
-from dhp.search.extract import TABLE_OF, ParamExtractor
+from dhp.search.extract import TABLE_OF, ParamExtractor, stems
 from dhp.search.params import ParamRegistry
 from dhp.search.parse import Parser
 from dhp.search.query import AnyOf, Compartment, Node, Nothing
@@ -59,6 +59,7 @@ class SearchEngine:
         self._extractors: dict[str, list[tuple[str, str, ParamExtractor]]] = {}
         self._kinds: dict[str, tuple[str, ...]] = {}
         self._signature: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._single: dict[tuple[str, str], bool] = {}
         #: Set by the interactions on first use, so background reindexing knows where to write.
         self.store: Any = None
         self.jobs: list[ReindexJob] = []
@@ -89,6 +90,7 @@ class SearchEngine:
         self._params = None
         self._extractors.clear()
         self._kinds.clear()
+        self._single.clear()
         new = self._signatures(self.params)
         old = self._signature
         self._signature = new
@@ -115,7 +117,7 @@ class SearchEngine:
     def parser(self, base_url: str = "", strict: bool = False, default_count: int = 50,
                max_count: int = 1000) -> Parser:
         return Parser(self.params, base_url=base_url, terminology=self.terminology, strict=strict,
-                      default_count=default_count, max_count=max_count)
+                      default_count=default_count, max_count=max_count, single_valued=self.single_valued)
 
     # ------------------------------------------------------------------ extraction
 
@@ -141,8 +143,11 @@ class SearchEngine:
     def rows(self, rtype: str, rid: str, resource: dict[str, Any],
              codes: set[str] | None = None) -> dict[str, list[tuple[Any, ...]]]:
         out: dict[str, list[tuple[Any, ...]]] = {}
+        present = stems(resource)
         for kind, code, ex in self.extractors(rtype):
             if codes is not None and code not in codes:
+                continue
+            if ex.first_names is not None and ex.first_names.isdisjoint(present):
                 continue
             try:
                 if ex.embedded:
@@ -159,6 +164,35 @@ class SearchEngine:
                 lst = out.setdefault(kind, [])
                 lst.extend((rtype, rid, code, *r) for r in got)
         return out
+
+    def single_valued(self, rtype: str, code: str) -> bool:
+        """At most one index row per resource: the parameter reads one element with max cardinality 1.
+
+        Then several conditions on it may be checked on the same row (one index range scan, not two).
+        """
+        key = (rtype, code)
+        got = self._single.get(key)
+        if got is None:
+            got = False
+            for kind, c, ex in self.extractors(rtype):
+                if c != code or ex.single_element is None or kind not in ("date", "number", "quantity",
+                                                                          "string", "uri"):
+                    continue
+                if kind == "string" and ex.param.type != "string":
+                    continue
+                got = self._max_one(rtype, ex.single_element, kind)
+            self._single[key] = got
+        return got
+
+    def _max_one(self, rtype: str, element: str, kind: str) -> bool:
+        sd = self.registry.structure_definition(rtype)
+        for el in (sd or {}).get("snapshot", {}).get("element", []):
+            if el.get("path") in (f"{rtype}.{element}", f"{rtype}.{element}[x]"):
+                types = {t.get("code") for t in el.get("type") or []}
+                # One element can still give several rows: a Timing's events, a HumanName's parts.
+                many = {"Timing", "HumanName", "Address", "CodeableConcept", "SampledData"}
+                return el.get("max") == "1" and not types & many
+        return False
 
     def kinds(self, rtype: str) -> tuple[str, ...]:
         self.extractors(rtype)

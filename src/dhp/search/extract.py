@@ -113,6 +113,19 @@ def _compile_native(part: str, rtype: str | None, type_names: frozenset[str]) ->
     return steps or [("self", "")]
 
 
+def stems(resource: dict[str, Any]) -> set[str]:
+    """Top-level element names present, with choice suffixes removed (valueQuantity → value)."""
+    out = set()
+    for k in resource:
+        out.add(k)
+        for i in range(1, len(k)):
+            if k[i].isupper():
+                if k[i:] in _SUFFIX_SET:
+                    out.add(k[:i])
+                    break
+    return out
+
+
 def _shape_is(v: Any, t: str) -> bool:
     if t in _PRIMITIVE_TYPES:
         return not isinstance(v, dict | list)
@@ -236,7 +249,16 @@ def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str])
         return None
     interp = _fhirpath(" | ".join(interpreted)) if interpreted else None
     if interp is None:
-        return lambda r: _run_native(native, r)
+        def run(r: Any) -> list[Any]:
+            return _run_native(native, r)
+
+        firsts = [steps[0] for steps in native]
+        if len(native) == 1 and len(native[0]) == 1 and native[0][0][0] in ("child", "typed"):
+            run.single_element = native[0][0][1].split("|", 1)[0]  # type: ignore[attr-defined]
+        if all(k in ("child", "typed") for k, _a in firsts):
+            # Which top-level elements the expression can touch: lets indexing skip absent ones cheaply.
+            run.first_names = frozenset(a.split("|", 1)[0] for _k, a in firsts)  # type: ignore[attr-defined]
+        return run
     if not native:
         return interp
     return lambda r: _run_native(native, r) + interp(r)
@@ -455,6 +477,9 @@ class ParamExtractor:
         self.param = param
         self.type_names = type_names
         self.root = compile_expression(param.expression, rtype, type_names)
+        self.first_names: frozenset[str] | None = getattr(self.root, "first_names", None)
+        #: The top-level element a one-step path reads (Patient.birthDate → "birthDate"), else None.
+        self.single_element: str | None = getattr(self.root, "single_element", None)
         # Bundle.composition / Bundle.message point at a resource inside the Bundle, not at a reference:
         # the embedded resource's own parameters are indexed under "code.param" on the Bundle.
         self.embedded = param.type == "reference" and bool(

@@ -86,7 +86,8 @@ def unescape(s: str) -> str:
 
 class Parser:
     def __init__(self, params: ParamRegistry, *, base_url: str = "", terminology: Any = None,
-                 strict: bool = False, default_count: int = 50, max_count: int = 1000) -> None:
+                 strict: bool = False, default_count: int = 50, max_count: int = 1000,
+                 single_valued: Any = None) -> None:
         self.params = params
         self.base_url = base_url.rstrip("/")
         self.terminology = terminology
@@ -94,6 +95,7 @@ class Parser:
         self.default_count = default_count
         self.max_count = max_count
         self.types = params.resource_types
+        self.single_valued = single_valued
 
     # ------------------------------------------------------------------ whole queries
 
@@ -123,7 +125,28 @@ class Parser:
             if node is not None:
                 q.nodes.append(node)
                 q.echo.append((name, value))
+        if types and len(types) == 1:
+            q.nodes = self.merge(types[0], q.nodes)
         return q
+
+    def merge(self, rtype: str, nodes: list[Node]) -> list[Node]:
+        """``birthdate=ge1980&birthdate=lt1990``: on a single-valued parameter both conditions hold for the
+        one row, so they become one index range scan instead of two semi-joins over half the table each."""
+        if self.single_valued is None:
+            return nodes
+        out: list[Node] = []
+        first: dict[tuple[str, str], Clause] = {}
+        for n in nodes:
+            if (isinstance(n, Clause) and not n.negate and n.missing is None
+                    and n.table in ("date", "number", "quantity", "string", "uri")
+                    and self.single_valued(rtype, n.code)):
+                key = (n.table, n.code)
+                if key in first:
+                    first[key].also.append(n.matches)
+                    continue
+                first[key] = n
+            out.append(n)
+        return out
 
     def nodes(self, rtype: str, items: list[tuple[str, str]]) -> list[Node]:
         """Conditions only (conditional operations, authorisation filters); result parameters are refused."""
@@ -531,7 +554,8 @@ class Parser:
                 raise bad(f"Unknown search parameter '{code}' in _sort", "_sort")
             if p.type in ("composite", "special"):
                 raise bad(f"Cannot sort on {p.type} parameter '{code}'", "_sort")
-            keys.append(SortKey(TABLE_OF[p.type], code, desc))
+            single = bool(self.single_valued and len(types) == 1 and self.single_valued(types[0], code))
+            keys.append(SortKey(TABLE_OF[p.type], code, desc, single))
         return keys
 
     def _include(self, types: list[str], value: str, reverse: bool, iterate: bool) -> Include:

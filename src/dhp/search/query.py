@@ -6,7 +6,7 @@ Nodes of one list are ANDed; the values inside one node are ORed (a comma in the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 #: A token system that was not given (``code`` alone matches any system); ``|code`` gives None (no system).
 ANY = "\x00any"
@@ -69,7 +69,7 @@ class CompositeMatch:
     parts: tuple[tuple[str, Any], ...]  # (component type, match) — at most 3
 
 
-Match = Union[StringMatch, TokenMatch, RefMatch, RangeMatch, UriMatch, NearMatch, CompositeMatch]
+Match = StringMatch | TokenMatch | RefMatch | RangeMatch | UriMatch | NearMatch | CompositeMatch
 
 
 @dataclass
@@ -81,6 +81,8 @@ class Clause:
     matches: list[Match] = field(default_factory=list)
     negate: bool = False
     missing: bool | None = None  # :missing=true/false
+    #: More OR-groups the SAME row must satisfy (merged conditions on a single-valued parameter).
+    also: list[list[Match]] = field(default_factory=list)
 
 
 @dataclass
@@ -144,7 +146,7 @@ class Nothing:
     """Matches no resource (e.g. a type outside the caller's compartment)."""
 
 
-Node = Union[Clause, IdClause, LastUpdated, Chain, Has, ListClause, Compartment, AnyOf, Nothing, TypeIs]
+Node = Clause | IdClause | LastUpdated | Chain | Has | ListClause | Compartment | AnyOf | Nothing | TypeIs
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class SortKey:
     table: str  # index table, or "_id" / "_lastUpdated"
     code: str
     desc: bool
+    single: bool = False  # at most one index row per resource: joined, not aggregated
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import calendar
 import re
 import unicodedata
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
 #: Open ends of a date range (microseconds since the epoch).
@@ -36,7 +36,7 @@ _DATE_RE = re.compile(
     r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"
     r"(Z|[+-]\d{2}:\d{2})?)?)?)?$")
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _us(dt: datetime) -> int:
@@ -61,14 +61,14 @@ def date_range(text: str) -> tuple[int, int]:
     try:
         year = int(y)
         if mo is None:
-            lo = datetime(year, 1, 1, tzinfo=timezone.utc)
-            hi = datetime(year + 1, 1, 1, tzinfo=timezone.utc) if year < 9999 else None
+            lo = datetime(year, 1, 1, tzinfo=UTC)
+            hi = datetime(year + 1, 1, 1, tzinfo=UTC) if year < 9999 else None
         elif d is None:
             month = int(mo)
-            lo = datetime(year, month, 1, tzinfo=timezone.utc)
+            lo = datetime(year, month, 1, tzinfo=UTC)
             hi = lo + timedelta(days=calendar.monthrange(year, month)[1])
         elif hh is None:
-            lo = datetime(year, int(mo), int(d), tzinfo=timezone.utc)
+            lo = datetime(year, int(mo), int(d), tzinfo=UTC)
             hi = lo + timedelta(days=1)
         else:
             offset = timedelta(0)
@@ -77,7 +77,7 @@ def date_range(text: str) -> tuple[int, int]:
                 offset = sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
             if int(hh) == 24:
                 raise DateError(f"not a FHIR date: {text!r}")
-            base = datetime(year, int(mo), int(d), int(hh), int(mi), tzinfo=timezone.utc) - offset
+            base = datetime(year, int(mo), int(d), int(hh), int(mi), tzinfo=UTC) - offset
             if ss is None:
                 lo, hi = base, base + timedelta(minutes=1)
             elif frac is None:

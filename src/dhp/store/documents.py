@@ -23,6 +23,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -48,6 +49,9 @@ documents = Table(
     Column("source", LargeBinary, nullable=False),
     UniqueConstraint("identifier_system", "identifier_value", name="uq_documents_identifier"),
     Index("ix_documents_composition", "composition_key", "current"),
+    # At most one current version per Composition.identifier, even when two versions race.
+    Index("uq_documents_current", "composition_key", unique=True, sqlite_where=text('"current"'),
+          postgresql_where=text('"current"')),
 )
 
 document_resources = Table(
@@ -114,8 +118,11 @@ async def set_docref(tx: WriteTx, bundle_id: str, docref_id: str, composition_id
                           .values(docref_id=docref_id, composition_id=composition_id))
 
 
-async def supersede(tx: WriteTx, bundle_id: str) -> None:
-    await tx.conn.execute(update(documents).where(documents.c.bundle_id == bundle_id).values(current=False))
+async def supersede(tx: WriteTx, bundle_id: str) -> bool:
+    """Mark a version replaced; False when it was no longer current (a concurrent version got there first)."""
+    r = await tx.conn.execute(update(documents).where(documents.c.bundle_id == bundle_id,
+                                                      documents.c.current == literal(True)).values(current=False))
+    return bool(r.rowcount)
 
 
 async def add_resources(tx: WriteTx, bundle_id: str, rows: list[tuple[str, str, str, bool]]) -> None:

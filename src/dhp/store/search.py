@@ -31,9 +31,11 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     not_,
     or_,
     select,
+    text,
     true,
     tuple_,
 )
@@ -97,7 +99,7 @@ reference_t = _table("reference", _key("target_type", 64), _key("target_id", 64)
                      indexes=[("type", "code", "target_type", "target_id", "id"), ("target_type", "target_id"),
                               ("type", "code", "url"), ("type", "code", "ivalue")])
 date_t = _table("date", Column("low", BigInteger, nullable=False), Column("high", BigInteger, nullable=False),
-                indexes=[("type", "code", "low", "high", "id")])
+                indexes=[("type", "code", "low", "high", "id"), ("type", "code", "high", "id")])
 number_t = _table("number", Column("low", Float, nullable=False), Column("high", Float, nullable=False),
                   indexes=[("type", "code", "low", "id")])
 quantity_t = _table("quantity", Column("low", Float, nullable=False), Column("high", Float, nullable=False),
@@ -135,6 +137,31 @@ async def delete_many(conn: AsyncConnection, keys: Sequence[tuple[str, str]], ki
             await conn.execute(delete(t).where(tuple_(t.c.type, t.c.id).in_(list(keys[i:i + 500]))))
 
 
+_compiled: dict[tuple[str, Any], tuple[str, tuple[str, ...]]] = {}
+
+
+def _compile(conn: AsyncConnection, key: Any, build: Any) -> tuple[str, tuple[str, ...]]:
+    """SQL text (and positional parameter names) of a Core statement, compiled once per dialect.
+
+    The write hooks run on every create: building and cache-keying a Core statement each time costs more
+    than executing it, so they execute the compiled text directly.
+    """
+    dialect = conn.sync_connection.dialect  # type: ignore[union-attr]
+    k = (dialect.name, key)
+    got = _compiled.get(k)
+    if got is None:
+        c = build().compile(dialect=dialect)
+        got = (str(c), tuple(c.positiontup or ()))
+        _compiled[k] = got
+    return got
+
+
+def _insert_stmt(kind: str) -> Any:
+    t = TABLES[kind]
+    names = ("type", "id", "code", *COLUMNS[kind])
+    return insert(t).values({n: bindparam(n) for n in names})
+
+
 async def replace_rows(conn: AsyncConnection, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
                        kinds: Iterable[str], *, fresh: bool, is_sqlite: bool) -> None:
     """Replace one resource's index rows. ``fresh``: it has none yet (a create), so nothing to delete.
@@ -143,27 +170,46 @@ async def replace_rows(conn: AsyncConnection, rtype: str, rid: str, rows: dict[s
     the old rows while the INSERTs (``unnest`` of arrays: the same SQL text whatever the row count, so it
     stays prepared) add the new ones. A write pays one round trip for its index, not one per table.
     """
+    kinds = tuple(kinds) if not fresh else ()
+    present = tuple(sorted(k for k, v in rows.items() if v))
     if is_sqlite:
-        if not fresh:
-            await delete_rows(conn, rtype, rid, kinds)
-        await insert_rows(conn, rows)
+        todo: list[tuple[str, Any]] = []
+        for k in kinds:
+            sql_text, _ = _compile(conn, ("del", k), lambda k=k: delete(TABLES[k]).where(
+                TABLES[k].c.type == bindparam("type"), TABLES[k].c.id == bindparam("id")))
+            todo.append((sql_text, (rtype, rid)))
+        for k in present:
+            sql_text, _ = _compile(conn, ("ins", k), lambda k=k: _insert_stmt(k))
+            todo.append((sql_text, rows[k]))
+
+        def run(c: Any) -> None:
+            for sql_text, params in todo:
+                c.exec_driver_sql(sql_text, params)
+
+        await conn.run_sync(run)
         return
-    ctes: list[Any] = []
-    if not fresh:
+    if not kinds and not present:
+        return
+
+    def build() -> Any:
+        ctes: list[Any] = []
         for k in kinds:
             t = TABLES[k]
-            ctes.append(delete(t).where(t.c.type == rtype, t.c.id == rid).cte(f"d_{k}"))
-    for k, items in sorted(rows.items()):
-        if not items:
-            continue
-        t = TABLES[k]
+            ctes.append(delete(t).where(t.c.type == bindparam("rtype"), t.c.id == bindparam("rid")).cte(f"d_{k}"))
+        for k in present:
+            t = TABLES[k]
+            names = ("type", "id", "code", *COLUMNS[k])
+            src = select(*[func.unnest(bindparam(f"{k}_{n}", type_=ARRAY(t.c[n].type))) for n in names])
+            ctes.append(insert(t).from_select(list(names), src).cte(f"i_{k}"))
+        return select(literal_column("1")).add_cte(*ctes)
+
+    sql_text, order = _compile(conn, ("replace", kinds, present), build)
+    params: dict[str, Any] = {"rtype": rtype, "rid": rid}
+    for k in present:
         names = ("type", "id", "code", *COLUMNS[k])
-        cols = list(zip(*items, strict=True))
-        src = select(*[func.unnest(bindparam(f"{k}_{n}", list(vals), type_=ARRAY(t.c[n].type)))
-                       for n, vals in zip(names, cols, strict=True)])
-        ctes.append(insert(t).from_select(list(names), src).cte(f"i_{k}"))
-    if ctes:
-        await conn.execute(select(literal(1)).add_cte(*ctes))
+        for n, vals in zip(names, zip(*rows[k], strict=True), strict=True):
+            params[f"{k}_{n}"] = list(vals)
+    await conn.exec_driver_sql(sql_text, tuple(params[n] for n in order))
 
 
 async def insert_rows(conn: AsyncConnection, rows: dict[str, list[tuple[Any, ...]]]) -> None:
@@ -171,10 +217,10 @@ async def insert_rows(conn: AsyncConnection, rows: dict[str, list[tuple[Any, ...
     for kind, items in rows.items():
         if not items:
             continue
-        names = ("type", "id", "code", *COLUMNS[kind])
-        t = TABLES[kind]
-        for i in range(0, len(items), 2000):
-            await conn.execute(insert(t), [dict(zip(names, r, strict=True)) for r in items[i:i + 2000]])
+        sql_text, _ = _compile(conn, ("ins", kind), lambda kind=kind: _insert_stmt(kind))
+        for i in range(0, len(items), 5000):
+            chunk = items[i:i + 5000]
+            await conn.run_sync(lambda c, chunk=chunk, q=sql_text: c.exec_driver_sql(q, chunk))
 
 
 async def delete_code_for(conn: AsyncConnection, kind: str, rtype: str, code: str, ids: Sequence[str]) -> None:
@@ -223,6 +269,15 @@ class Compiler:
 
     def ids(self, rtype: str, nodes: Sequence[Node]) -> Select[Any]:
         """SELECT id of live ``rtype`` resources matching every node (used for chains and _has)."""
+        for i, n in enumerate(nodes):
+            if isinstance(n, Clause) and not n.negate and n.missing is None:
+                # Index rows exist only for live resources (a delete removes them): a positive condition
+                # can be the driving table, with no probe into the resources table per candidate.
+                t = TABLES[n.table].alias()
+                groups = [or_(*[self._match(n.table, t, m) for m in g]) for g in [n.matches, *n.also]]
+                rest = [*nodes[:i], *nodes[i + 1:]]
+                return select(t.c.id).where(t.c.type == rtype, t.c.code == n.code, *groups,
+                                            *self.where(rest, rtype, t.c.type, t.c.id))
         r = resources.alias()
         conds = self.where(nodes, rtype, r.c.type, r.c.id)
         return select(r.c.id).where(r.c.type == rtype, r.c.deleted == false(), *conds)
@@ -287,7 +342,8 @@ class Compiler:
             m = self._member(base, t, rtype, tcol, icol)
             return not_(m) if c.missing else m
         conds = [self._match(c.table, t, m) for m in c.matches]
-        m = self._member(base.where(or_(*conds)), t, rtype, tcol, icol)
+        groups = [or_(*conds)] + [or_(*[self._match(c.table, t, m) for m in g]) for g in c.also]
+        m = self._member(base.where(*groups), t, rtype, tcol, icol)
         return not_(m) if c.negate else m
 
     def _chain(self, n: Chain, rtype: str | None, tcol: Any, icol: Any) -> ColumnElement[bool]:
@@ -395,20 +451,21 @@ class Compiler:
 
     def _date(self, m: RangeMatch, low: Any, high: Any) -> ColumnElement[bool]:
         lo, hi = int(m.lo), int(m.hi)
-        eq = and_(low >= lo, high <= hi)
         p = m.prefix
+        # Each form leads with a bound on one column so an index range scan can serve it; the rest is the
+        # spec's definition, rewritten equivalently (low <= high always holds).
         if p == "eq":
-            return eq
+            return and_(low >= lo, low <= hi, high <= hi)
         if p == "ne":
             return or_(low < lo, high > hi)
         if p == "gt":
             return high > hi
         if p == "lt":
             return low < lo
-        if p == "ge":
-            return or_(high > hi, eq)
-        if p == "le":
-            return or_(low < lo, eq)
+        if p == "ge":  # above the search range, or inside it
+            return and_(high >= lo, or_(high > hi, low >= lo))
+        if p == "le":  # below the search range, or inside it
+            return and_(low <= hi, or_(low < lo, high <= hi))
         if p == "sa":
             return low > hi
         if p == "eb":
@@ -520,6 +577,16 @@ class Compiler:
 
 # ------------------------------------------------------------------ running searches
 
+async def prepare_read(conn: Any, is_sqlite: bool) -> None:
+    """Per-transaction settings for searching.
+
+    asyncpg prepares every statement; after five runs PostgreSQL may switch to a generic plan, which for
+    ``IN (SELECT …)`` chains cannot see the values and picks scans. Searches always plan for their values.
+    """
+    if not is_sqlite:
+        await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+
+
 @dataclass
 class Hit:
     type: str
@@ -543,12 +610,24 @@ def _after(cols: list[tuple[Any, bool]], last: list[Any]) -> ColumnElement[bool]
     return or_(*alts) if alts else false()
 
 
-def _order_cols(compiler: Compiler, sort: Sequence[SortKey], r: Any, system: bool) -> list[tuple[Any, bool]]:
+def _order_cols(compiler: Compiler, sort: Sequence[SortKey], r: Any, system: bool,
+                joins: list[tuple[Any, Any]]) -> list[tuple[Any, bool]]:
     cols: list[tuple[Any, bool]] = []
     for k in sort:
-        e = compiler.sort_expr(k, r.c.type, r.c.id, r)
-        # NULLs (no value) last in both directions, through an explicit flag both backends agree on.
-        cols.append((case((e.is_(None), 1), else_=0), False))
+        if k.single and k.table in TABLES:
+            # One row per resource at most: an outer join sorts all matches in one pass, where a correlated
+            # MIN() per match would probe the index once per row.
+            t = TABLES[k.table].alias()
+            joins.append((t, and_(t.c.type == r.c.type, t.c.id == r.c.id, t.c.code == k.code)))
+            e = (t.c.value if k.table in ("string", "uri") else (t.c.high if k.desc else t.c.low))
+        else:
+            e = compiler.sort_expr(k, r.c.type, r.c.id, r)
+        if k.table in ("_id", "_lastUpdated"):
+            # Never NULL; a constant flag keeps the cursor layout and lets the column's index serve.
+            cols.append((literal_column("0"), False))
+        else:
+            # NULLs (no value) last in both directions, through an explicit flag both backends agree on.
+            cols.append((case((e.is_(None), 1), else_=0), False))
         cols.append((e, k.desc))
     if system:
         cols.append((r.c.type, False))
@@ -572,18 +651,30 @@ async def page(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] |
     elif types is not None:
         conds.append(r.c.type.in_(list(types)))
     conds += comp.where(nodes, single, r.c.type, r.c.id)
-    cols = _order_cols(comp, sort, r, single is None)
+    joins: list[tuple[Any, Any]] = []
+    cols = _order_cols(comp, sort, r, single is None, joins)
     # Walking backwards is walking forwards in the reversed order, then flipping the page.
     eff = [(e, (not d) if backward else d) for e, d in cols]
     inner_cols = [e.label(f"k{i}") for i, (e, _d) in enumerate(eff)]
-    inner = select(r.c.type, r.c.id, r.c.version, r.c.last_updated, r.c.content, *inner_cols).where(*conds)
+    src: Any = r
+    for t, on in joins:
+        src = src.outerjoin(t, on)
+    # Sort keys and ids only; the stored bytes are joined in for the page's rows alone.
+    inner = select(r.c.type.label("rtype"), r.c.id.label("rid"), *inner_cols).select_from(src).where(*conds)
     sub = inner.subquery("m")
     keycols = [(sub.c[f"k{i}"], d) for i, (_e, d) in enumerate(eff)]
     q = select(sub)
     if after is not None:
         q = q.where(_after(keycols, after))
-    q = q.order_by(*[(c.desc() if d else c.asc()) for c, d in keycols]).limit(count + 1)
-    rows = (await conn.execute(q)).all()
+    order = [(c.desc() if d else c.asc()) for c, d in keycols]
+    lim = q.order_by(*order).limit(count + 1).subquery("p")
+    r2 = resources.alias("r2")
+    pkeys = [(lim.c[f"k{i}"], d) for i, (_e, d) in enumerate(eff)]
+    q2 = (select(lim.c.rtype, lim.c.rid, r2.c.version, r2.c.last_updated, r2.c.content,
+                 *[c for c, _d in pkeys])
+          .join_from(lim, r2, and_(r2.c.type == lim.c.rtype, r2.c.id == lim.c.rid))
+          .order_by(*[(c.desc() if d else c.asc()) for c, d in pkeys]))
+    rows = (await conn.execute(q2)).all()
     more = len(rows) > count
     rows = rows[:count]
     hits = [Hit(row[0], row[1], row[2], row[3], row[4], list(row[5:])) for row in rows]
@@ -609,7 +700,7 @@ async def count_matches(conn: AsyncConnection, *, is_sqlite: bool, types: Sequen
 async def match_ids(conn: AsyncConnection, *, is_sqlite: bool, rtype: str, nodes: Sequence[Node],
                     limit: int) -> list[str]:
     comp = Compiler(is_sqlite)
-    q = comp.ids(rtype, nodes).limit(limit)
+    q = comp.ids(rtype, nodes).distinct().limit(limit)  # one resource may match through several rows
     return [row[0] for row in (await conn.execute(q)).all()]
 
 

@@ -48,8 +48,10 @@ Fn = Callable[[list[Any], list[Any], Ctx], list[Any]]  # (focus collection, $thi
 
 
 def val(x: Any) -> Any:
-    while isinstance(x, Typed | Prim):
+    t = type(x)
+    while t is Typed or t is Prim:
         x = x.value
+        t = type(x)
     return x
 
 
@@ -57,7 +59,7 @@ def val(x: Any) -> Any:
 
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
-  | (?P<str>'(?:[^'\\]|\\.)*')
+  | (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
   | (?P<date>@[0-9T][0-9:\-T.+Z]*)
   | (?P<num>\d+(?:\.\d+)?)
   | (?P<bq>`[^`]*`)
@@ -89,6 +91,8 @@ def _bool_of(c: list[Any]) -> bool | None:
     """Singleton evaluation of collections as booleans."""
     if not c:
         return None
+    if len(c) == 1 and type(c[0]) is bool:
+        return c[0]
     if len(c) > 1:
         raise Unsupported("boolean of a multi-item collection")
     v = val(c[0])
@@ -420,7 +424,7 @@ class _Parser:
         raise Unsupported(f"unexpected {text!r}")
 
     def invocation(self, base: Fn, leading: bool = False) -> Fn:
-        kind, text = self.next()
+        _kind, text = self.next()
         name = text.strip("`")
         if self.at("("):
             self.next()
@@ -516,6 +520,10 @@ def _equality(a: Fn, b: Fn, op: str) -> Fn:
             return [same if op == "~" else not same]
         if not left or not right:
             return []
+        if len(left) == 1 and len(right) == 1:
+            p, q = left[0], right[0]
+            if type(p) is str and type(q) is str and not (p[:1].isdigit() and q[:1].isdigit()):
+                return [(p == q) if op == "=" else (p != q)]
         if len(left) != len(right):
             res = False
         else:
@@ -642,7 +650,7 @@ def _each(crit: Fn, items: list[Any], x: Ctx) -> list[bool | None]:
     return out
 
 
-def _function(base: Fn, name: str, args: list[Fn], leading: bool) -> Fn:  # noqa: C901 - one table
+def _function(base: Fn, name: str, args: list[Fn], leading: bool) -> Fn:
     n = len(args)
     a0 = args[0] if args else None
 
@@ -789,6 +797,18 @@ def _function(base: Fn, name: str, args: list[Fn], leading: bool) -> Fn:  # noqa
                 return [s[start:start + ln]] if ln is not None else [s[start:]]
             return [s[start:]]
         return substring
+    if name in ("replaceMatches", "replace") and n == 2:
+        def repl(c: list[Any], t: list[Any], x: Ctx) -> list[Any]:
+            items = base(c, t, x)
+            if not items or not isinstance(val(items[0]), str):
+                return []
+            pat, rep = arg_value(c, t, x, 0), arg_value(c, t, x, 1)
+            if not isinstance(pat, str) or not isinstance(rep, str):
+                return []
+            if name == "replace":
+                return [val(items[0]).replace(pat, rep)]
+            return [re.sub(pat, rep.replace("$", "\\"), val(items[0]))]
+        return repl
     if name in ("lower", "upper", "trim") and n == 0:
         return lambda c, t, x: [getattr(val(i), {"trim": "strip"}.get(name, name))()
                                 for i in base(c, t, x)[:1] if isinstance(val(i), str)]

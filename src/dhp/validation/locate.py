@@ -95,7 +95,7 @@ class _Scanner:
                 key, self.pos = json.decoder.scanstring(self.text, self.pos + 1)
                 kp = (*path, key)
                 if kp in wanted:
-                    self.found[kp + ("@key",)] = key_start  # type: ignore[operator]
+                    self.found[(*kp, "@key")] = key_start
                 self.ws()
                 self.pos += 1  # ':'
                 self.value(kp, wanted)
@@ -153,7 +153,7 @@ def add_positions(issues: list[Issue], resource: Any, source: bytes) -> None:
     except (ValueError, IndexError):
         return
     for n, p in paths.items():
-        off = sc.found.get(p + ("@key",)) if p and isinstance(p[-1], str) else None  # type: ignore[operator]
+        off = sc.found.get((*p, "@key")) if p and isinstance(p[-1], str) else None
         if off is None:
             while p and p not in sc.found:
                 p = p[:-1]

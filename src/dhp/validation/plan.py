@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dhp.validation.primitives import PRIMITIVES
+
 FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
 BEST_PRACTICE_EXT = "http://hl7.org/fhir/StructureDefinition/elementdefinition-bestpractice"
 BASE = "http://hl7.org/fhir/StructureDefinition/"
@@ -80,9 +82,10 @@ class Elem:
     """One ElementDefinition of a snapshot, compiled."""
 
     __slots__ = (
-        "_eff", "base_path", "binding", "choice", "constraints", "content_ref", "fixed", "id", "is_modifier",
+        "_eff", "base_path", "binding", "choice", "constraints", "content_ref", "fast_prim", "fixed", "id",
+        "is_modifier",
         "keymap", "many", "max", "max_length", "max_value", "min", "min_value", "must_support", "name",
-        "path", "pattern", "plan", "short_ref", "slice_name", "slices", "slicing", "sub", "type_codes", "types",
+        "path", "pattern", "plain", "plan", "slice_name", "slices", "slicing", "sub", "type_codes", "types",
     )
 
     def __init__(self, ed: dict[str, Any], plan: Plan) -> None:
@@ -143,7 +146,17 @@ class Elem:
         self.slices: list[Elem] = []
         self.keymap: dict[str, tuple[Elem, str | None]] | None = None
         self._eff: dict[str, Any] = {}  # per-type effective checks, filled by the validator
-        self.short_ref = None
+        # Nothing beyond the type's own format rule to check on a value of this element.
+        self.plain = (self.fixed is None and self.pattern is None and self.max_length is None
+                      and self.min_value is None and self.max_value is None
+                      and (self.binding is None or self.binding[0] not in ("required", "extensible"))
+                      and all(c.key in ("ele-1",) for c in self.constraints))
+        # A single-typed primitive child whose string values need only the type's format rule: the walker
+        # checks such values inline (no item list, no per-value calls). Slices attach later (compile_plan).
+        t = self.single_type()
+        self.fast_prim: str | None = (
+            t if self.plain and not self.choice and t in PRIMITIVES and t != "xhtml"
+            and self.slicing is None and not (t == "id" and self.name == "id") and not self.content_ref else None)
 
     def single_type(self) -> str | None:
         return self.types[0].code if len(self.types) == 1 else None

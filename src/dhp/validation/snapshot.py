@@ -99,6 +99,9 @@ class _Generator:
             if "/" in slice_name:  # re-slice: hangs off the slice
                 sliced_id = f"{sliced_id}:{slice_name.rsplit('/', 1)[0]}"
             si = self.ensure(sliced_id)
+            i = self.index(eid)  # expanding the sliced element's parent may have brought the slice along
+            if i >= 0:
+                return i
             new = {k: copy.deepcopy(v) for k, v in self.elems[si].items() if k != "slicing"}
             new["id"] = eid
             new["sliceName"] = slice_name

@@ -16,7 +16,7 @@ from typing import Any
 from dhp.errors import Issue
 from dhp.terminology.types import CodeCheck, CodeValidator
 from dhp.validation import fastpath, fhirpath
-from dhp.validation.plan import BASE, Constraint, Elem, Plan, cap, compile_plan
+from dhp.validation.plan import BASE, Constraint, Elem, Plan, compile_plan
 from dhp.validation.primitives import PRIMITIVES, check_primitive
 from dhp.validation.xhtml import check_xhtml
 
@@ -24,9 +24,6 @@ log = logging.getLogger("dhp.validation")
 
 DAR_URL = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 CAPABILITY_ID = "DHPCapabilityStatement"
-LINE_EXT = "http://hl7.org/fhir/StructureDefinition/operationoutcome-issue-line"
-COL_EXT = "http://hl7.org/fhir/StructureDefinition/operationoutcome-issue-col"
-SOURCE_EXT = "http://hl7.org/fhir/StructureDefinition/operationoutcome-issue-source"
 _CODED = frozenset({"code", "Coding", "CodeableConcept", "Quantity", "CodeableReference", "string", "uri"})
 _ABSTRACT_CONTAINERS = frozenset({"Resource", "DomainResource"})
 _REF_RE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
@@ -79,6 +76,7 @@ class Validator:
         self._plans: dict[str, Plan | None] = {}
         self._codes: dict[tuple[str | None, str, str | None], CodeCheck] = {}
         self._matchers: dict[int, list[Callable[..., bool]]] = {}
+        self._slice_tables: dict[int, dict[Any, int] | None] = {}
         self._resource_types: frozenset[str] = registry.resource_types()
         registry.listeners.append(self.clear)
 
@@ -89,6 +87,7 @@ class Validator:
         self._plans = {}
         self._codes = {}
         self._matchers = {}
+        self._slice_tables = {}
         self._defaults = None
 
     def plan(self, canonical: str) -> Plan | None:
@@ -205,11 +204,6 @@ class Validator:
             run.profile = p.url
             self._resource(run, resource, p, rtype)
 
-    # ------------------------------------------------------------------ issues
-
-    def _issue(self, run: _Run, severity: str, code: str, mid: str, msg: str, path: str) -> None:
-        run.add(severity, code, mid, msg, path)
-
     # ------------------------------------------------------------------ resources
 
     def _resource(self, run: _Run, res: dict[str, Any], plan: Plan, path: str, contained: bool = False) -> None:
@@ -268,8 +262,8 @@ class Validator:
                 if fu and "/" in fu:
                     m = _REF_RE.search(fu)
                     if m:
-                        base = fu[: m.start()] if fu[m.start()] != "/" else fu[: m.start()]
-                        hit = idx.get(f"{base}/{ref}".replace("//" + ref, "/" + ref))
+                        # fullUrl https://host/fhir/Patient/1 → base https://host/fhir
+                        hit = idx.get(f"{fu[: m.start()]}/{ref}")
                         if hit is not None:
                             return hit
                 m = _REF_RE.search(ref)
@@ -359,7 +353,7 @@ class Validator:
                 continue
             if key == "resourceType" and resource:
                 continue
-            hit = km.get(key)
+            hit = km.get(key) if not (primitive_ext and key == "value") else None
             if hit is None:
                 if primitive_ext and key == "value":
                     run.add("error", "structure", "unknown-element",
@@ -368,6 +362,15 @@ class Validator:
                 self._unknown(run, key, km, path, resource)
                 continue
             child, ct = hit
+            fp = child.fast_prim
+            if fp is not None and not primitive_ext and key not in prim_ext:
+                # Plain primitive(s) with no '_' twin: checked inline in the loop below.
+                if type(val) is str and not child.many:
+                    groups[child] = (val,)  # type: ignore[assignment]
+                    continue
+                if child.many and type(val) is list and val and all(type(x) is str for x in val):
+                    groups[child] = (val, True)  # type: ignore[assignment]
+                    continue
             if child.choice:
                 other = seen_choice.get(child)
                 if other is not None:
@@ -400,14 +403,20 @@ class Validator:
         for child in required:
             if child not in groups and not dar:
                 self._missing(run, child, path, tcode)
+        host: tuple[str, ...] | None = None
         for child, items in groups.items():
-            cpath = _join(path, child.name)
+            cpath = f"{path}.{child.name}" if path else child.name
+            if type(items) is tuple:
+                self._fast_prims(run, child, items, cpath, path, tcode, dar)
+                continue
             n = len(items)
             if n > child.max:
                 run.add("error", "structure", "cardinality-max",
                         f"{cpath}: at most {child.max} allowed, found {n} ({_where(run, child)})", cpath)
             if n < child.min and not dar:
                 self._missing(run, child, path, tcode, n)
+            if host is None:
+                host = (tcode, elem.path, elem.base_path)
             cipath = ipath + "." + child.name
             assigned = self._slicing(run, child, items, cpath, dar) \
                 if child.slicing is not None and child.slices else None
@@ -417,19 +426,47 @@ class Validator:
                     vpath = f"{cpath}.ofType({ct})"
                 s = child.slices[assigned[i]] if assigned is not None and assigned[i] >= 0 else None
                 if s is None:
-                    self._value(run, child, ct, value, ext, vpath, cipath, host=tcode)
+                    self._value(run, child, ct, value, ext, vpath, cipath, host=host)
                     continue
                 sct = ct
                 if s.types and ct not in s.type_codes and len(s.types) == 1 and not child.choice:
                     sct = s.types[0].code
                 if s.sub and not child.choice:
                     # The slice's expanded children include everything the sliced element says: one walk.
-                    self._value(run, s, sct, value, ext, vpath, cipath, host=tcode)
+                    self._value(run, s, sct, value, ext, vpath, cipath, host=host)
                 else:
-                    self._value(run, child, ct, value, ext, vpath, cipath, host=tcode)
+                    self._value(run, child, ct, value, ext, vpath, cipath, host=host)
                     self._value(run, s, sct, value, ext, vpath, cipath, from_slice=True)
         if constraints:
             self._invariants(run, constraints, obj, type_path, path or tcode)
+
+    def _fast_prims(self, run: _Run, child: Elem, items: tuple[Any, ...], cpath: str, path: str, tcode: str,
+                    dar: bool) -> None:
+        """Plain primitive values (a string, or an array of strings): cardinality and the format rule."""
+        tc = child.fast_prim
+        if len(items) == 1:
+            vals: list[str] = [items[0]]
+            arr = False
+        else:
+            vals = items[0]
+            arr = True
+        n = len(vals)
+        if n > child.max:
+            run.add("error", "structure", "cardinality-max",
+                    f"{cpath}: at most {child.max} allowed, found {n} ({_where(run, child)})", cpath)
+        if n < child.min and not dar:
+            self._missing(run, child, path, tcode, n)
+        for i, value in enumerate(vals):
+            if len(value) < 256:
+                err = _PRIM_CACHE.get((tc, value), _MISSING)  # type: ignore[arg-type]
+                if err is _MISSING:
+                    err = _PRIM_CACHE[(tc, value)] = check_primitive(tc, value)  # type: ignore[arg-type,index]
+            else:
+                err = check_primitive(tc, value)  # type: ignore[arg-type]
+            if err:
+                vpath = f"{cpath}[{i}]" if arr else cpath
+                run.add("error", "structure" if "JSON" in err else "value",
+                        "json-type" if "JSON" in err else "primitive-format", f"{vpath}: {err} ({tc})", vpath)
 
     def _unknown(self, run: _Run, key: str, km: dict[str, Any], path: str, resource: bool) -> None:
         hint = ""
@@ -445,18 +482,18 @@ class Validator:
 
     def _missing(self, run: _Run, child: Elem, path: str, tcode: str, found: int = 0) -> None:
         cpath = _join(path, child.name)
+        remedy = (f"If the data is not available, send the data-absent-reason extension ({DAR_URL}) "
+                  "in its place")
         if child.min > found:
             run.add("error", "required", "cardinality-min",
-                    f"{cpath}: minimum required = {child.min}, found {found} ({_where(run, child)}). If the "
-                    f"data is not available, send the data-absent-reason extension ({DAR_URL}) in its place",
+                    f"{cpath}: minimum required = {child.min}, found {found} ({_where(run, child)}). {remedy}",
                     cpath)
-        else:
+        if found == 0:
             for s in child.slices:
                 if s.min > 0:
                     run.add("error", "required", "slice-cardinality-min",
                             f"{cpath}: slice '{s.slice_name}' requires at least {s.min}, found 0 "
-                            f"({_where(run, child)}). If the data is not available, send the data-absent-reason "
-                            f"extension ({DAR_URL})", cpath)
+                            f"({_where(run, child)}). {remedy}", cpath)
 
     def _items(self, run: _Run, child: Elem, ct: str | None, key: str, val: Any, ext: Any,
                path: str) -> list[tuple[Any, Any, str | None, bool]]:
@@ -507,7 +544,7 @@ class Validator:
     # ------------------------------------------------------------------ values
 
     def _value(self, run: _Run, elem: Elem, tcode: str | None, value: Any, ext: Any, path: str, ipath: str,
-               from_slice: bool = False, host: str = "") -> None:
+               from_slice: bool = False, host: tuple[str, ...] = ()) -> None:
         if tcode is None:
             if elem.content_ref:
                 target = self._content_target(elem)
@@ -528,7 +565,7 @@ class Validator:
             self._value_rules(run, elem, tcode, value, path)
             return
         if tcode == "Resource" or tcode in self._resource_types:
-            if not from_slice or elem.types and elem.types[0].profiles:
+            if not from_slice or (elem.types and elem.types[0].profiles):
                 self._nested_resource(run, elem, tcode, value, path)
             return
         if not isinstance(value, dict):
@@ -566,6 +603,16 @@ class Validator:
 
     def _primitive(self, run: _Run, elem: Elem, tcode: str, value: Any, ext: Any, path: str, ipath: str,
                    from_slice: bool) -> None:
+        if elem.plain and ext is None and type(value) is str and not from_slice and tcode != "xhtml" \
+                and len(value) < 256 and not (tcode == "id" and elem.name == "id"):
+            # Hot path: a plain string element; only the (cached) format rule applies.
+            err = _PRIM_CACHE.get((tcode, value), _MISSING)
+            if err is _MISSING:
+                err = _PRIM_CACHE[(tcode, value)] = check_primitive(tcode, value)
+            if err:
+                run.add("error", "structure" if "JSON" in err else "value",
+                        "json-type" if "JSON" in err else "primitive-format", f"{path}: {err} ({tcode})", path)
+            return
         if value is not None:
             if not from_slice:
                 # Element ids (not Resource.id) are strings in practice: the spec's own examples use
@@ -692,7 +739,7 @@ class Validator:
     # ------------------------------------------------------------------ extensions
 
     def _extension(self, run: _Run, elem: Elem, ext: dict[str, Any], path: str, ipath: str,
-                   host: str = "") -> None:
+                   host: tuple[str, ...] = ()) -> None:
         url = ext.get("url")
         if not isinstance(url, str):
             return  # the Extension plan reports the missing url
@@ -716,20 +763,19 @@ class Validator:
             run.add("error", "structure", "extension-context",
                     f"{path}: extension {url} is not allowed here ({ipath.rsplit('.', 1)[0]}); "
                     f"allowed contexts: {ctx}", path)
-        is_mod = any(e.is_modifier for e in p.root.sub.values()) or bool(p.root.is_modifier)
-        if modifier != is_mod and p.sd.get("derivation") == "constraint":
-            mod_flag = _sd_is_modifier(p.sd)
-            if mod_flag is not None and mod_flag != modifier:
-                run.add("error", "structure", "extension-modifier",
-                        f"{path}: extension {url} " + ("is not a modifier extension" if modifier else
-                                                       "is a modifier extension and must be in modifierExtension"),
-                        path)
+        mod_flag = _sd_is_modifier(p.sd)
+        if mod_flag is not None and mod_flag != modifier:
+            run.add("error", "structure", "extension-modifier",
+                    f"{path}: extension {url} " + ("is not a modifier extension" if modifier else
+                                                   "is a modifier extension and must be in modifierExtension"),
+                    path)
         self._complex(run, ext, p.root, "Extension", path, ipath)
 
-    def _context_ok(self, p: Plan, ipath: str, elem: Elem, host_type: str = "") -> bool:
-        # ipath is the instance path of the extension element, e.g. Patient.gender.extension
+    def _context_ok(self, p: Plan, ipath: str, elem: Elem, host_names: tuple[str, ...] = ()) -> bool:
+        # ipath is the instance path of the extension element, e.g. Patient.gender.extension; host_names
+        # are the host element's type, definition path and base path (string, HumanName.family, …).
         host = ipath.rsplit(".", 1)[0]
-        names = {host, host_type}
+        names = {host, *host_names}
         host_elem_path = elem.path.rsplit(".", 1)[0] if "." in elem.path else elem.path
         names.add(host_elem_path)
         base_host = elem.base_path.rsplit(".", 1)[0] if "." in elem.base_path else elem.base_path
@@ -746,11 +792,12 @@ class Validator:
             if ctype == "fhirpath":
                 return True
             if ctype == "extension":
-                if host.endswith("extension") or host.endswith("Extension"):
+                # Allowed inside an extension (on it, or on its value's primitive extension).
+                if ".extension" in host or host.endswith("Extension") or host.startswith("Extension"):
                     return True
                 continue
-            if expr in names or expr.split(".")[-1] == host.split(".")[-1] and expr.split(".")[0] in (
-                    root_type, parent_type):
+            if expr in names or (expr.split(".")[-1] == host.split(".")[-1] and expr.split(".")[0] in (
+                    root_type, parent_type)):
                 return True
             if expr == root_type and "." not in host:
                 return True
@@ -949,12 +996,22 @@ class Validator:
         slices = elem.slices
         assigned: list[int] = []
         counts = [0] * len(slices)
+        table = self._slice_tables.get(id(elem), _MISSING)
+        if table is _MISSING:
+            table = self._slice_tables[id(elem)] = self._slice_table(elem)
         for value, _ext, ct, _arr in items:
             hit = -1
-            for si, s in enumerate(slices):
-                if self._slice_match(run, elem, s, si, value, ct, len(assigned)):
-                    hit = si
-                    break
+            if table is not None:
+                # One fixed primitive per slice at one path (identifier.system, extension.url): a dict lookup.
+                for x in _path_values(self, run, value, slicing.discriminators[0].path):
+                    if isinstance(x, str | int) and x in table:
+                        hit = table[x]
+                        break
+            else:
+                for si, s in enumerate(slices):
+                    if self._slice_match(run, elem, s, si, value, ct, len(assigned)):
+                        hit = si
+                        break
             assigned.append(hit)
             if hit >= 0:
                 counts[hit] += 1
@@ -990,6 +1047,23 @@ class Validator:
                         ipath_i)
             last = max(last, hit)
         return assigned
+
+    def _slice_table(self, elem: Elem) -> dict[Any, int] | None:
+        assert elem.slicing is not None
+        ds = elem.slicing.discriminators
+        if len(ds) != 1 or ds[0].type not in ("value", "pattern"):
+            return None
+        table: dict[Any, int] = {}
+        for si, s in enumerate(elem.slices):
+            fixed = None
+            for t in self._slice_targets(s, ds[0].path):
+                fixed = t.fixed if t.fixed is not None else t.pattern
+                if fixed is not None:
+                    break
+            if not isinstance(fixed, str | int) or isinstance(fixed, bool) or fixed in table:
+                return None
+            table[fixed] = si
+        return table
 
     def _slice_match(self, run: _Run, elem: Elem, s: Elem, si: int, value: Any, ct: str | None,
                      position: int) -> bool:
@@ -1147,6 +1221,7 @@ class Validator:
 
     def _invariants(self, run: _Run, constraints: list[Constraint], focus: Any, type_path: str, path: str,
                     primitive: bool = False, has_ext: bool = False) -> None:
+        variables: dict[str, Any] | None = None
         for c in constraints:
             native = NATIVE.get(c.key)
             if native is not None:
@@ -1164,14 +1239,14 @@ class Validator:
                         f"({c.human})", path)
                 continue
             else:
-                variables = {
-                    "resource": run.containers[-1] if run.containers else focus,
-                    "rootResource": self._container_root(run) or focus,
-                }
+                if variables is None:
+                    variables = {
+                        "resource": run.containers[-1] if run.containers else focus,
+                        "rootResource": self._container_root(run) or focus,
+                        "context": focus, "env": self._env(run),
+                    }
                 try:
                     try:
-                        variables["context"] = focus
-                        variables["env"] = self._env(run)
                         ok = fastpath.truth(fastpath.evaluate(c.expression, focus, variables))
                     except fastpath.Unsupported:
                         res = fhirpath.evaluate(c.expression, focus, type_path, variables["env"], {
@@ -1229,7 +1304,7 @@ def _strings(obj: Any, out: set[str], skip: Any = None) -> None:
         if obj.startswith("#"):
             out.add(obj)
     elif isinstance(obj, dict):
-        for k, val in obj.items():
+        for val in obj.values():
             if val is not skip:
                 _strings(val, out, skip)
     elif isinstance(obj, list):

@@ -13,7 +13,7 @@ _NS = "{" + XHTML_NS + "}"
 
 ALLOWED_ELEMENTS = frozenset({
     "p", "br", "div", "h1", "h2", "h3", "h4", "h5", "h6", "a", "span", "b", "em", "i", "strong", "small",
-    "big", "tt", "small", "dfn", "q", "var", "abbr", "acronym", "cite", "blockquote", "hr", "address",
+    "big", "tt", "dfn", "q", "var", "abbr", "acronym", "cite", "blockquote", "hr", "address",
     "bdo", "kbd", "sub", "sup", "ul", "ol", "li", "dl", "dt", "dd", "pre", "table", "caption", "colgroup",
     "col", "thead", "tr", "tfoot", "tbody", "th", "td", "code", "samp", "img", "map", "area", "u", "s",
     "strike", "font", "center", "ins", "del",

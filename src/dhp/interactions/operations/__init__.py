@@ -133,6 +133,7 @@ class OperationCall:
     params: Params
     method: str  # GET or POST
     body: dict[str, Any] | None = None  # a non-Parameters body, when the operation takes one
+    source: bytes | None = None  # the raw bytes of ``body`` (for line/column in messages)
 
 
 @dataclass

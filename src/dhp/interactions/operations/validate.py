@@ -60,5 +60,6 @@ async def validate(call: OperationCall) -> dict[str, Any]:
     v = _validator(call)
     if mode == "profile" and not profiles:
         raise bad_request("mode 'profile' needs a 'profile' parameter", "profile", message_id="validate-mode")
-    issues = v.validate(resource, profiles or None, mode=mode)
+    source = call.source if resource is call.body else None
+    issues = v.validate(resource, profiles or None, mode=mode, source=source)
     return outcome(issues)

@@ -36,6 +36,9 @@ def upgrade() -> None:
         sa.UniqueConstraint("identifier_system", "identifier_value", name="uq_documents_identifier"),
     )
     op.create_index("ix_documents_composition", "documents", ["composition_key", "current"])
+    # At most one current version per Composition.identifier, even when two versions race.
+    op.create_index("uq_documents_current", "documents", ["composition_key"], unique=True,
+                    sqlite_where=sa.text('"current"'), postgresql_where=sa.text('"current"'))
     op.create_table(
         "document_resources",
         sa.Column("bundle_id", sa.String(64), primary_key=True),
