@@ -12,14 +12,17 @@ from pathlib import Path
 
 
 def _default_package_path() -> str:
-    # The shared DHP IG packages sit beside the checkout in development and CI.
+    """The shared DHP IG packages (beside the checkout in development and CI), then DHP's own Form 003 package."""
     here = Path(__file__).resolve()
+    paths = []
     candidates = [Path.cwd() / "../shared/packages"]
     candidates += [p / "shared/packages" for p in here.parents[:5]]
     for c in candidates:
         if c.is_dir():
-            return str(c.resolve())
-    return ""
+            paths.append(str(c.resolve()))
+            break
+    paths.append(str(here.parent / "documents" / "ig"))
+    return ":".join(paths)
 
 
 def _bool(v: str) -> bool:
@@ -33,7 +36,7 @@ def _bool(v: str) -> bool:
 
 DEFAULT_PACKAGES = (
     "hl7.fhir.r5.core#5.0.0,hl7.terminology.r5#7.0.1,hl7.fhir.uv.extensions.r5#5.3.0-ballot-tc1,"
-    "uz.dhp.core#0.3.0,uz.dhp.integrations#0.1.0"
+    "uz.dhp.core#0.3.0,uz.dhp.integrations#0.1.0,uz.dhp.documents#0.1.0"
 )
 
 

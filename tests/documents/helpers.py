@@ -43,8 +43,9 @@ def document_payload(bundle: dict[str, Any]) -> bytes:
 def detached_signature(bundle: dict[str, Any], key: Any, who: str | None = None,
                        **header: Any) -> dict[str, Any]:
     payload = document_payload(bundle)
-    token = jws.serialize_compact({"alg": "ES256", "kid": key.kid, **header}, payload, key,
-                                  registry=jws.JWSRegistry(strict_check_header=False))
+    registry = jws.JWSRegistry(strict_check_header=False)
+    registry.max_payload_length = 64 * 1024 * 1024  # whole documents, not tokens
+    token = jws.serialize_compact({"alg": "ES256", "kid": key.kid, **header}, payload, key, registry=registry)
     h, _, s = token.split(".")
     sig: dict[str, Any] = {
         "type": [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1",

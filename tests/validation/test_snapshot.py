@@ -11,20 +11,22 @@ from dhp.validation import generate_snapshot
 from dhp.validation.snapshot import SnapshotError
 
 
-def _norm(e: dict[str, Any]) -> dict[str, Any]:
-    b = e.get("binding") or {}
-    s = e.get("slicing") or {}
-    return {
-        "path": e.get("path"), "min": e.get("min"), "max": e.get("max"), "sliceName": e.get("sliceName"),
-        "mustSupport": bool(e.get("mustSupport")), "maxLength": e.get("maxLength"),
-        "contentReference": e.get("contentReference"),
-        "type": sorted((t.get("code"), tuple(t.get("profile") or ()), tuple(sorted(t.get("targetProfile") or ())))
-                       for t in e.get("type") or ()),
-        "fixed": {k: v for k, v in e.items() if k.startswith(("fixed", "pattern"))},
-        "binding": (b.get("strength"), b.get("valueSet")),
-        "slicing": (json.dumps(s.get("discriminator")), s.get("rules"), bool(s.get("ordered"))) if s else None,
-        "constraints": sorted(c["key"] for c in e.get("constraint") or ()),
-    }
+# Every ElementDefinition property is compared (short, definition, comment, requirements, alias, min/max, base,
+# type, contentReference, meaningWhenMissing, condition, constraint, mustSupport, isModifier(+Reason),
+# isSummary, binding, mapping, slicing, sliceName, fixed/pattern, example, maxLength, min/maxValue, extension …),
+# as JSON. Differences the packaged snapshots get wrong per the FHIR snapshot rules would be listed here as
+# (StructureDefinition id, element id, property); the generator matches all 31 packaged snapshots exactly, so
+# there are none (docs/validation.md, "Snapshots").
+ALLOWED_DIFFERENCES: frozenset[tuple[str, str, str]] = frozenset()
+
+
+def _differences(sd_id: str, want: dict[str, Any], got: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    out = []
+    for k in sorted(set(want) | set(got)):
+        w, g = json.dumps(want.get(k), sort_keys=True), json.dumps(got.get(k), sort_keys=True)
+        if w != g and (sd_id, want["id"], k) not in ALLOWED_DIFFERENCES:
+            out.append((sd_id, want["id"], k, w[:300], g[:300]))
+    return out
 
 
 def _dhp_profiles(registry: Any) -> list[dict[str, Any]]:
@@ -38,13 +40,45 @@ def _dhp_profiles(registry: Any) -> list[dict[str, Any]]:
 def test_generated_snapshots_match_packaged_ones_element_by_element(registry: Any) -> None:
     sds = _dhp_profiles(registry)
     assert len(sds) >= 30  # 18 UZ Core + 13 Integrations StructureDefinitions
+    compared = 0
     for sd in sds:
         gen = generate_snapshot({k: v for k, v in sd.items() if k != "snapshot"}, registry)
         want = sd["snapshot"]["element"]
         got = gen["snapshot"]["element"]
         assert [e["id"] for e in got] == [e["id"] for e in want], sd["id"]
-        for w, g in zip(want, got, strict=True):
-            assert _norm(g) == _norm(w), (sd["id"], w["id"])
+        diffs = [d for w, g in zip(want, got, strict=True) for d in _differences(sd["id"], w, g)]
+        assert not diffs, diffs[:5]
+        compared += len(want)
+    assert compared > 1000
+
+
+def test_generated_snapshot_has_no_extra_or_missing_properties(registry: Any) -> None:
+    """The comparison above is on the whole element: a property the generator drops fails it too."""
+    sd = registry.structure_definition("https://dhp.uz/fhir/core/StructureDefinition/uz-core-patient")
+    gen = generate_snapshot({k: v for k, v in sd.items() if k != "snapshot"}, registry)
+    by_id = {e["id"]: e for e in gen["snapshot"]["element"]}
+    # Inherited from core Patient: relative markdown links are made absolute.
+    core = registry.structure_definition("http://hl7.org/fhir/StructureDefinition/Patient")
+    relative = [(e["id"], k) for e in core["snapshot"]["element"] for k in ("definition", "comment", "requirements")
+                if "](" in (e.get(k) or "") and "](http" not in e[k]]
+    assert relative
+    for eid, k in relative:
+        if eid in by_id:
+            assert "](http://hl7.org/fhir/" in by_id[eid][k], (eid, k)
+    assert _differences("uz-core-patient", sd["snapshot"]["element"][0], gen["snapshot"]["element"][0]) == []
+    broken = dict(gen["snapshot"]["element"][1])
+    broken.pop("short")
+    assert [d[2] for d in _differences("x", sd["snapshot"]["element"][1], broken)] == ["short"]
+
+
+def test_relative_links_made_absolute() -> None:
+    from dhp.validation.snapshot import _absolute_links
+
+    web = "http://hl7.org/fhir/"
+    assert _absolute_links("see [Timing](datatypes.html#timing).", web) == \
+        "see [Timing](http://hl7.org/fhir/datatypes.html#timing)."
+    for kept in ("[a](http://x.org/y)", "[a](#frag)", "[a](/abs)", "[a](urn:uuid:1)", "no links"):
+        assert _absolute_links(kept, web) == kept
 
 
 def test_profile_on_profile_patient_birth(registry: Any) -> None:

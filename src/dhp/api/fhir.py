@@ -66,7 +66,7 @@ class FHIRApp:
             principal=request.scope.get("dhp.principal"),
             prefer=http.parse_prefer(request),
             headers=request.headers,
-            accept_language=request.headers.get("accept-language"),
+            accept_language=request.query_params.get("_language") or request.headers.get("accept-language"),
         )
 
     async def handle(self, request: Request, pretty: bool) -> Response:

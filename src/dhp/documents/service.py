@@ -64,8 +64,13 @@ class DocumentService:
     def __init__(self, server: Server) -> None:
         self.server = server
         s = server.settings
-        self.keys = sign.Keys(s.document_trusted_keys, s.document_signing_key, s.document_signing_kid,
-                              s.document_trust_anchors)
+        try:
+            self.keys = sign.Keys(s.document_trusted_keys, s.document_signing_key, s.document_signing_kid,
+                                  s.document_trust_anchors)
+        except (OSError, ValueError, KeyError, sign.SignatureError) as e:
+            # A misconfigured key must stop start-up with a message naming the settings, not a traceback.
+            raise RuntimeError("cannot load the document signature keys (DHP_DOCUMENT_TRUSTED_KEYS, "
+                               f"DHP_DOCUMENT_SIGNING_KEY, DHP_DOCUMENT_TRUST_ANCHORS): {e}") from e
 
     # ------------------------------------------------------------------ immutability
 
@@ -188,7 +193,10 @@ class DocumentService:
                 if previous.docref_id:
                     await self._supersede_docref(sys_ctx, t, previous.docref_id)
             if isinstance(bundle.get("signature"), dict):
-                await self._record_signature(sys_ctx, t, bundle_id, bundle["signature"], "Bundle.signature")
+                sig = dict(bundle["signature"])
+                if isinstance(sig.get("who"), dict):  # the signer as the resource it was split into
+                    sig["who"] = splitter.rewrite(dict(sig["who"]), mapping)
+                await self._record_signature(sys_ctx, t, bundle_id, sig, "Bundle.signature")
             if server.settings.document_countersign and self.keys.can_sign:
                 await self._countersign(sys_ctx, t, bundle_id, canonical)
             return crud.WriteResult(rec, 201, stamped, warnings)

@@ -34,6 +34,11 @@ VERIFY_SIG = {"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.1
               "display": "Verification Signature"}
 #: National e-signature services add JAdES header fields (sigT, …): accept headers joserfc does not know.
 _REGISTRY = jws.JWSRegistry(strict_check_header=False)
+# joserfc's defaults (512-byte header, 128 KB payload) are for tokens: an x5c certificate chain and a whole
+# clinical document are much larger.
+_REGISTRY.max_header_length = 64 * 1024
+_REGISTRY.max_payload_length = 256 * 1024 * 1024
+_REGISTRY.max_signature_length = 16 * 1024
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
 
 
@@ -94,7 +99,7 @@ class Keys:
             raise SignatureError("no platform signing key is configured (DHP_DOCUMENT_SIGNING_KEY)")
         alg = _alg_for(self.signing)
         token = jws.serialize_compact({"alg": alg, "kid": self.signing_kid, "typ": "JOSE"}, payload,
-                                      self.signing, algorithms=[alg])
+                                      self.signing, algorithms=[alg], registry=_REGISTRY)
         h, _p, s = token.split(".")
         return f"{h}..{s}"
 

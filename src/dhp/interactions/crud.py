@@ -188,6 +188,9 @@ def _stamp(resource: dict[str, Any], rid: str, version: int, ts: int) -> dict[st
 
 async def _store(server: Server, tx: WriteTx, rtype: str, rid: str, resource: dict[str, Any],
                  version: int, method: str, exists_before: bool, ts: int) -> StoredResource:
+    if rtype == "Provenance" and server.documents is not None:
+        # A signature over a stored document must verify, however it arrives.
+        await server.documents.check_provenance(resource, tx)
     content = fhirjson.dumps(resource)
     rec = StoredResource(rtype, rid, version, ts, False, content)
     await tx.put(rec, method, exists_before=exists_before, patient=patient_key(rtype, rid, resource))

@@ -112,10 +112,28 @@ def _num(v: Any) -> Any:
 def _eq(a: Any, b: Any) -> bool:
     a, b = val(a), val(b)
     if isinstance(a, dict) or isinstance(b, dict):
-        return _strip(a) == _strip(b)
+        return _deep_eq(a, b)
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
     return _num(a) == _num(b)
+
+
+def _deep_eq(a: Any, b: Any) -> bool:
+    """``_strip(a) == _strip(b)`` without building the stripped copies (whole resources get compared)."""
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or len(a) != len(b):
+            return False
+        for k, v in a.items():
+            if k not in b or not _deep_eq(v, b[k]):
+                return False
+        return True
+    if isinstance(a, list):
+        if not isinstance(b, list) or len(a) != len(b):
+            return False
+        return all(_deep_eq(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(b, dict | list):
+        return False
+    return bool(_num(val(a)) == _num(val(b)))
 
 
 def _strip(x: Any) -> Any:
@@ -149,8 +167,18 @@ def _children(item: Any) -> list[Any]:
 
 def _navigate(items: list[Any], name: str) -> list[Any]:
     out: list[Any] = []
+    uname = "_" + name
     for item in items:
-        if isinstance(item, Prim):
+        if type(item) is dict:
+            # The common case first: a plain JSON object with the property, and no '_' twin.
+            x = item.get(name)
+            if x is not None and uname not in item:
+                if type(x) is list:
+                    out.extend(y for y in x if y is not None)
+                else:
+                    out.append(x)
+                continue
+        elif isinstance(item, Prim):
             if name == "extension" and isinstance(item.ext, dict):
                 out.extend(item.ext.get("extension") or [])
             elif name == "id" and isinstance(item.ext, dict) and "id" in item.ext:
@@ -167,9 +195,9 @@ def _navigate(items: list[Any], name: str) -> list[Any]:
                 continue
         if not isinstance(item, dict):
             continue
-        if name in item or "_" + name in item:
+        if name in item or uname in item:
             x = item.get(name)
-            ext = item.get("_" + name)
+            ext = item.get(uname)
             if isinstance(x, list) or isinstance(ext, list):
                 xs = x if isinstance(x, list) else []
                 es = ext if isinstance(ext, list) else []

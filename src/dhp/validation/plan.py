@@ -82,7 +82,7 @@ class Elem:
     """One ElementDefinition of a snapshot, compiled."""
 
     __slots__ = (
-        "_eff", "base_path", "binding", "choice", "constraints", "content_ref", "fast_prim", "fixed", "id",
+        "_eff", "base_path", "binding", "choice", "constraints", "content_ref", "fast1", "fast_prim", "fixed", "id", "memo1",
         "is_modifier",
         "keymap", "many", "max", "max_length", "max_value", "min", "min_value", "must_support", "name",
         "path", "pattern", "plain", "plan", "slice_name", "slices", "slicing", "sub", "type_codes", "types",
@@ -154,9 +154,16 @@ class Elem:
         # A single-typed primitive child whose string values need only the type's format rule: the walker
         # checks such values inline (no item list, no per-value calls). Slices attach later (compile_plan).
         t = self.single_type()
-        self.fast_prim: str | None = (
-            t if self.plain and not self.choice and t in PRIMITIVES and t != "xhtml"
-            and self.slicing is None and not (t == "id" and self.name == "id") and not self.content_ref else None)
+        simple = (not self.choice and t in PRIMITIVES and t != "xhtml" and self.slicing is None
+                  and not (t == "id" and self.name == "id") and not self.content_ref)
+        self.fast_prim: str | None = t if simple and self.plain else None
+        single = not self.many and self.min <= 1 <= self.max
+        # ... and one such value alone satisfies the cardinality.
+        self.fast1: str | None = self.fast_prim if single else None
+        # A single primitive whose checks (format, fixed/pattern, limits, binding) depend on the value alone:
+        # the validator remembers (element, value) pairs that passed them all.
+        self.memo1 = bool(simple and single and self.fast_prim is None
+                          and all(c.key == "ele-1" for c in self.constraints))
 
     def single_type(self) -> str | None:
         return self.types[0].code if len(self.types) == 1 else None

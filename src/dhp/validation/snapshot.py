@@ -10,6 +10,7 @@ definition; new slices are copies of the sliced element placed after its existin
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 BASE = "http://hl7.org/fhir/StructureDefinition/"
@@ -17,6 +18,54 @@ BASE = "http://hl7.org/fhir/StructureDefinition/"
 # Differential properties that add to the base rather than replace it.
 _ADDITIVE = ("constraint", "condition", "mapping", "alias", "code")
 _NOT_MERGED = ("id", "path", "extension", "base")
+
+
+# Extensions on the root ElementDefinition that describe the base definition's own status: a profile does not
+# inherit them (the HL7 snapshot generator drops them from the root; other elements keep theirs).
+_NOT_INHERITED_EXT = frozenset({
+    "http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status",
+    "http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status-reason",
+    "http://hl7.org/fhir/StructureDefinition/structuredefinition-normative-version",
+})
+# Markdown properties whose relative links point into the specification that defines the base.
+_MARKDOWN = ("definition", "comment", "requirements", "meaningWhenMissing")
+_LINK_RE = re.compile(r"\]\(([^)\s]+)\)")
+CORE_WEB = "http://hl7.org/fhir/"
+
+
+def _absolute_links(text: str, web: str) -> str:
+    """``[x](datatypes.html#timing)`` → ``[x](http://hl7.org/fhir/datatypes.html#timing)``: a profile's
+    snapshot is read outside the specification's pages, so links inherited from it must be absolute."""
+    def fix(m: re.Match[str]) -> str:
+        link = m.group(1)
+        if link.startswith(("#", "/")) or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", link):
+            return m.group(0)
+        return f"]({web}{link})"
+    return _LINK_RE.sub(fix, text) if "](" in text else text
+
+
+def _is_core(sd: dict[str, Any]) -> bool:
+    """A definition of the specification itself (a resource or datatype), not a profile."""
+    return sd.get("derivation") == "specialization" or not sd.get("baseDefinition")
+
+
+def _inherit(e: dict[str, Any], core: bool, root: bool = False) -> dict[str, Any]:
+    """Prepare an element copied from a base definition for the derived snapshot."""
+    exts = e.get("extension") if root else None
+    if exts:
+        kept = [x for x in exts if x.get("url") not in _NOT_INHERITED_EXT]
+        if kept:
+            e["extension"] = kept
+        else:
+            del e["extension"]
+    if core:
+        for k in _MARKDOWN:
+            if isinstance(e.get(k), str):
+                e[k] = _absolute_links(e[k], CORE_WEB)
+        b = e.get("binding")
+        if isinstance(b, dict) and isinstance(b.get("description"), str):
+            b["description"] = _absolute_links(b["description"], CORE_WEB)
+    return e
 
 
 class SnapshotError(ValueError):
@@ -35,7 +84,9 @@ def generate_snapshot(sd: dict[str, Any], registry: Any, _depth: int = 0) -> dic
         raise SnapshotError(f"{sd.get('url')}: base definition {base_url} is not known")
     if not (base.get("snapshot") or {}).get("element"):
         base = generate_snapshot(base, registry, _depth + 1)
-    elems: list[dict[str, Any]] = copy.deepcopy(base["snapshot"]["element"])
+    core = _is_core(base)
+    elems: list[dict[str, Any]] = [_inherit(e, core, root=i == 0)
+                                   for i, e in enumerate(copy.deepcopy(base["snapshot"]["element"]))]
     gen = _Generator(registry, elems, _depth)
     for de in (sd.get("differential") or {}).get("element") or ():
         gen.apply(de)
@@ -102,7 +153,10 @@ class _Generator:
             i = self.index(eid)  # expanding the sliced element's parent may have brought the slice along
             if i >= 0:
                 return i
-            new = {k: copy.deepcopy(v) for k, v in self.elems[si].items() if k != "slicing"}
+            # A new slice starts from the sliced element, without its slicing; "mustSupport: false" is not
+            # repeated on it (the differential says what the slice supports).
+            new = {k: copy.deepcopy(v) for k, v in self.elems[si].items()
+                   if k != "slicing" and not (k == "mustSupport" and v is False)}
             new["id"] = eid
             new["sliceName"] = slice_name
             pos = self.subtree_end(si)
@@ -134,8 +188,14 @@ class _Generator:
         if profiles:
             psd = self.registry.structure_definition(profiles[0])
             if psd is not None:
-                if not (psd.get("snapshot") or {}).get("element"):
-                    psd = generate_snapshot(psd, self.registry, self.depth + 1)
+                if (psd.get("differential") or {}).get("element") or not (psd.get("snapshot") or {}).get("element"):
+                    # Built from its differential as the HL7 generator does, rather than trusting a packaged
+                    # snapshot that another tool (or version) produced.
+                    try:
+                        psd = generate_snapshot(psd, self.registry, self.depth + 1)
+                    except SnapshotError:
+                        if not (psd.get("snapshot") or {}).get("element"):
+                            raise
                 source = psd["snapshot"]["element"]
         if source is None and parent.get("sliceName"):
             sliced_id = pid.rpartition(":")[0]
@@ -171,7 +231,7 @@ class _Generator:
             tsd = self.registry.structure_definition(code if "/" in code else BASE + code)
             if tsd is None or not (tsd.get("snapshot") or {}).get("element"):
                 raise SnapshotError(f"cannot expand {pid}: type {code} unknown")
-            source = tsd["snapshot"]["element"]
+            source = [_inherit(copy.deepcopy(e), _is_core(tsd)) for e in tsd["snapshot"]["element"]]
         root_id = source[0].get("id") or source[0]["path"]
         root_path = source[0]["path"]
         copies = []
@@ -203,7 +263,10 @@ class _Generator:
                 s.update(copy.deepcopy(v))
                 target["slicing"] = s
             elif k == "binding" and isinstance(target.get("binding"), dict):
-                b = dict(target["binding"])
+                # The base binding's description and extensions describe the base's value set: a profile
+                # that restates the binding keeps only what its differential says (plus what it leaves alone,
+                # such as additional bindings).
+                b = {bk: bv for bk, bv in target["binding"].items() if bk not in ("extension", "description")}
                 b.update(copy.deepcopy(v))
                 target["binding"] = b
             else:

@@ -34,7 +34,7 @@ _TOKEN_RE = re.compile(r"\$this|resolve\(\)|extension\('([^']*)'\)|extension\(\"
 class _Run:
     """State of one top-level validate() call."""
 
-    __slots__ = ("bundles", "conform_cache", "contained_flags", "containers", "env", "full_urls", "issues", "profile", "seen",
+    __slots__ = ("bundles", "conform_cache", "contained_flags", "containers", "env", "full_urls", "issues", "n_add", "profile", "seen",
                  "silent", "unchecked")
 
     def __init__(self, silent: bool = False) -> None:
@@ -48,9 +48,11 @@ class _Run:
         self.profile = ""
         self.silent = silent
         self.unchecked = 0
+        self.n_add = 0  # add() calls, duplicates included: "did this check report anything?"
         self.env: Any = None
 
     def add(self, severity: str, code: str, message_id: str, diagnostics: str, path: str) -> None:
+        self.n_add += 1
         key = (severity, message_id, path, diagnostics)
         if key in self.seen:
             return
@@ -77,6 +79,10 @@ class Validator:
         self._codes: dict[tuple[str | None, str, str | None], CodeCheck] = {}
         self._matchers: dict[int, list[Callable[..., bool]]] = {}
         self._slice_tables: dict[int, dict[Any, int] | None] = {}
+        # (extension url|version, instance path, element, host) → context allowed; depends only on the plan.
+        self._contexts: dict[tuple[Any, ...], bool] = {}
+        # (element, string value) pairs of Elem.memo1 elements that passed every check of _primitive.
+        self._prim_ok: set[tuple[Elem, str]] = set()
         self._resource_types: frozenset[str] = registry.resource_types()
         registry.listeners.append(self.clear)
 
@@ -88,6 +94,8 @@ class Validator:
         self._codes = {}
         self._matchers = {}
         self._slice_tables = {}
+        self._contexts = {}
+        self._prim_ok = set()
         self._defaults = None
 
     def plan(self, canonical: str) -> Plan | None:
@@ -340,7 +348,27 @@ class Validator:
             run.add("error", "structure", "empty-value",
                     "empty objects are not allowed (ele-1: an element must have a value or children)", path)
             return
-        km, required, constraints, type_path = self._effective(elem, tcode)
+        eff = elem._eff.get(tcode)
+        km, required, constraints, type_path = eff if eff is not None else self._effective(elem, tcode)
+        prim_ok = self._prim_ok
+        if not required and not primitive_ext and not resource:
+            # Leaf objects (Coding, Identifier, Period …) whose properties are all plain primitives with
+            # known-good values: nothing else to check but the invariants. Anything else takes the full walk.
+            for key, val in obj.items():
+                hit = km.get(key)
+                if hit is None or type(val) is not str:
+                    break
+                child = hit[0]
+                fp = child.fast1
+                if fp is not None:
+                    if _PRIM_CACHE.get((fp, val), _MISSING) is not None:
+                        break
+                elif not child.memo1 or (child, val) not in prim_ok:
+                    break
+            else:
+                if constraints:
+                    self._invariants(run, constraints, obj, type_path, path or tcode)
+                return
         groups: dict[Elem, list[tuple[Any, Any, str | None, bool]]] = {}
         seen_choice: dict[Elem, str] = {}
         prim_ext: dict[str, Any] = _EMPTY
@@ -362,14 +390,18 @@ class Validator:
                 self._unknown(run, key, km, path, resource)
                 continue
             child, ct = hit
-            fp = child.fast_prim
-            if fp is not None and not primitive_ext and key not in prim_ext:
-                # Plain primitive(s) with no '_' twin: checked inline in the loop below.
-                if type(val) is str and not child.many:
+            if not primitive_ext and key not in prim_ext:
+                # Plain primitive(s) with no '_' twin, or a remembered good value: checked inline below.
+                if child.fast_prim is not None:
+                    if type(val) is str:
+                        if not child.many:
+                            groups[child] = (val,)  # type: ignore[assignment]
+                            continue
+                    elif child.many and type(val) is list and val and all(type(x) is str for x in val):
+                        groups[child] = (val, True)  # type: ignore[assignment]
+                        continue
+                elif child.memo1 and type(val) is str and (child, val) in prim_ok:
                     groups[child] = (val,)  # type: ignore[assignment]
-                    continue
-                if child.many and type(val) is list and val and all(type(x) is str for x in val):
-                    groups[child] = (val, True)  # type: ignore[assignment]
                     continue
             if child.choice:
                 other = seen_choice.get(child)
@@ -444,6 +476,8 @@ class Validator:
                     dar: bool) -> None:
         """Plain primitive values (a string, or an array of strings): cardinality and the format rule."""
         tc = child.fast_prim
+        if tc is None:
+            return  # a remembered (element, value) pair: all its checks passed before; cardinality 1 is fine
         if len(items) == 1:
             vals: list[str] = [items[0]]
             arr = False
@@ -498,8 +532,12 @@ class Validator:
     def _items(self, run: _Run, child: Elem, ct: str | None, key: str, val: Any, ext: Any,
                path: str) -> list[tuple[Any, Any, str | None, bool]]:
         """Normalise a property (and its ``_`` twin) into (value, extension, type, in-array) items."""
-        if not child.many and ext is _MISSING and val is not None and not isinstance(val, list):
-            return [(val, None, ct, False)]
+        if ext is _MISSING:
+            if not child.many:
+                if val is not None and type(val) is not list:
+                    return [(val, None, ct, False)]
+            elif type(val) is list and val and None not in val:
+                return [(v, None, ct, True) for v in val]
         kpath = _join(path, key)
         if child.many:
             vals = val if isinstance(val, list) else ([] if val is _MISSING else None)
@@ -585,7 +623,8 @@ class Validator:
                                 f"{path}: type profile {prof} is not known; not checked", path)
                     elif p.url != BASE + tcode:
                         self._complex(run, value, p.root, tcode, path, ipath)
-        self._value_rules(run, elem, tcode, value, path)
+        if elem.fixed is not None or elem.pattern is not None or elem.binding is not None or tcode == "Quantity":
+            self._value_rules(run, elem, tcode, value, path)
         if tcode == "Reference" and not from_slice:
             self._reference(run, elem, value, path)
 
@@ -613,6 +652,7 @@ class Validator:
                 run.add("error", "structure" if "JSON" in err else "value",
                         "json-type" if "JSON" in err else "primitive-format", f"{path}: {err} ({tcode})", path)
             return
+        n0, u0 = run.n_add, run.unchecked
         if value is not None:
             if not from_slice:
                 # Element ids (not Resource.id) are strings in practice: the spec's own examples use
@@ -663,6 +703,11 @@ class Validator:
             if constraints:
                 self._invariants(run, constraints, value, type_path, path, primitive=True,
                                  has_ext=isinstance(ext, dict) and bool(ext))
+        if elem.memo1 and ext is None and not from_slice and type(value) is str and run.n_add == n0 \
+                and run.unchecked == u0:
+            if len(self._prim_ok) > 200_000:
+                self._prim_ok.clear()
+            self._prim_ok.add((elem, value))
 
     def _limits(self, run: _Run, elem: Elem, value: Any, path: str) -> None:
         for bound, lo in ((elem.min_value, True), (elem.max_value, False)):
@@ -758,7 +803,11 @@ class Validator:
                         " (the profile does not allow extensions other than those it defines)" if closed else
                         "; its content is checked against the base Extension only"), path)
             return
-        if (p.sd.get("context")) and not self._context_ok(p, ipath, elem, host):
+        ckey = (p.key, ipath, id(elem), host)
+        ok = self._contexts.get(ckey)
+        if ok is None:
+            ok = self._contexts[ckey] = not p.sd.get("context") or self._context_ok(p, ipath, elem, host)
+        if not ok:
             ctx = ", ".join(str(c.get("expression")) for c in p.sd.get("context") or ())
             run.add("error", "structure", "extension-context",
                     f"{path}: extension {url} is not allowed here ({ipath.rsplit('.', 1)[0]}); "
@@ -1563,6 +1612,8 @@ def _num(v: Any) -> Any:
 
 
 def _equal(a: Any, b: Any) -> bool:
+    if type(a) is str:  # the common case; a string never equals a number or a boolean here
+        return a == b
     if isinstance(a, dict):
         if not isinstance(b, dict) or set(a) != set(b):
             return False
@@ -1577,6 +1628,8 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def _pattern(p: Any, v: Any) -> bool:
+    if type(p) is str:
+        return p == v
     if isinstance(p, dict):
         if not isinstance(v, dict):
             return False

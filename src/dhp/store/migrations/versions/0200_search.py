@@ -70,6 +70,8 @@ def upgrade() -> None:
             # planner multiplies their selectivities, expects a handful of rows and picks nested loops.
             op.execute(f"CREATE STATISTICS st_search_{kind}_type_code (dependencies, mcv) "
                        f"ON type, code FROM search_{kind}")
+        # Common codes ("gender=male", "status=final") are most of their parameter's rows: say so.
+        op.execute("CREATE STATISTICS st_search_token_tcv (mcv) ON type, code, value FROM search_token")
         have = bind.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'")).first()
         if have:
             # :contains on names: a trigram index turns a scan into an index lookup.
