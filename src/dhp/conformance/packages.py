@@ -200,6 +200,17 @@ def open_package(root: Path) -> Package:
     return Package(str(pid), str(ver), root, manifest, index["resources"], index["examples"])
 
 
+def _tree_differs(src: Path, cached: Path) -> bool:
+    """True when a source folder's files differ (by size or content time) from its cached copy."""
+    for p in src.rglob("*"):
+        if not p.is_file() or p.name == INDEX_FILE:
+            continue
+        q = cached / p.relative_to(src)
+        if not q.is_file() or q.stat().st_size != p.stat().st_size or q.stat().st_mtime < p.stat().st_mtime:
+            return True
+    return False
+
+
 # ---------------------------------------------------------------- sources
 
 
@@ -342,7 +353,7 @@ class PackageManager:
                 shutil.rmtree(tmp, ignore_errors=True)
         return ref
 
-    def install_path(self, path: Path) -> PackageRef:
+    def install_path(self, path: Path, refresh: bool = False) -> PackageRef:
         path = Path(path)
         if path.is_file():
             return self.install_tgz(path.read_bytes())
@@ -350,6 +361,8 @@ class PackageManager:
         manifest = orjson.loads((root / "package.json").read_bytes())
         ref = PackageRef(str(manifest["name"]), str(manifest["version"]))
         dest = self.cache_dir / f"{ref.id}#{ref.version}"
+        if refresh and dest.is_dir() and _tree_differs(root, dest / "package"):
+            shutil.rmtree(dest, ignore_errors=True)
         if not (dest / "package" / "package.json").is_file():
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(root, dest / "package", dirs_exist_ok=True)
@@ -357,9 +370,12 @@ class PackageManager:
 
     def ensure(self, ref: PackageRef) -> PackageRef:
         """Make ``ref`` (or the nearest available version) present in the cache; return what was installed."""
+        local = self.local()
+        if ref in local and local[ref].is_dir():
+            # An unpacked source folder may be edited in place (a package being authored): copy it afresh.
+            return self.install_path(local[ref], refresh=True)
         if (self.path_of(ref) / "package.json").is_file():
             return ref
-        local = self.local()
         if ref in local:
             return self.install_path(local[ref])
         remote = self._registry_info(ref.id)
