@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from dhp import fhirjson
 from dhp.errors import FHIRError, Issue, outcome
+from dhp.httputil import weighted_values
 
 log = logging.getLogger("dhp.api")
 
@@ -36,32 +37,20 @@ def negotiate(request: Request, html_ok: bool = False) -> str:
     accept = request.headers.get("accept", "")
     if not accept:
         return FHIR_JSON
-    best: tuple[float, str] | None = None
-    for part in accept.split(","):
-        bits = [b.strip() for b in part.split(";")]
-        mt = bits[0].lower()
-        q = 1.0
-        for b in bits[1:]:
-            if b.startswith("q="):
-                try:
-                    q = float(b[2:])
-                except ValueError:
-                    q = 0.0
-        if q <= 0:
-            continue
-        chosen = None
+    best: str | None = None
+    for mt in weighted_values(accept):
         if mt in (FHIR_JSON, "*/*", "application/*"):
-            chosen = FHIR_JSON
+            best = FHIR_JSON
         elif mt in ("application/json", "text/json"):
-            chosen = "application/json"
+            best = "application/json"
         elif mt == "text/html" and html_ok:
-            chosen = "text/html"
-        if chosen and (best is None or q > best[0]):
-            best = (q, chosen)
+            best = "text/html"
+        if best:
+            break
     if best is None:
         raise FHIRError(406, f"None of the accepted media types ({accept}) can be produced; "
                         "use application/fhir+json", "not-supported", message_id="not-acceptable")
-    return best[1]
+    return best
 
 
 def parse_prefer(request: Request) -> dict[str, str]:

@@ -17,6 +17,7 @@ from markupsafe import Markup
 
 from dhp import fhirjson
 from dhp.documents.checks import FORM_CS
+from dhp.httputil import weighted_values
 from dhp.interactions.context import Server
 from dhp.store import StoredResource
 from dhp.store import documents as docstore
@@ -62,20 +63,10 @@ def pick_language(value: str | None) -> str:
     """uz, ru or en from a ``_language`` value or an Accept-Language header (q-values honoured)."""
     if not value:
         return "uz"
-    best: tuple[float, str] | None = None
-    for part in value.split(","):
-        bits = [b.strip() for b in part.split(";")]
-        tag = bits[0].lower().split("-")[0]
-        q = 1.0
-        for b in bits[1:]:
-            if b.startswith("q="):
-                try:
-                    q = float(b[2:])
-                except ValueError:
-                    q = 0.0
-        if tag in LANGS and q > 0 and (best is None or q > best[0]):
-            best = (q, tag)
-    return best[1] if best else "uz"
+    for tag in weighted_values(value):
+        if tag.split("-")[0] in LANGS:
+            return tag.split("-")[0]
+    return "uz"
 
 
 # ---------------------------------------------------------------------- narrative sanitizing

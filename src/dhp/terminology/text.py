@@ -11,6 +11,8 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from dhp.httputil import weighted_values
+
 # Apostrophe-like characters seen in Uzbek Latin text (ASCII ', modifier letters, quotes, grave, acute).
 _APOSTROPHES = "'ʻʼ‘’`´ʹ′"
 # Word separators besides white space. str.replace per character is much faster than str.translate or a
@@ -49,22 +51,7 @@ def parse_accept_language(header: str | None) -> list[str]:
     """Language tags from an Accept-Language header, best first (``*`` and q=0 dropped)."""
     if not header:
         return []
-    weighted: list[tuple[float, int, str]] = []
-    for i, part in enumerate(header.split(",")):
-        bits = [b.strip() for b in part.split(";")]
-        tag = bits[0].lower()
-        if not tag or tag == "*":
-            continue
-        q = 1.0
-        for b in bits[1:]:
-            if b.startswith("q="):
-                try:
-                    q = float(b[2:])
-                except ValueError:
-                    q = 0.0
-        if q > 0:
-            weighted.append((-q, i, tag))
-    return [t for _, _, t in sorted(weighted)]
+    return [t for t in weighted_values(header) if t != "*"]
 
 
 def language_list(display_language: str | None, accept_language: str | None) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from decimal import Decimal
+from itertools import repeat
 from typing import Any
 
 from dhp.validation.primitives import date_bounds
@@ -212,7 +213,9 @@ def _navigate(items: list[Any], name: str) -> list[Any]:
             elif x is not None:
                 out.append(x)
             continue
-        # choice element: value → valueQuantity
+        # choice element: value → valueQuantity (the prefix test runs in C: most names are simply absent)
+        if not any(map(str.startswith, item, repeat(name))):
+            continue
         for k, x in item.items():
             if k.startswith(name) and len(k) > len(name) and k[len(name)].isupper():
                 tname = k[len(name):]
