@@ -35,17 +35,37 @@ def walk(x: Any) -> int:
     return 1
 
 
-def rate(fn: Any, items: list[Any], min_seconds: float = 3.0) -> tuple[float, float]:
-    """(items/s wall, items/s CPU) over at least min_seconds."""
+def rate(fn: Any, items: list[Any], min_seconds: float = 3.0) -> tuple[float, float, float, float]:
+    """(items/s wall, items/s CPU, best-round wall, best-round CPU) over at least min_seconds.
+
+    The machine is shared (load average 4-5 on 2 cores while other work runs): wall time includes waiting for
+    a core, and even CPU time inflates under contention. The mean over all rounds is the figure; the best
+    round (~0.3 s each) shows what one uncontended core does.
+    """
     n = 0
+    best_wall = best_cpu = 0.0
     t0, c0 = time.perf_counter(), time.process_time()
     while True:
-        for it in items:
-            fn(it)
-        n += len(items)
+        m = 0
+        t1, c1 = time.perf_counter(), time.process_time()
+        while time.perf_counter() - t1 < 0.3:
+            for it in items:
+                fn(it)
+            m += len(items)
+        n += m
+        best_wall = max(best_wall, m / (time.perf_counter() - t1))
+        best_cpu = max(best_cpu, m / max(time.process_time() - c1, 1e-9))
         if time.perf_counter() - t0 >= min_seconds:
             break
-    return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
+    return (n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9), best_wall, best_cpu)
+
+
+def once(fn: Any, items: list[Any]) -> tuple[float, float]:
+    """(items/s wall, items/s CPU) for one pass over items."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for it in items:
+        fn(it)
+    return len(items) / (time.perf_counter() - t0), len(items) / max(time.process_time() - c0, 1e-9)
 
 
 def main() -> None:
@@ -77,10 +97,13 @@ def main() -> None:
     prof = ["https://dhp.uz/fhir/core/StructureDefinition/uz-core-patient"]
     for p in patients:  # warm-up: compile plans, fill terminology caches
         assert not [i for i in v.validate(p, prof) if i.severity in ("error", "fatal")]
-    wall, cpu = rate(lambda p: v.validate(p, prof), patients)
-    walk_wall, _ = rate(walk, patients)
-    print(f"\nUZ Core Patient examples ({len(patients)}) vs uz-core-patient: {wall:,.0f}/s wall, {cpu:,.0f}/s CPU "
-          f"(target >= 2,000/s); ceiling (bare JSON walk) {walk_wall:,.0f}/s -> {wall / walk_wall:.3f} of ceiling")
+    wall, cpu, best_wall, best_cpu = rate(lambda p: v.validate(p, prof), patients, 6.0)
+    walk_wall, walk_cpu, _, _ = rate(walk, patients)
+    print(f"\nUZ Core Patient examples ({len(patients)}) vs uz-core-patient (target >= 2,000/s):\n"
+          f"  mean {wall:,.0f}/s wall, {cpu:,.0f}/s CPU; best 0.3-s round {best_wall:,.0f}/s wall, "
+          f"{best_cpu:,.0f}/s CPU\n"
+          f"  ceiling (bare JSON walk) {walk_wall:,.0f}/s wall, {walk_cpu:,.0f}/s CPU -> "
+          f"{cpu / walk_cpu:.3f} of ceiling (CPU)")
 
     pm = PackageManager(settings.package_cache, [], settings.registry_list)
     folder = pm.path_of(pm.ensure(PackageRef("hl7.fhir.r5.examples", "5.0.0")))
@@ -92,17 +115,18 @@ def main() -> None:
             r5.append(res)
     base_v = Validator(registry, term, default_profiles={})
 
-    def val_r5(res: dict[str, Any]) -> int:
-        return len(base_v.validate(res, ["http://hl7.org/fhir/StructureDefinition/" + res["resourceType"]]))
+    with_errors: set[int] = set()
+
+    def val_r5(res: dict[str, Any]) -> None:
+        issues = base_v.validate(res, ["http://hl7.org/fhir/StructureDefinition/" + res["resourceType"]])
+        if any(i.severity in ("error", "fatal") for i in issues):
+            with_errors.add(id(res))
 
     for res in r5[::10]:  # warm-up on a tenth of them
         val_r5(res)
-    t0, c0 = time.perf_counter(), time.process_time()
-    errors_n = sum(1 for res in r5 if any(
-        i.severity in ("error", "fatal")
-        for i in base_v.validate(res, ["http://hl7.org/fhir/StructureDefinition/" + res["resourceType"]])))
-    r5_wall = len(r5) / (time.perf_counter() - t0)
-    r5_cpu = len(r5) / (time.process_time() - c0)
+    with_errors.clear()
+    r5_wall, r5_cpu = once(val_r5, r5)
+    errors_n = len(with_errors)
     print(f"\nR5 examples ({len(r5)}) vs base spec: {r5_wall:,.1f}/s wall, {r5_cpu:,.1f}/s CPU "
           f"({errors_n} with errors: spec example defects, see docs/validation.md)")
     print(f"RSS after compiling the plans used: {rss_mb():.0f} MB")
@@ -114,21 +138,35 @@ def main() -> None:
         get_fhir_model_class = None
     if get_fhir_model_class is not None:
         raw = [fhirjson.fast_loads(fhirjson.dumps(r)) for r in r5]  # plain floats, as the peer expects
+        rejected: set[int] = set()
 
-        def peer(res: dict[str, Any]) -> bool:
+        def peer(res: dict[str, Any]) -> None:
             try:
                 get_fhir_model_class(res["resourceType"]).model_validate(res)
-                return True
             except Exception:
-                return False
+                rejected.add(id(res))
 
         for res in raw[::10]:
             peer(res)
-        t0 = time.perf_counter()
-        ok = sum(1 for res in raw if peer(res))
-        peer_rate = len(raw) / (time.perf_counter() - t0)
-        print(f"peer fhir.resources parse of the same resources: {peer_rate:,.1f}/s ({len(raw) - ok} rejected); "
-              f"ours / peer = {r5_wall / peer_rate:.2f}")
+        rejected.clear()
+        # Interleaved in chunks of 50 resources, so that both see the same machine load (it varies by 2x
+        # within a minute here).
+        ours_w = ours_c = peer_w = peer_c = 0.0
+        for k in range(0, len(r5), 50):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for res in r5[k:k + 50]:
+                val_r5(res)
+            t1, c1 = time.perf_counter(), time.process_time()
+            for res in raw[k:k + 50]:
+                peer(res)
+            t2, c2 = time.perf_counter(), time.process_time()
+            ours_w, ours_c = ours_w + t1 - t0, ours_c + c1 - c0
+            peer_w, peer_c = peer_w + t2 - t1, peer_c + c2 - c1
+        n = len(r5)
+        print(f"interleaved with the peer: ours {n / ours_w:,.1f}/s wall, {n / ours_c:,.1f}/s CPU; "
+              f"peer fhir.resources parse {n / peer_w:,.1f}/s wall, {n / peer_c:,.1f}/s CPU "
+              f"({len(rejected)} rejected)\n"
+              f"ours / peer = {peer_w / ours_w:.2f} (wall), {peer_c / ours_c:.2f} (CPU)")
     t0 = time.perf_counter()
     for res in r5:
         walk(res)

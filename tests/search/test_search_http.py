@@ -465,3 +465,25 @@ def test_search_parameter_created_through_the_api(fhir: httpx.Client, search_ser
                                      "parameter": [{"name": "mode", "valueString": "status"}]}, headers=H)
     assert r.status_code == 200, r.text
     assert r.json()["resourceType"] == "Parameters" and r.json()["parameter"]
+
+
+@pytest.mark.parametrize(("sort", "expected"), [("url", ["q1", "q2", "q-nourl"]), ("-url", ["q2", "q1", "q-nourl"])])
+def test_paging_on_a_single_valued_key_reaches_resources_without_a_value(fhir: httpx.Client, sort: str,
+                                                                          expected: list[str]) -> None:
+    r = fhir.put("/Questionnaire/q-nourl", json={"resourceType": "Questionnaire", "id": "q-nourl",
+                                                 "status": "draft"}, headers=H)
+    assert r.status_code in (200, 201)
+    b = get(fhir, f"/Questionnaire?_id=q1,q2,q-nourl&_sort={sort}&_count=1")
+    seen, pages = ids(b), [b]
+    while (nxt := next((link["url"] for link in b["link"] if link["relation"] == "next"), None)):
+        b = httpx.get(nxt, timeout=30).json()
+        seen += ids(b)
+        pages.append(b)
+    assert seen == expected
+    back = []
+    b = pages[-1]
+    while (prev := next((link["url"] for link in b["link"] if link["relation"] == "previous"), None)):
+        b = httpx.get(prev, timeout=30).json()
+        back = ids(b) + back
+    assert back + ids(pages[-1]) == expected
+    assert ids(get(fhir, f"/Questionnaire?_id=q1,q2,q-nourl&_sort={sort}&_count=2")) == expected[:2]

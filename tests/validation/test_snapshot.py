@@ -10,7 +10,6 @@ import pytest
 from dhp.validation import generate_snapshot
 from dhp.validation.snapshot import SnapshotError
 
-
 # Every ElementDefinition property is compared (short, definition, comment, requirements, alias, min/max, base,
 # type, contentReference, meaningWhenMissing, condition, constraint, mustSupport, isModifier(+Reason),
 # isSummary, binding, mapping, slicing, sliceName, fixed/pattern, example, maxLength, min/maxValue, extension …),

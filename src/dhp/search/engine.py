@@ -149,6 +149,8 @@ class SearchEngine:
                 continue
             if ex.first_names is not None and ex.first_names.isdisjoint(present):
                 continue
+            if ex.component_names is not None and any(n.isdisjoint(present) for n in ex.component_names):
+                continue
             try:
                 if ex.embedded:
                     for inner in ex.embedded_resources(resource):

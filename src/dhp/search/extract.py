@@ -253,6 +253,8 @@ def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str])
             return _run_native(native, r)
 
         firsts = [steps[0] for steps in native]
+        if native == [[("self", "")]]:
+            run.is_self = True  # type: ignore[attr-defined]
         if len(native) == 1 and len(native[0]) == 1 and native[0][0][0] in ("child", "typed"):
             run.single_element = native[0][0][1].split("|", 1)[0]  # type: ignore[attr-defined]
         if all(k in ("child", "typed") for k, _a in firsts):
@@ -485,9 +487,16 @@ class ParamExtractor:
         self.embedded = param.type == "reference" and bool(
             re.search(r"\.resource(\s+as\s+\w+)?\s*$", param.expression))
         self.components: list[tuple[str, Evaluator | None]] = []
+        #: For composites rooted at the resource: the elements each component needs (all must be present).
+        self.component_names: list[frozenset[str]] | None = None
         if param.type == "composite":
             for c in param.components[:3]:
                 self.components.append((c.type, compile_expression(c.expression, None, type_names)))
+            if getattr(self.root, "is_self", False):
+                # "Observation" as the root: every component must find its element on the resource itself.
+                need = [getattr(ev, "first_names", None) for _t, ev in self.components]
+                if need and all(n is not None for n in need):
+                    self.component_names = need
 
     def embedded_resources(self, resource: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.embedded or self.root is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 import unicodedata
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ MAX_US = 2**62
 _APOSTROPHES = dict.fromkeys(map(ord, "ʻʼ‘’`´ʹ′"), "'")
 
 
+@functools.lru_cache(maxsize=65536)
 def norm(s: str) -> str:
     """Case-, accent- and apostrophe-insensitive form used for string search (Latin and Cyrillic)."""
     s = s.translate(_APOSTROPHES).casefold()
@@ -48,6 +50,7 @@ class DateError(ValueError):
     pass
 
 
+@functools.lru_cache(maxsize=65536)
 def date_range(text: str) -> tuple[int, int]:
     """The instant range [low, high] (µs, inclusive) a FHIR date/dateTime/instant stands for.
 

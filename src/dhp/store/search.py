@@ -645,6 +645,9 @@ async def page(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] |
     comp = Compiler(is_sqlite)
     r = resources.alias("r")
     single = types[0] if types is not None and len(types) == 1 else None
+    if (single is not None and len(sort) == 1 and sort[0].single and sort[0].table in TABLES
+            and not backward and (after is None or after[0] == 0)):
+        return await _page_by_index(conn, comp, single, nodes, sort[0], count, after)
     conds: list[ColumnElement[bool]] = [r.c.deleted == false()]
     if single is not None:
         conds.append(r.c.type == single)
@@ -681,6 +684,33 @@ async def page(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] |
     if backward:
         hits.reverse()
     return hits, more
+
+
+async def _page_by_index(conn: AsyncConnection, comp: Compiler, rtype: str, nodes: Sequence[Node], key: SortKey,
+                         count: int, after: list[Any] | None) -> tuple[list[Hit], bool]:
+    """Sorted on one single-valued parameter: walk its index in order and stop after the page, instead of
+    sorting every match. Resources without a value come after, in id order (the generic path)."""
+    r = resources.alias("r")
+    t = TABLES[key.table].alias("s")
+    col = t.c.value if key.table in ("string", "uri") else (t.c.high if key.desc else t.c.low)
+    q = (select(r.c.type, r.c.id, r.c.version, r.c.last_updated, r.c.content, col)
+         .select_from(t.join(r, and_(r.c.type == t.c.type, r.c.id == t.c.id)))
+         .where(t.c.type == rtype, t.c.code == key.code, r.c.deleted == false(),
+                *comp.where(nodes, rtype, r.c.type, r.c.id)))
+    if after is not None:
+        q = q.where(_after([(col, key.desc), (r.c.id, False)], after[1:]))
+    q = q.order_by(col.desc() if key.desc else col.asc(), r.c.id.asc()).limit(count + 1)
+    rows = (await conn.execute(q)).all()
+    hits = [Hit(row[0], row[1], row[2], row[3], row[4], [0, row[5], row[1]]) for row in rows[:count]]
+    if len(rows) > count:
+        return hits, True
+    # Then the resources with no value for the key (NULLs sort last in both directions).
+    rest = [*nodes, Clause(key.table, key.code, missing=True)]
+    more_hits, more = await page(conn, is_sqlite=comp.is_sqlite, types=[rtype], nodes=rest,
+                                 sort=[SortKey("_id", "_id", False)], count=count - len(hits))
+    for h in more_hits:
+        h.key = [1, None, h.id]
+    return hits + more_hits, more
 
 
 async def count_matches(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] | None,

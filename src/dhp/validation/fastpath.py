@@ -111,6 +111,8 @@ def _num(v: Any) -> Any:
 
 
 def _eq(a: Any, b: Any) -> bool:
+    if type(a) is str and type(b) is str:  # the common case (codes, literals, unions of them)
+        return a == b
     a, b = val(a), val(b)
     if isinstance(a, dict) or isinstance(b, dict):
         return _deep_eq(a, b)

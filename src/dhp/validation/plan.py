@@ -82,10 +82,10 @@ class Elem:
     """One ElementDefinition of a snapshot, compiled."""
 
     __slots__ = (
-        "_eff", "base_path", "binding", "choice", "constraints", "content_ref", "fast1", "fast_prim", "fixed", "id", "memo1",
-        "is_modifier",
-        "keymap", "many", "max", "max_length", "max_value", "min", "min_value", "must_support", "name",
-        "path", "pattern", "plain", "plan", "slice_name", "slices", "slicing", "sub", "type_codes", "types",
+        "_eff", "base_path", "binding", "choice", "constraints", "content_ref", "fast1", "fast_prim", "fixed", "id",
+        "is_modifier", "keymap", "many", "max", "max_length", "max_value", "memo1", "min", "min_value",
+        "must_support", "name", "path", "pattern", "plain", "plan", "slice_name", "slices", "slicing", "sub",
+        "type_codes", "types",
     )
 
     def __init__(self, ed: dict[str, Any], plan: Plan) -> None:

@@ -34,8 +34,8 @@ _TOKEN_RE = re.compile(r"\$this|resolve\(\)|extension\('([^']*)'\)|extension\(\"
 class _Run:
     """State of one top-level validate() call."""
 
-    __slots__ = ("bundles", "conform_cache", "contained_flags", "containers", "env", "full_urls", "issues", "n_add", "profile", "seen",
-                 "silent", "unchecked")
+    __slots__ = ("bundles", "conform_cache", "contained_flags", "containers", "env", "full_urls", "issues", "n_add",
+                 "profile", "seen", "silent", "unchecked")
 
     def __init__(self, silent: bool = False) -> None:
         self.issues: list[Issue] = []
