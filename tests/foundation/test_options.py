@@ -67,7 +67,7 @@ _decimal_text = st.from_regex(r"-?(0|[1-9][0-9]{0,12})\.[0-9]{1,10}", fullmatch=
 @given(st.lists(_decimal_text, min_size=1, max_size=5))
 def test_decimal_text_round_trips(values: list[str]) -> None:
     raw = '{"resourceType":"Observation","component":[' + ",".join(
-        '{"valueQuantity":{"value":%s}}' % v for v in values) + "]}"
+        f'{{"valueQuantity":{{"value":{v}}}}}' for v in values) + "]}"
     parsed = fhirjson.loads(raw)
     assert all(isinstance(c["valueQuantity"]["value"], Decimal) for c in parsed["component"])
     assert fhirjson.dumps(parsed).decode() == raw

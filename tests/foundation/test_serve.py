@@ -38,7 +38,7 @@ def test_dhp_serve_starts_prints_admin_client_and_serves(tmp_path: Path) -> None
         assert r.status_code == 401 and "Bearer" in r.headers.get("WWW-Authenticate", "")
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=30)
+        out, _err = proc.communicate(timeout=30)
     assert "client_id:" in out and "client_secret:" in out
     lines = dict(line.strip().split(":", 1) for line in out.splitlines() if line.strip().startswith("client_"))
     # the printed credentials work when the server runs again on the same database

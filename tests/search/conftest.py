@@ -119,15 +119,25 @@ def dataset() -> list[dict[str, Any]]:
                                         "code": "active"}]},
          "onsetDateTime": "2020-03-10",
          "evidence": [{"reference": {"reference": "Observation/obs2"}}]},
-        {"resourceType": "Bundle", "id": "doc-bundle", "type": "document",
-         "identifier": {"system": "http://dhp.test/docs", "value": "d1"},
-         "entry": [{"fullUrl": "urn:uuid:c1", "resource": {
-             "resourceType": "Composition", "status": "final",
-             "type": {"coding": [{"system": LOINC, "code": "11503-0"}]},
-             "category": [{"coding": [{"system": "http://dhp.test/cat", "code": "birth"}]}],
-             "subject": [{"reference": "Patient/pat2"}], "date": "2024-05-01", "title": "Form 096",
-             "author": [{"reference": "Practitioner/doc1"}]}}]},
     ]
+
+
+def document() -> dict[str, Any]:
+    """A document Bundle over resources of the data set (submitted after them: documents check references)."""
+    return {"resourceType": "Bundle", "id": "doc-bundle", "type": "document",
+            "identifier": {"system": "http://dhp.test/docs", "value": "d1"}, "timestamp": "2024-05-01T10:00:00Z",
+            "entry": [{"fullUrl": "urn:uuid:6a1f3b0e-6a51-4c55-9f0e-3d5e2b8f6c01", "resource": {
+                "resourceType": "Composition", "status": "final",
+                "identifier": [{"system": "http://dhp.test/compositions", "value": "c1"}],
+                "type": {"coding": [{"system": LOINC, "code": "11503-0"}]},
+                "category": [{"coding": [{"system": "http://dhp.test/cat", "code": "birth"}]}],
+                "subject": [{"reference": "Patient/pat2"}], "date": "2024-05-01", "title": "Form 096",
+                "author": [{"reference": "Practitioner/doc1"}],
+                "attester": [{"mode": {"coding": [{"system": "http://hl7.org/fhir/composition-attestation-mode",
+                                                   "code": "legal"}]},
+                              "time": "2024-05-01T10:00:00Z", "party": {"reference": "Practitioner/doc1"}}],
+                "text": {"status": "generated",
+                         "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">Form 096</div>"}}}]}
 
 
 def load(live: LiveServer) -> None:
@@ -137,6 +147,8 @@ def load(live: LiveServer) -> None:
         resp = c.post("", json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
                       headers={"Content-Type": "application/fhir+json"})
         assert resp.status_code == 200, resp.text
+        doc = c.put("/Bundle/doc-bundle", json=document(), headers={"Content-Type": "application/fhir+json"})
+        assert doc.status_code == 201, doc.text
 
 
 @pytest.fixture(scope="session", params=["sqlite", "pg"])

@@ -285,6 +285,10 @@ async def update(server: Server, ctx: RequestContext, rtype: str, rid: str, reso
         check_precondition(server, cur, if_match, rtype, rid)
         if server.documents is not None and cur is not None:
             server.documents.check_change(rtype, cur, "update")
+        if (rtype == "Bundle" and resource.get("type") == "document" and server.documents is not None
+                and (cur is None or cur.deleted)):
+            # A document created by PUT follows every document rule, as one created by POST does.
+            return await server.documents.create(server, ctx, resource, source, tx=t, rid=rid)
         if cur is not None and not cur.deleted and ctx.principal is not None \
                 and needs_resource_check(ctx.principal, "u", rtype):
             authorize(server, ctx, "u", rtype, fhirjson.loads(cur.content))

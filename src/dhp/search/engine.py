@@ -299,8 +299,11 @@ class SearchEngine:
         if principal is None:
             return []
         out: list[Node] = []
-        patient = getattr(principal, "patient", None)
-        if patient:
+        # Only patient/ scopes confine a search to the patient's compartment (a user/ scope for the same type
+        # widens it), and only for types that belong to that compartment — as check_resource does for reads.
+        compartment = getattr(principal, "compartment", None)
+        patient = compartment("s", rtype) if callable(compartment) else getattr(principal, "patient", None)
+        if patient and (rtype == "Patient" or self.params.compartment_params("Patient", rtype)):
             out.append(self.compartment_node("Patient", str(patient), rtype))
         qf = getattr(principal, "query_filters", None)
         if callable(qf):

@@ -280,19 +280,25 @@ class Terminology:
 
     # ------------------------------------------------------------------ hierarchy (search :below / :above)
 
-    def subsumed_by(self, system: str, code: str) -> set[str]:
-        """``code`` and every code below it; just ``{code}`` when the system or code is not known here."""
+    def subsumed_by(self, system: str, code: str) -> set[str] | None:
+        """``code`` and every code below it; ``{code}`` for a code the system lacks; None when the code system
+        is not loaded here (the hierarchy is unknown: callers must not treat that as an exact match)."""
         cs = self.code_system(self.canonical_system(system))
-        con = cs.get(code) if cs is not None else None
-        if cs is None or con is None:
+        if cs is None:
+            return None
+        con = cs.get(code)
+        if con is None:
             return {code}
         return {con.code} | cs.descendants(con.code)
 
-    def ancestors(self, system: str, code: str) -> set[str]:
-        """``code`` and every code above it; just ``{code}`` when the system or code is not known here."""
+    def ancestors(self, system: str, code: str) -> set[str] | None:
+        """``code`` and every code above it; ``{code}`` for a code the system lacks; None when the code system
+        is not loaded here."""
         cs = self.code_system(self.canonical_system(system))
-        con = cs.get(code) if cs is not None else None
-        if cs is None or con is None:
+        if cs is None:
+            return None
+        con = cs.get(code)
+        if con is None:
             return {code}
         return {con.code} | cs.ancestors(con.code)
 

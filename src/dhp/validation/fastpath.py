@@ -411,14 +411,13 @@ class _Parser:
         kind, text = tok
         if kind == "str":
             self.next()
-            s = _unescape(text[1:-1])
-            return lambda c, t, x, _s=s: [_s]
+            return _const_fn([_unescape(text[1:-1])])
         if kind == "num":
             self.next()
             if self.peek() is not None and self.peek()[0] == "str":  # type: ignore[index]
                 raise Unsupported("quantity literal")
             n: Any = Decimal(text) if "." in text else int(text)
-            return lambda c, t, x, _n=n: [_n]
+            return _const_fn([n])
         if kind == "date":
             self.next()
             d = text[1:]
@@ -605,7 +604,23 @@ def _compare(a: Fn, b: Fn, op: str) -> Fn:
     return f
 
 
+def _const_fn(values: list[Any]) -> Fn:
+    """A literal (or a union of literals, folded at compile time)."""
+    def f(c: list[Any], t: list[Any], x: Ctx) -> list[Any]:
+        return list(values)
+    f.const = values  # type: ignore[attr-defined]
+    return f
+
+
 def _union(a: Fn, b: Fn) -> Fn:
+    ca, cb = getattr(a, "const", None), getattr(b, "const", None)
+    if ca is not None and cb is not None:
+        folded: list[Any] = []
+        for item in ca + cb:
+            if not any(_eq(item, o) for o in folded):
+                folded.append(item)
+        return _const_fn(folded)
+
     def f(c: list[Any], t: list[Any], x: Ctx) -> list[Any]:
         out: list[Any] = []
         for item in a(c, t, x) + b(c, t, x):
