@@ -21,7 +21,19 @@ def _reject_constant(name: str) -> Any:
     raise JSONError(f"{name} is not allowed in JSON")
 
 
-_decoder = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
+class SourceDecimal(Decimal):
+    """A decimal that remembers the exact text it was parsed from, so it is written back the same way
+    (``Decimal("0.0000001")`` would print as ``1E-7``)."""
+
+    __slots__ = ("text",)
+
+    def __new__(cls, text: str) -> SourceDecimal:
+        d = super().__new__(cls, text)
+        d.text = text
+        return d
+
+
+_decoder = json.JSONDecoder(parse_float=SourceDecimal, parse_constant=_reject_constant)
 
 
 def loads(data: bytes | str) -> Any:
@@ -47,7 +59,8 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, Decimal):
         if not obj.is_finite():
             raise TypeError("non-finite decimal")
-        return orjson.Fragment(str(obj))
+        text = getattr(obj, "text", None)
+        return orjson.Fragment(text if text is not None else str(obj))
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 

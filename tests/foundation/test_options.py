@@ -60,7 +60,7 @@ def test_head_and_unknown_operation(national: Any) -> None:
         assert c.get("/no/such/deep/path/here").status_code == 404
 
 
-_decimal_text = st.from_regex(r"-?(0|[1-9][0-9]{0,12})\.[0-9]{1,10}", fullmatch=True)
+_decimal_text = st.from_regex(r"-?(0|[1-9][0-9]{0,12})\.[0-9]{1,10}([eE][+-]?[0-9]{1,3})?", fullmatch=True)
 
 
 @settings(max_examples=300, deadline=None)

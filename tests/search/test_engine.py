@@ -98,11 +98,14 @@ async def test_patient_scope_restricts_to_the_compartment(live: Server) -> None:
     assert ids(await search_type(live, ctx(p), "Observation", [])) == {"oa"}
     assert ids(await search_type(live, ctx(p), "Patient", [])) == {"a"}
     assert ids(await search_type(live, ctx(p), "Condition", [("clinical-status", "relapse")])) == set()
-    # Organization is outside the Patient compartment: nothing, not everything
-    assert ids(await search_type(live, ctx(p), "Organization", [])) == set()
-    # included resources obey the same rule
+    # Organization is outside the Patient compartment: a patient/ scope does not confine it (as a read of one
+    # Organization is allowed by check_resource); the token's scopes alone decide
+    assert ids(await search_type(live, ctx(p), "Organization", [])) == {"org"}
+    # included resources obey the same rule: compartment types confined, others not
     b = await search_type(live, ctx(p), "Observation", [("_include", "Observation:performer")])
-    assert ids(b) == {"oa"} and ids(b, "include") == set()
+    assert ids(b) == {"oa"} and ids(b, "include") == {"org"}
+    b = await search_type(live, ctx(p), "Organization", [("_revinclude", "Observation:performer")])
+    assert ids(b) == {"org"} and ids(b, "include") == {"oa"}
     b = await search_type(live, ctx(), "Observation", [("_include", "Observation:performer")])
     assert ids(b, "include") == {"org"}
 
