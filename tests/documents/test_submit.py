@@ -149,6 +149,14 @@ def test_split_index_and_search_form096(client: httpx.Client) -> None:
     assert [b["id"] for b in by_ident] == [bid]
     assert search(client, "/Bundle", **{"composition.identifier": f"{comp_ident['system']}|nope"}) == []
     assert bid in {b["id"] for b in search(client, "/Bundle", timestamp="2026-03-02", _count="500")}
+    # The newborn arrived as a urn:uuid inside the document; the chain reaches the Patient it was split into.
+    assert bid in {b["id"] for b in search(client, "/Bundle", **{"composition.patient": baby, "_count": "500"})}
+    baby_res = client.get(f"/{baby}").json()
+    if baby_res.get("name"):
+        family = baby_res["name"][0].get("family")
+        if family:
+            chained = search(client, "/Bundle", **{"composition.patient:Patient.family": family, "_count": "500"})
+            assert bid in {b["id"] for b in chained}
 
 
 def test_form003_inpatient_stay(client: httpx.Client) -> None:

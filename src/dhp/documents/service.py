@@ -9,6 +9,7 @@ resource. The exact bytes the client sent â€” the legal record, never changed â€
 
 from __future__ import annotations
 
+import copy
 import uuid
 from typing import Any
 
@@ -176,7 +177,10 @@ class DocumentService:
             patient = _patient_of(comp, mapping)
             await t.put(rec, "POST", exists_before=False, patient=patient)
             if server.search is not None:
-                await server.search.index(t, "Bundle", bundle_id, stamped)
+                # The stored Bundle keeps its bundle-local references; its index rows use the ids the entries
+                # were split into, so chains such as composition.patient reach the new Patient.
+                indexed = splitter.rewrite(copy.deepcopy(stamped), mapping) if mapping else stamped
+                await server.search.index(t, "Bundle", bundle_id, indexed)
             if previous is not None and not await docstore.supersede(t, previous.bundle_id):
                 raise ConflictError(f"Bundle/{previous.bundle_id} was replaced concurrently")  # retried: 409
             await docstore.add(t, docstore.DocumentRow(
