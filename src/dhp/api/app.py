@@ -73,7 +73,7 @@ def _auth_module(settings: Settings) -> Any:
     return auth
 
 
-def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastPath:
     settings = settings or Settings.from_env()
     fhir = FHIRApp()
     auth = _auth_module(settings)
@@ -130,7 +130,29 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         return http.error_response(FHIRError(404, f"No such endpoint: {request.url.path}", "not-found"))
 
     app.add_exception_handler(404, not_found)
-    return app
+    return FastPath(app, fhir)
+
+
+class FastPath:
+    """Sends FHIR API requests straight to the FHIR app, past route matching (they are nearly all the
+    traffic); everything else — SSO, well-known documents, pages — goes through the Starlette router."""
+
+    def __init__(self, app: Starlette, fhir: FHIRApp) -> None:
+        self.app = app
+        self.fhir = fhir
+        self.state = app.state
+        self.router = app.router
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if (path.startswith("/fhir/") or path == "/fhir") and "/.well-known/" not in path \
+                and self.fhir.server is not None:
+            scope = dict(scope)
+            scope["app"] = self.app
+            scope["root_path"] = scope.get("root_path", "") + "/fhir"
+            await self.fhir(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class _LazyServer:

@@ -39,6 +39,7 @@ class FHIRApp:
         self.server: Server | None = None
         #: Set when auth is on: async (request) -> principal, raising FHIRError(401) for a bad token.
         self.authenticate: Any = None
+        self._bases: dict[tuple[str, str, str], str] = {}
         load_all()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -59,8 +60,7 @@ class FHIRApp:
     def context(self, request: Request) -> RequestContext:
         server = self.server
         assert server is not None
-        base = server.settings.base_url.rstrip("/") if server.settings.base_url else \
-            str(request.base_url).rstrip("/") + "/fhir"
+        base = server.settings.base_url.rstrip("/") if server.settings.base_url else self._base_for(request)
         return RequestContext(
             base_url=base,
             principal=request.scope.get("dhp.principal"),
@@ -68,6 +68,19 @@ class FHIRApp:
             headers=request.headers,
             accept_language=request.query_params.get("_language") or request.headers.get("accept-language"),
         )
+
+    def _base_for(self, request: Request) -> str:
+        """The FHIR base as the client addressed it (scheme + Host), cached per host: it is on every request."""
+        scope = request.scope
+        key = (scope.get("scheme", "http"), request.headers.get("host", ""), scope.get("app_root_path", ""))
+        base = self._bases.get(key)
+        if base is None:
+            base = str(request.base_url).rstrip("/")
+            if not base.endswith("/fhir"):
+                base += "/fhir"
+            if len(self._bases) < 1000:  # bounded: Host is client-controlled
+                self._bases[key] = base
+        return base
 
     async def handle(self, request: Request, pretty: bool) -> Response:
         server = self.server

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import (
     Engine,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -56,6 +57,17 @@ class StoredResource(NamedTuple):
 
 class ConflictError(Exception):
     """A concurrent writer got there first (unique key taken); the caller may retry."""
+
+
+# Statements of the write path, built once (SQLAlchemy then reuses their compiled form).
+_CURRENT = select(resources.c.type, resources.c.id, resources.c.version, resources.c.last_updated,
+                  resources.c.deleted, resources.c.content).where(
+    resources.c.type == bindparam("k_type"), resources.c.id == bindparam("k_id"))
+_CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+_UPDATE_CURRENT = update(resources).where(resources.c.type == bindparam("k_type"),
+                                          resources.c.id == bindparam("k_id"))
+_INSERT_CURRENT = insert(resources)
+_INSERT_HISTORY = insert(history)
 
 
 @dataclass
@@ -104,12 +116,8 @@ class WriteTx:
     conformance_changed: bool = False
 
     async def current(self, rtype: str, rid: str) -> StoredResource | None:
-        q = select(resources.c.type, resources.c.id, resources.c.version, resources.c.last_updated,
-                   resources.c.deleted, resources.c.content).where(
-            resources.c.type == rtype, resources.c.id == rid)
-        if not self.is_sqlite:
-            q = q.with_for_update()
-        row = (await self.conn.execute(q)).first()
+        q = _CURRENT if self.is_sqlite else _CURRENT_FOR_UPDATE
+        row = (await self.conn.execute(q, {"k_type": rtype, "k_id": rid})).first()
         return StoredResource(*row) if row else None
 
     async def put(self, rec: StoredResource, method: str, *, exists_before: bool,
@@ -119,13 +127,12 @@ class WriteTx:
                   "patient": patient, "package": package, "content": rec.content}
         try:
             if exists_before:
-                await self.conn.execute(update(resources).where(
-                    resources.c.type == rec.type, resources.c.id == rec.id).values(**values))
+                await self.conn.execute(_UPDATE_CURRENT, {"k_type": rec.type, "k_id": rec.id, **values})
             else:
-                await self.conn.execute(insert(resources).values(type=rec.type, id=rec.id, **values))
-            await self.conn.execute(insert(history).values(
-                type=rec.type, id=rec.id, version=rec.version, last_updated=rec.last_updated,
-                deleted=rec.deleted, method=method, content=rec.content))
+                await self.conn.execute(_INSERT_CURRENT, {"type": rec.type, "id": rec.id, **values})
+            await self.conn.execute(_INSERT_HISTORY, {
+                "type": rec.type, "id": rec.id, "version": rec.version, "last_updated": rec.last_updated,
+                "deleted": rec.deleted, "method": method, "content": rec.content})
         except IntegrityError as e:
             raise ConflictError(f"{rec.type}/{rec.id} was written concurrently") from e
 

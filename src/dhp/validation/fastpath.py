@@ -177,7 +177,10 @@ def _navigate(items: list[Any], name: str) -> list[Any]:
             x = item.get(name)
             if x is not None and uname not in item:
                 if type(x) is list:
-                    out.extend(y for y in x if y is not None)
+                    if None in x:
+                        out.extend(y for y in x if y is not None)
+                    else:
+                        out.extend(x)
                 else:
                     out.append(x)
                 continue

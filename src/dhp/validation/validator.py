@@ -283,6 +283,9 @@ class Validator:
 
     def _container_root(self, run: _Run) -> dict[str, Any] | None:
         """The resource that holds ``contained`` for the current position (skips contained resources)."""
+        flags = run.contained_flags
+        if flags and not flags[-1]:
+            return run.containers[-1]  # the usual case: not inside a contained resource
         for r, contained in zip(reversed(run.containers), reversed(run.contained_flags), strict=True):
             if not contained:
                 return r
