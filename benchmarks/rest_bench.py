@@ -95,7 +95,7 @@ def _ms(text: str) -> float:
 
 
 def wrk(url: str, script: str | None, duration: int, connections: int) -> dict[str, float]:
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "10s"]
     tmp = None
     if script:
         tmp = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
