@@ -33,7 +33,16 @@ class SourceDecimal(Decimal):
         return d
 
 
-_decoder = json.JSONDecoder(parse_float=SourceDecimal, parse_constant=_reject_constant)
+def _parse_int(text: str) -> int | SourceDecimal:
+    # Integers beyond 64 bits cannot be written by orjson; no FHIR integer type holds them anyway, so keep
+    # their text as a number that validation will reject with a clear message (never a 500).
+    value = int(text)
+    if -(2**63) <= value < 2**64:
+        return value
+    return SourceDecimal(text)
+
+
+_decoder = json.JSONDecoder(parse_float=SourceDecimal, parse_int=_parse_int, parse_constant=_reject_constant)
 
 
 def loads(data: bytes | str) -> Any:

@@ -73,6 +73,11 @@ def test_decimal_text_round_trips(values: list[str]) -> None:
     assert fhirjson.dumps(parsed).decode() == raw
 
 
+def test_huge_integers_round_trip() -> None:
+    raw = '{"a":99999999999999999999,"b":-9223372036854775809,"c":18446744073709551615}'
+    assert fhirjson.dumps(fhirjson.loads(raw)).decode() == raw
+
+
 def test_json_rejects_non_json_numbers() -> None:
     for bad in ('{"a": NaN}', '{"a": Infinity}', '{"a": -Infinity}', '{"a": 01}', "{'a': 1}"):
         with pytest.raises(fhirjson.JSONError):

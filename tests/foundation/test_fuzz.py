@@ -1,0 +1,91 @@
+"""Random input never produces a 5xx: every bad request is a 4xx OperationOutcome."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+FJ = {"Content-Type": "application/fhir+json"}
+TYPES = ["Patient", "Observation", "Bundle", "Parameters", "Basic", "Foo", "", 3, None]
+KEYS = ["resourceType", "id", "meta", "name", "extension", "entry", "request", "method", "url", "resource",
+        "fullUrl", "reference", "valueDecimal", "text", "div", "type", "parameter", "part", "op", "path", "value",
+        "_birthDate", "birthDate", "contained", "ifMatch", "ifNoneExist", "subject", "code"]
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.text(max_size=20),
+                      st.sampled_from(["Patient/x", "urn:uuid:1", "Patient?_id=1", "POST", "PUT", "DELETE",
+                                       "GET", "transaction", "batch", "document", "Patient", "/a/0", "add",
+                                       "replace", "remove", "Patient.name", "1990-13-45"]))
+json_value = st.recursive(
+    json_leaf,
+    lambda children: st.one_of(st.lists(children, max_size=4),
+                               st.dictionaries(st.sampled_from(KEYS), children, max_size=5)),
+    max_leaves=25)
+resource = st.builds(lambda rt, body: {**body, "resourceType": rt} if rt is not None else body,
+                     st.sampled_from(TYPES), st.dictionaries(st.sampled_from(KEYS), json_value, max_size=6))
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                            HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def client(server: Any) -> httpx.Client:
+    with httpx.Client(base_url=server.fhir, headers=FJ, timeout=60) as c:
+        yield c
+
+
+def _dumps(value: Any) -> bytes:
+    # The standard library writes integers of any size, so huge numbers reach the server too.
+    return json.dumps(value).encode()
+
+
+def check(r: httpx.Response) -> None:
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert r.json()["resourceType"] == "OperationOutcome"
+
+
+@SETTINGS
+@given(body=resource)
+def test_create_and_update_never_5xx(client: httpx.Client, body: dict[str, Any]) -> None:
+    check(client.post("/Patient", content=_dumps(body)))
+    check(client.put("/Patient/fuzz-1", content=_dumps(body)))
+    check(client.post("", content=_dumps(body)))
+
+
+@SETTINGS
+@given(ops=json_value)
+def test_patch_never_5xx(client: httpx.Client, ops: Any) -> None:
+    client.put("/Patient/fuzz-p", content=b'{"resourceType":"Patient","id":"fuzz-p","active":true}')
+    check(client.patch("/Patient/fuzz-p", content=_dumps(ops),
+                       headers={"Content-Type": "application/json-patch+json"}))
+    check(client.patch("/Patient/fuzz-p", content=_dumps(ops)))
+
+
+@SETTINGS
+@given(entries=st.lists(st.fixed_dictionaries(
+    {"request": st.dictionaries(st.sampled_from(["method", "url", "ifMatch", "ifNoneExist"]), json_leaf,
+                                max_size=4)},
+    optional={"resource": resource, "fullUrl": json_leaf}), max_size=4), kind=st.sampled_from(["transaction", "batch"]))
+def test_bundles_never_5xx(client: httpx.Client, entries: list[dict[str, Any]], kind: str) -> None:
+    check(client.post("", content=_dumps({"resourceType": "Bundle", "type": kind, "entry": entries})))
+
+
+def test_huge_numbers_are_a_4xx_or_kept(client: httpx.Client) -> None:
+    body = b'{"resourceType":"Patient","active":true,"multipleBirthInteger":99999999999999999999}'
+    r = client.post("/Patient", content=body)
+    check(r)
+    if r.status_code == 201:
+        assert b"99999999999999999999" in client.get(f"/Patient/{r.json()['id']}").content
+
+
+@SETTINGS
+@given(path=st.text(alphabet="abcPatient/_$?&=%.-1", max_size=30), query=st.text(max_size=20))
+def test_odd_urls_never_5xx(client: httpx.Client, path: str, query: str) -> None:
+    check(client.get("/" + path, params={"_summary": query, "_elements": query, "_count": query}))
+    check(client.get("/Patient/_history", params={"_since": query, "_at": query, "_count": query}))
