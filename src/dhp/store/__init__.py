@@ -145,6 +145,17 @@ class WriteTx:
     def mark_conformance_changed(self) -> None:
         self.conformance_changed = True
 
+    async def before_commit(self) -> None:
+        if self.conformance_changed:
+            await self.bump(CONFORMANCE_EPOCH)
+
+    async def committed(self) -> None:
+        """Run the callbacks registered for after the commit (cache reloads and the like)."""
+        for fn in self.after_commit:
+            r = fn()
+            if r is not None:
+                await r
+
 
 class Store:
     def __init__(self, url: str, read_url: str = "") -> None:
@@ -227,23 +238,15 @@ class Store:
                     tx = WriteTx(SyncConn(sconn), True)
                     with sconn.begin():
                         yield tx
-                        if tx.conformance_changed:
-                            await tx.bump(CONFORMANCE_EPOCH)
-            for fn in tx.after_commit:
-                r = fn()
-                if r is not None:
-                    await r
+                        await tx.before_commit()
+            await tx.committed()
             return
         async with self.engine.connect() as conn:
             tx = WriteTx(conn, self.is_sqlite)
             async with conn.begin():
                 yield tx
-                if tx.conformance_changed:
-                    await tx.bump(CONFORMANCE_EPOCH)
-            for fn in tx.after_commit:
-                r = fn()
-                if r is not None:
-                    await r
+                await tx.before_commit()
+        await tx.committed()
 
     @contextlib.asynccontextmanager
     async def read_conn(self) -> AsyncIterator[AsyncConnection]:
