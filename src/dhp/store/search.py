@@ -648,12 +648,7 @@ async def page(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] |
     if (single is not None and len(sort) == 1 and sort[0].single and sort[0].table in TABLES
             and not backward and (after is None or after[0] == 0)):
         return await _page_by_index(conn, comp, single, nodes, sort[0], count, after)
-    conds: list[ColumnElement[bool]] = [r.c.deleted == false()]
-    if single is not None:
-        conds.append(r.c.type == single)
-    elif types is not None:
-        conds.append(r.c.type.in_(list(types)))
-    conds += comp.where(nodes, single, r.c.type, r.c.id)
+    conds = _match_conditions(comp, r, types, single, nodes)
     joins: list[tuple[Any, Any]] = []
     cols = _order_cols(comp, sort, r, single is None, joins)
     # Walking backwards is walking forwards in the reversed order, then flipping the page.
@@ -713,17 +708,24 @@ async def _page_by_index(conn: AsyncConnection, comp: Compiler, rtype: str, node
     return hits + more_hits, more
 
 
-async def count_matches(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] | None,
-                        nodes: Sequence[Node]) -> int:
-    comp = Compiler(is_sqlite)
-    r = resources.alias("r")
-    single = types[0] if types is not None and len(types) == 1 else None
+def _match_conditions(comp: Compiler, r: Any, types: Sequence[str] | None, single: str | None,
+                      nodes: Sequence[Node]) -> list[ColumnElement[bool]]:
+    """Live resources of the searched type(s) that satisfy every search node."""
     conds: list[ColumnElement[bool]] = [r.c.deleted == false()]
     if single is not None:
         conds.append(r.c.type == single)
     elif types is not None:
         conds.append(r.c.type.in_(list(types)))
     conds += comp.where(nodes, single, r.c.type, r.c.id)
+    return conds
+
+
+async def count_matches(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] | None,
+                        nodes: Sequence[Node]) -> int:
+    comp = Compiler(is_sqlite)
+    r = resources.alias("r")
+    single = types[0] if types is not None and len(types) == 1 else None
+    conds = _match_conditions(comp, r, types, single, nodes)
     return int((await conn.execute(select(func.count()).select_from(r).where(*conds))).scalar_one())
 
 
