@@ -220,7 +220,7 @@ def _in_process(db_url: str) -> None:
         server = await build_server(settings)
         await auth.start(server)
         st = server.auth
-        tok, _ = st.issue_access_token(headers={"host": "h"}, client_id="c", sub="c", scope=["system/Patient.rs"],
+        tok, _ = await st.issue_access_token(headers={"host": "h"}, client_id="c", sub="c", scope=["system/Patient.rs"],
                                        fhir_user=None, patient=None, grant_id=None)
         h = {"authorization": "Bearer " + tok, "host": "h"}
         await auth.authenticate(server, h)

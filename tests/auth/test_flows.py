@@ -432,7 +432,7 @@ def test_es256_tokens(sso: SSO) -> None:
         server = SimpleNamespace(settings=Settings(token_alg="ES256"), store=sso.live.server.store)
         st = AuthState(server)
         await st.load_keys()
-        tok, _ = st.issue_access_token(headers={"host": host}, client_id="c", sub="c", scope=["system/*.rs"],
+        tok, _ = await st.issue_access_token(headers={"host": host}, client_id="c", sub="c", scope=["system/*.rs"],
                                        fhir_user=None, patient=None, grant_id=None)
         return tok, await st.authenticate({"authorization": "Bearer " + tok, "host": host})
 

@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from dhp.store import Store, StoredResource, now_us
+from dhp.store import ConflictError, Store, StoredResource, now_us
 
 WRITERS, INCREMENTS = 8, 50
 
@@ -107,3 +107,85 @@ def test_concurrent_create_on_update_same_id(server: Any) -> None:
     assert codes == [200] * 7 + [201], [r.text for r in responses if r.status_code >= 300]
     versions = sorted(int(r.json()["meta"]["versionId"]) for r in responses)
     assert versions == list(range(1, 9))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "pg"])
+def test_failed_writers_leave_the_others_committed(backend: str, new_db_url: Callable[[str], str]) -> None:
+    """Writers that queue share one SQLite commit; a member that fails (an error of its own, or a duplicate
+    key) leaves no trace, and every other member of its group is committed."""
+
+    async def run() -> tuple[list[str], list[str]]:
+        store = Store(new_db_url(backend))
+        await store.open()
+        try:
+            async with store.begin() as tx:
+                await tx.put(StoredResource("Basic", "taken", 1, now_us(), False, b"{}"), "POST",
+                             exists_before=False)
+            outcomes: list[str] = []
+
+            async def writer(i: int) -> None:
+                try:
+                    async with store.begin() as tx:
+                        await tx.put(StoredResource("Basic", f"w{i}", 1, now_us(), False, b"{}"), "POST",
+                                     exists_before=False)
+                        await asyncio.sleep(0)  # let the others queue behind this one
+                        if i % 3 == 1:
+                            raise ValueError("refused by the caller")
+                        if i % 3 == 2:  # a second row on a key that exists: the store refuses it
+                            await tx.put(StoredResource("Basic", "taken", 1, now_us(), False, b"{}"), "POST",
+                                         exists_before=False)
+                    outcomes.append(f"ok{i}")
+                except (ValueError, ConflictError) as e:
+                    outcomes.append(type(e).__name__)
+
+            await asyncio.gather(*(writer(i) for i in range(30)))
+            present = [i for i in range(30) if await store.read("Basic", f"w{i}") is not None]
+            return sorted(outcomes), [f"w{i}" for i in present]
+        finally:
+            await store.close()
+
+    outcomes, present = asyncio.run(run())
+    assert outcomes.count("ValueError") == 10 and outcomes.count("ConflictError") == 10
+    assert present == [f"w{i}" for i in range(30) if i % 3 == 0]
+
+
+def test_sqlite_wal_stays_bounded_under_continuous_writes(new_db_url: Callable[[str], str]) -> None:
+    """Checkpoints run beside the writers; the WAL still restarts, so it does not grow with the data."""
+    import os
+    import sqlite3
+    import time
+
+    async def run() -> tuple[int, int, str]:
+        url = new_db_url("sqlite")
+        store = Store(url)
+        await store.open()
+        assert store.sqlite_path is not None
+        path = store.sqlite_path
+        body = b"x" * 4000
+        written = 0
+        t0 = time.monotonic()
+
+        async def writer(k: int) -> None:
+            nonlocal written
+            i = 0
+            while time.monotonic() - t0 < 4:
+                i += 1
+                async with store.begin() as tx:
+                    await tx.put(StoredResource("Basic", f"{k}-{i}", 1, now_us(), False, body), "POST",
+                                 exists_before=False)
+                written += 1
+
+        await asyncio.gather(*(writer(k) for k in range(8)))
+        c = sqlite3.connect(path)
+        frames = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]  # frames since the last restart
+        page = c.execute("PRAGMA page_size").fetchone()[0]
+        c.close()
+        await store.close()
+        return written, frames * page, path
+
+    written, wal_bytes, path = asyncio.run(run())
+    # Every write adds its body twice (resource + history). Had the WAL never restarted, it would hold all of
+    # that; restarted, it holds only what came since the last one.
+    assert written * 4000 > 40_000_000, written
+    assert wal_bytes < written * 8000 / 2, (wal_bytes, written)
+    assert not os.path.exists(path + "-wal") or os.path.getsize(path + "-wal") == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -53,6 +53,8 @@ class FHIRApp:
             response = await self.handle(request, pretty)
         except FHIRError as e:
             response = http.error_response(e, pretty)
+        except ClientDisconnect:
+            return  # the client went away before its body arrived: nobody to answer, nothing was written
         except Exception as e:  # anything else is a bug: log it, answer 500 with an OperationOutcome
             response = http.internal_error(e)
         await response(scope, receive, send)

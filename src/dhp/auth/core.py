@@ -13,10 +13,12 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from argon2 import PasswordHasher
@@ -40,6 +42,8 @@ CODE_LIFETIME = 60  # seconds: an authorization code dies fast
 KEY_GRACE = 2 * 24 * 3600  # retired keys stay in the JWKS this long after retirement (> token lifetime)
 ALGS = ("RS256", "ES256")
 _CACHE_MAX = 20000
+#: Threads that sign tokens (see AuthState.sign_async); one per core is enough, more only queue.
+_SIGNERS = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="dhp-sign")
 
 # OWASP's argon2id baseline (19 MiB, 2 passes, 1 lane): the library default (64 MiB, 3 passes, 4 lanes)
 # took 0.6 s per sign-in on a 2-core box. Hashing runs in a worker thread, never on the event loop.
@@ -176,6 +180,13 @@ class AuthState:
             raise RuntimeError("no signing key loaded")
         return jwt.encode({"alg": self.alg, "kid": str(key.kid), "typ": typ}, claims, key)
 
+    async def sign_async(self, claims: dict[str, Any], typ: str = "JWT") -> str:
+        """:meth:`sign` off the event loop for RSA: OpenSSL releases the GIL while it signs, so the loop serves
+        other requests meanwhile (an RSA-2048 signature is ~1 ms of CPU; ES256 is cheaper than the hop)."""
+        if not self.alg.startswith("RS"):
+            return self.sign(claims, typ)
+        return await asyncio.get_running_loop().run_in_executor(_SIGNERS, self.sign, claims, typ)
+
     def decode(self, token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """(header, claims) of a token signed by one of our keys; JoseError/ValueError otherwise."""
         t = jwt.decode(token, self.keyset, algorithms=list(ALGS))
@@ -239,7 +250,7 @@ class AuthState:
 
     # ------------------------------------------------------------------ access tokens
 
-    def issue_access_token(self, *, headers: Mapping[str, str], client_id: str, sub: str, scope: list[str],
+    async def issue_access_token(self, *, headers: Mapping[str, str], client_id: str, sub: str, scope: list[str],
                            fhir_user: str | None, patient: str | None, grant_id: str | None,
                            ) -> tuple[str, dict[str, Any]]:
         now = int(time.time())
@@ -254,9 +265,9 @@ class AuthState:
             claims["patient"] = patient
         if grant_id:
             claims["gid"] = grant_id
-        return self.sign(claims, "at+jwt"), claims
+        return await self.sign_async(claims, "at+jwt"), claims
 
-    def issue_id_token(self, *, headers: Mapping[str, str], client_id: str, sub: str, fhir_user: str | None,
+    async def issue_id_token(self, *, headers: Mapping[str, str], client_id: str, sub: str, fhir_user: str | None,
                        nonce: str | None, auth_time: int | None, name: str | None, with_fhir_user: bool) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {"iss": self.issuer(headers), "aud": client_id, "sub": sub, "iat": now,
@@ -270,7 +281,7 @@ class AuthState:
         if name:
             claims["name"] = name
             claims["preferred_username"] = sub
-        return self.sign(claims)
+        return await self.sign_async(claims)
 
     async def authenticate(self, headers: Mapping[str, str]) -> Principal:
         value = header(headers, "authorization")

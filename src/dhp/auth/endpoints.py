@@ -207,9 +207,9 @@ class Endpoints:
             return e.response()
         return JSONResponse(body, headers=_NO_STORE)
 
-    def _token_body(self, request: Request, client: db.ClientRow, *, sub: str, scope: list[str],
+    async def _token_body(self, request: Request, client: db.ClientRow, *, sub: str, scope: list[str],
                     fhir_user: str | None, patient: str | None, grant_id: str | None) -> dict[str, Any]:
-        token, claims = self.state.issue_access_token(
+        token, claims = await self.state.issue_access_token(
             headers=request.headers, client_id=client.client_id, sub=sub, scope=scope, fhir_user=fhir_user,
             patient=patient, grant_id=grant_id)
         body: dict[str, Any] = {"access_token": token, "token_type": "Bearer",
@@ -231,7 +231,7 @@ class Endpoints:
         granted = grant(requested, allowed, contexts=frozenset({"system"}))
         if not granted:
             raise OAuthError("invalid_scope", "None of the requested scopes is allowed for this client")
-        body = self._token_body(request, client, sub=client.client_id, scope=granted, fhir_user=None,
+        body = await self._token_body(request, client, sub=client.client_id, scope=granted, fhir_user=None,
                                 patient=None, grant_id=None)
         await self.audit(kind="token", success=True, description="client_credentials token issued",
                          client_id=client.client_id, client_name=client.name, address=_address(request))
@@ -275,10 +275,10 @@ class Endpoints:
         if user is None or user.disabled:
             raise OAuthError("invalid_grant", "The user is no longer active")
         scope: list[str] = d["scope"]
-        body = self._token_body(request, client, sub=user.username, scope=scope, fhir_user=user.fhir_user,
+        body = await self._token_body(request, client, sub=user.username, scope=scope, fhir_user=user.fhir_user,
                                 patient=d.get("patient"), grant_id=row.grant_id)
         if "openid" in scope:
-            body["id_token"] = self.state.issue_id_token(
+            body["id_token"] = await self.state.issue_id_token(
                 headers=request.headers, client_id=client.client_id, sub=user.username, fhir_user=user.fhir_user,
                 nonce=d.get("nonce"), auth_time=d.get("auth_time"),
                 name=user.name if "profile" in scope else None, with_fhir_user="fhirUser" in scope)
@@ -332,11 +332,11 @@ class Endpoints:
         if user is None or user.disabled:
             await self.state.revoke_grant(rec.grant_id)
             raise OAuthError("invalid_grant", "The user is no longer active")
-        body = self._token_body(request, client, sub=user.username, scope=d["scope"], fhir_user=user.fhir_user,
+        body = await self._token_body(request, client, sub=user.username, scope=d["scope"], fhir_user=user.fhir_user,
                                 patient=d.get("patient"), grant_id=rec.grant_id)
         body["refresh_token"] = new
         if "openid" in d["scope"]:
-            body["id_token"] = self.state.issue_id_token(
+            body["id_token"] = await self.state.issue_id_token(
                 headers=request.headers, client_id=client.client_id, sub=user.username, fhir_user=user.fhir_user,
                 nonce=None, auth_time=d.get("auth_time"), name=user.name if "profile" in d["scope"] else None,
                 with_fhir_user="fhirUser" in d["scope"])

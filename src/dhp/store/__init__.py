@@ -3,8 +3,9 @@
 One interface over two backends: SQLite (embedded default, WAL) and PostgreSQL (asyncpg).
 
 Writes go through :meth:`Store.begin`, a single database transaction. On SQLite every write transaction
-starts with ``BEGIN IMMEDIATE`` on a one-connection writer pool, so read-then-write cannot lose updates;
-on PostgreSQL the current row is locked with ``SELECT … FOR UPDATE``. Reads use a separate engine (and, on
+runs under ``BEGIN IMMEDIATE`` on one writer connection, so read-then-write cannot lose updates; writers that
+queue behind each other share one commit (each inside its own savepoint), and the WAL is checkpointed off the
+write path. On PostgreSQL the current row is locked with ``SELECT … FOR UPDATE``. Reads use a separate engine (and, on
 the hot path, the driver directly: the stored JSON bytes are served as they are).
 """
 
@@ -68,6 +69,15 @@ _UPDATE_CURRENT = update(resources).where(resources.c.type == bindparam("k_type"
                                           resources.c.id == bindparam("k_id"))
 _INSERT_CURRENT = insert(resources)
 _INSERT_HISTORY = insert(history)
+# The same on SQLite, through the driver (see SyncConn.raw).
+_SQLITE_CURRENT = ("SELECT type, id, version, last_updated, deleted, content FROM resources "
+                   "WHERE type = ? AND id = ?")
+_SQLITE_UPDATE = ("UPDATE resources SET version = ?, last_updated = ?, deleted = ?, patient = ?, package = ?, "
+                  "content = ? WHERE type = ? AND id = ?")
+_SQLITE_INSERT = ("INSERT INTO resources (type, id, version, last_updated, deleted, patient, package, content) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_SQLITE_HISTORY = ("INSERT INTO history (type, id, version, last_updated, deleted, method, content) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
 @dataclass
@@ -98,6 +108,8 @@ class SyncConn:
 
     def __init__(self, conn: Connection) -> None:
         self.sync_connection = conn
+        #: The driver's own connection (same transaction): the hot write statements skip SQLAlchemy.
+        self.raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         return self.sync_connection.execute(statement, parameters)
@@ -116,6 +128,9 @@ class WriteTx:
     conformance_changed: bool = False
 
     async def current(self, rtype: str, rid: str) -> StoredResource | None:
+        if isinstance(self.conn, SyncConn):
+            r = self.conn.raw.execute(_SQLITE_CURRENT, (rtype, rid)).fetchone()
+            return StoredResource(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) if r else None
         q = _CURRENT if self.is_sqlite else _CURRENT_FOR_UPDATE
         row = (await self.conn.execute(q, {"k_type": rtype, "k_id": rid})).first()
         return StoredResource(*row) if row else None
@@ -123,6 +138,20 @@ class WriteTx:
     async def put(self, rec: StoredResource, method: str, *, exists_before: bool,
                   patient: str | None = None, package: str | None = None) -> None:
         """Write ``rec`` as the current version and append it to the history."""
+        if isinstance(self.conn, SyncConn):
+            raw = self.conn.raw
+            try:
+                if exists_before:
+                    raw.execute(_SQLITE_UPDATE, (rec.version, rec.last_updated, rec.deleted, patient, package,
+                                                 rec.content, rec.type, rec.id))
+                else:
+                    raw.execute(_SQLITE_INSERT, (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted,
+                                                 patient, package, rec.content))
+                raw.execute(_SQLITE_HISTORY, (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted,
+                                              method, rec.content))
+            except sqlite3.IntegrityError as e:
+                raise ConflictError(f"{rec.type}/{rec.id} was written concurrently") from e
+            return
         values = {"version": rec.version, "last_updated": rec.last_updated, "deleted": rec.deleted,
                   "patient": patient, "package": package, "content": rec.content}
         try:
@@ -157,6 +186,27 @@ class WriteTx:
                 await r
 
 
+#: SQLite memory-maps up to this many bytes of the database file (reads skip a copy per page).
+SQLITE_MMAP = 1 << 30
+#: Page cache of the SQLite writer connection, KiB.
+SQLITE_WRITER_CACHE_KIB = 65536
+#: Most write transactions that share one SQLite commit (group commit).
+GROUP_MAX = 64
+#: Seconds between background WAL checkpoints while writes go on.
+CHECKPOINT_EVERY = 0.5
+
+
+@dataclass
+class _Group:
+    """SQLite write transactions that will be committed together: one BEGIN IMMEDIATE … COMMIT."""
+
+    conn: Connection
+    trans: Any
+    done: asyncio.Future[None]
+    members: int = 0
+    flushing: bool = False
+
+
 class Store:
     def __init__(self, url: str, read_url: str = "") -> None:
         self.url = url
@@ -168,6 +218,12 @@ class Store:
         self._sqlite_reader: sqlite3.Connection | None = None
         self._sqlite_writer: Engine | None = None
         self._write_lock: asyncio.Lock | None = None
+        self._writer_conn: Connection | None = None
+        self._group: _Group | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._checkpointing = False
+        self._checkpoint_tail = False
+        self._last_checkpoint = 0.0
         self._pg_pool: Any = None
         self._opened = False
 
@@ -206,6 +262,18 @@ class Store:
         self._opened = True
 
     async def close(self) -> None:
+        if self._write_lock is not None:
+            async with self._write_lock:
+                if self._group is not None:
+                    self._commit_group(self._group)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._writer_conn is not None:
+            with contextlib.suppress(Exception):
+                self._writer_conn.connection.driver_connection.execute(  # type: ignore[union-attr]
+                    "PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self._writer_conn.close()
+            self._writer_conn = None
         if self._sqlite_reader is not None:
             self._sqlite_reader.close()
             self._sqlite_reader = None
@@ -234,11 +302,28 @@ class Store:
         if self._sqlite_writer is not None:
             assert self._write_lock is not None
             async with self._write_lock:
-                with self._sqlite_writer.connect() as sconn:
-                    tx = WriteTx(SyncConn(sconn), True)
-                    with sconn.begin():
-                        yield tx
-                        await tx.before_commit()
+                group = self._group
+                if group is None:
+                    conn = self._writer()
+                    group = self._group = _Group(conn, conn.begin(), asyncio.get_running_loop().create_future())
+                sc = SyncConn(group.conn)
+                tx = WriteTx(sc, True)
+                # A savepoint per member: one member's failure leaves the others' work in the group.
+                # Issued through the driver: SQLAlchemy's nested-transaction bookkeeping cost more than SQLite.
+                sc.raw.execute("SAVEPOINT dhp_member")
+                try:
+                    yield tx
+                    await tx.before_commit()
+                except BaseException:
+                    self._rollback_member(group, sc.raw)
+                    raise
+                else:
+                    sc.raw.execute("RELEASE dhp_member")
+                    group.members += 1
+                finally:
+                    self._end_member(group)
+            # The commit is shared with the writers queued behind this one; wait for it.
+            await asyncio.shield(group.done)
             await tx.committed()
             return
         async with self.engine.connect() as conn:
@@ -247,6 +332,108 @@ class Store:
                 yield tx
                 await tx.before_commit()
         await tx.committed()
+
+    # ------------------------------------------------------------------ SQLite group commit
+
+    def _writer(self) -> Connection:
+        if self._writer_conn is None:
+            assert self._sqlite_writer is not None
+            self._writer_conn = self._sqlite_writer.connect()
+            # Checkpoints run in the background (see _maybe_checkpoint), not inside a writer's commit.
+            raw = self._writer_conn.connection.driver_connection
+            raw.execute("PRAGMA wal_autocheckpoint=0")  # type: ignore[union-attr]
+            raw.execute("PRAGMA journal_size_limit=67108864")  # type: ignore[union-attr]
+        return self._writer_conn
+
+    def _rollback_member(self, group: _Group, raw: sqlite3.Connection) -> None:
+        try:
+            raw.execute("ROLLBACK TO dhp_member")
+            raw.execute("RELEASE dhp_member")
+        except Exception as e:  # the whole transaction is gone (I/O error…): fail every member
+            self._fail_group(group, e)
+
+    def _end_member(self, group: _Group) -> None:
+        """A member is done (its savepoint released or rolled back): commit now, or after the queue drains."""
+        if self._group is not group:
+            return
+        if group.members >= GROUP_MAX:
+            self._commit_group(group)
+        elif not group.flushing:
+            # The flush queues on the lock behind the writers already waiting: they join this commit.
+            group.flushing = True
+            self._spawn(self._flush(group))
+
+    async def _flush(self, group: _Group) -> None:
+        assert self._write_lock is not None
+        async with self._write_lock:
+            if self._group is group:
+                self._commit_group(group)
+
+    def _commit_group(self, group: _Group) -> None:
+        self._group = None
+        try:
+            group.trans.commit()
+        except Exception as e:
+            self._fail_group(group, e)
+            return
+        group.done.set_result(None)
+        self._maybe_checkpoint()
+
+    def _fail_group(self, group: _Group, error: Exception) -> None:
+        if self._group is group:
+            self._group = None
+        with contextlib.suppress(Exception):
+            group.trans.rollback()
+        if not group.done.done():
+            group.done.set_exception(error)
+            group.done.exception()  # members that failed on their own never look at it
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _maybe_checkpoint(self) -> None:
+        """Keep the WAL short without making writers wait for the copy.
+
+        A checkpoint thread copies the WAL into the database file while writes go on (PASSIVE). Writes that
+        landed meanwhile keep it from finishing, so the WAL could never restart from its beginning and would
+        grow without bound; after each background pass the writer itself checkpoints the remainder (short)
+        between two groups, and the next write starts the WAL afresh.
+        """
+        if self._checkpoint_tail and not self._checkpointing:
+            self._checkpoint_tail = False
+            with contextlib.suppress(sqlite3.Error):
+                self._writer().connection.driver_connection.execute(  # type: ignore[union-attr]
+                    "PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        now = time.monotonic()
+        if self._checkpointing or now - self._last_checkpoint < CHECKPOINT_EVERY:
+            return
+        self._checkpointing = True
+        self._last_checkpoint = now
+        self._spawn(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL back into the database file on a thread (SQLite releases the GIL while it works)."""
+        path = self.sqlite_path
+        assert path is not None
+
+        def run() -> None:
+            c = sqlite3.connect(path, timeout=30, isolation_level=None)
+            try:
+                c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                c.close()
+
+        try:
+            await asyncio.to_thread(run)
+            self._checkpoint_tail = True
+        except sqlite3.Error as e:
+            import logging
+
+            logging.getLogger(__name__).warning("WAL checkpoint failed: %s", e)
+        finally:
+            self._checkpointing = False
 
     @contextlib.asynccontextmanager
     async def read_conn(self) -> AsyncIterator[AsyncConnection]:
@@ -261,6 +448,7 @@ class Store:
             c = sqlite3.connect(self.sqlite_path, check_same_thread=False, timeout=30,
                                 isolation_level=None)
             c.execute("PRAGMA query_only=ON")
+            c.execute(f"PRAGMA mmap_size={SQLITE_MMAP}")
             self._sqlite_reader = c
         return self._sqlite_reader
 
@@ -419,6 +607,11 @@ def _sqlite_setup(engine: AsyncEngine | Engine, immediate: bool) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=60000")
+        # Map the file instead of copying pages through read() calls; the writer also keeps a larger cache
+        # (its index inserts land on pages all over the B-trees).
+        cur.execute(f"PRAGMA mmap_size={SQLITE_MMAP}")
+        if immediate:
+            cur.execute(f"PRAGMA cache_size=-{SQLITE_WRITER_CACHE_KIB}")
         cur.close()
 
     @event.listens_for(sync_engine, "begin")

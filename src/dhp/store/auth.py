@@ -8,6 +8,7 @@ enforce revocation with no state but the database.
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from dhp.store import ConflictError, Store, StoredResource, WriteTx, now_us
+from dhp.store import (
+    _SQLITE_HISTORY,
+    _SQLITE_INSERT,
+    ConflictError,
+    Store,
+    StoredResource,
+    SyncConn,
+    WriteTx,
+    now_us,
+)
 from dhp.store.schema import BigId, history, metadata, resources
 
 #: JWS signing keys (private JWK as JSON). ``retired_at`` set: no longer signs, still published in the JWKS.
@@ -466,6 +476,16 @@ async def put_new_resources(tx: WriteTx, recs: list[tuple[StoredResource, str | 
     writes an AuditEvent per token, and building two Core statements per event cost more than signing it.
     """
     if not recs:
+        return
+    if isinstance(tx.conn, SyncConn):
+        raw = tx.conn.raw
+        try:
+            raw.executemany(_SQLITE_INSERT, [(r.type, r.id, r.version, r.last_updated, False, patient, None,
+                                              r.content) for r, patient in recs])
+            raw.executemany(_SQLITE_HISTORY, [(r.type, r.id, r.version, r.last_updated, False, "POST", r.content)
+                                              for r, _ in recs])
+        except sqlite3.IntegrityError as e:
+            raise ConflictError("an audit event id was taken concurrently") from e
         return
     try:
         await tx.conn.execute(insert(resources), [

@@ -173,6 +173,7 @@ async def replace_rows(conn: AsyncConnection, rtype: str, rid: str, rows: dict[s
     kinds = tuple(kinds) if not fresh else ()
     present = tuple(sorted(k for k, v in rows.items() if v))
     if is_sqlite:
+        raw = getattr(conn, "raw", None)  # the write path's driver connection (dhp.store.SyncConn)
         todo: list[tuple[str, Any]] = []
         for k in kinds:
             sql_text, _ = _compile(conn, ("del", k), lambda k=k: delete(TABLES[k]).where(
@@ -181,6 +182,13 @@ async def replace_rows(conn: AsyncConnection, rtype: str, rid: str, rows: dict[s
         for k in present:
             sql_text, _ = _compile(conn, ("ins", k), lambda k=k: _insert_stmt(k))
             todo.append((sql_text, rows[k]))
+        if raw is not None:
+            for sql_text, params in todo:
+                if isinstance(params, list):
+                    raw.executemany(sql_text, params)
+                else:
+                    raw.execute(sql_text, params)
+            return
 
         def run(c: Any) -> None:
             for sql_text, params in todo:
@@ -218,6 +226,10 @@ async def insert_rows(conn: AsyncConnection, rows: dict[str, list[tuple[Any, ...
         if not items:
             continue
         sql_text, _ = _compile(conn, ("ins", kind), lambda kind=kind: _insert_stmt(kind))
+        raw = getattr(conn, "raw", None)  # SQLite's write path: straight to the driver
+        if raw is not None:
+            raw.executemany(sql_text, items)
+            continue
         for i in range(0, len(items), 5000):
             chunk = items[i:i + 5000]
             await conn.run_sync(lambda c, chunk=chunk, q=sql_text: c.exec_driver_sql(q, chunk))
