@@ -189,3 +189,52 @@ def test_sqlite_wal_stays_bounded_under_continuous_writes(new_db_url: Callable[[
     assert written * 4000 > 40_000_000, written
     assert wal_bytes < written * 8000 / 2, (wal_bytes, written)
     assert not os.path.exists(path + "-wal") or os.path.getsize(path + "-wal") == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "pg"])
+def test_writes_queued_in_a_transaction_are_seen_in_order(backend: str, new_db_url: Callable[[str], str]) -> None:
+    """On PostgreSQL a transaction's writes go out together; a second write of one resource, a read of it, and
+    any other statement in the transaction still see the first (and the index holds only the last rows)."""
+    from sqlalchemy import func, select
+
+    from dhp.store.search import token_t
+
+    def rows(rid: str, value: str) -> dict[str, list[tuple[Any, ...]]]:
+        return {"token": [("Basic", rid, "code", "http://s", value, None, None, None)]}
+
+    async def run() -> tuple[Any, ...]:
+        store = Store(new_db_url(backend))
+        await store.open()
+        try:
+            async with store.begin() as tx:
+                await tx.put(StoredResource("Basic", "q", 1, now_us(), False, b'{"v":1}'), "POST",
+                             exists_before=False)
+                await tx.replace_index("Basic", "q", rows("q", "one"), ["token"], fresh=True)
+                # another statement in the same transaction sees the queued rows
+                n1 = (await tx.conn.execute(select(func.count()).select_from(token_t).where(
+                    token_t.c.id == "q"))).scalar_one()
+                cur = await tx.current("Basic", "q")
+                assert cur is not None
+                await tx.put(StoredResource("Basic", "q", 2, now_us(), False, b'{"v":2}'), "PUT",
+                             exists_before=True)
+                await tx.replace_index("Basic", "q", rows("q", "two"), ["token"], fresh=False)
+            final = await store.read("Basic", "q")
+            hist = await store.history("Basic", "q")
+            async with store.read_conn() as conn:
+                values = [r[0] for r in (await conn.execute(
+                    select(token_t.c.value).where(token_t.c.type == "Basic", token_t.c.id == "q"))).all()]
+            with pytest.raises(ConflictError):
+                async with store.begin() as tx:
+                    await tx.put(StoredResource("Basic", "q", 1, now_us(), False, b"{}"), "POST",
+                                 exists_before=False)
+            after = await store.read("Basic", "q")
+            return n1, cur.version, final, hist.total, values, after
+        finally:
+            await store.close()
+
+    n1, cur_version, final, versions, values, after = asyncio.run(run())
+    assert n1 == 1 and cur_version == 1
+    assert final is not None and final.version == 2 and final.content == b'{"v":2}'
+    assert versions == 2
+    assert values == ["two"]
+    assert after is not None and after.version == 2

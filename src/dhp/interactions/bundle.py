@@ -240,6 +240,7 @@ async def transaction(server: Server, ctx: RequestContext, bundle: dict[str, Any
     async def run() -> list[tuple[int, dict[str, Any]]]:
         results: list[tuple[int, dict[str, Any]]] = []
         async with server.store.begin() as tx:
+            await tx.prefetch(targets)  # one locking read for every resource the entries will change
             for e in ordered:
                 try:
                     results.append((e.index, await _run_entry(server, ctx, e, tx)))

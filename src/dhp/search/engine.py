@@ -213,7 +213,7 @@ class SearchEngine:
             meta = resource.get("meta")
             fresh = isinstance(meta, dict) and meta.get("versionId") == "1"
         kinds = self.kinds(rtype) if not fresh else ()
-        await sql.replace_rows(tx.conn, rtype, rid, rows, kinds, fresh=fresh, is_sqlite=tx.is_sqlite)
+        await tx.replace_index(rtype, rid, rows, kinds, fresh=fresh)
 
     async def unindex(self, tx: Any, rtype: str, rid: str) -> None:
         await sql.delete_rows(tx.conn, rtype, rid)

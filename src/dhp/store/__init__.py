@@ -69,6 +69,11 @@ _UPDATE_CURRENT = update(resources).where(resources.c.type == bindparam("k_type"
                                           resources.c.id == bindparam("k_id"))
 _INSERT_CURRENT = insert(resources)
 _INSERT_HISTORY = insert(history)
+_PG_READ = ("SELECT type, id, version, last_updated, deleted, content FROM resources "
+            "WHERE type = $1 AND id = $2")
+_PG_READ_MANY = ("SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.content "
+                 "FROM unnest($1::text[], $2::text[]) AS k(type, id) "
+                 "JOIN resources r ON r.type = k.type AND r.id = k.id")
 # The same on SQLite, through the driver (see SyncConn.raw).
 _SQLITE_CURRENT = ("SELECT type, id, version, last_updated, deleted, content FROM resources "
                    "WHERE type = ? AND id = ?")
@@ -118,21 +123,102 @@ class SyncConn:
         return fn(self.sync_connection, *args)
 
 
+class _PgTxConn:
+    """The PostgreSQL write connection as other modules see it: writes queued by :class:`WriteTx` go out
+    first, so every statement sees them."""
+
+    def __init__(self, conn: AsyncConnection, tx: WriteTx) -> None:
+        self._conn = conn
+        self._tx = tx
+        self.sync_connection = conn.sync_connection
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        await self._tx.flush()
+        return await self._conn.execute(statement, parameters)
+
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any:
+        await self._tx.flush()
+        return await self._conn.exec_driver_sql(statement, parameters)
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        await self._tx.flush()
+        return await self._conn.run_sync(fn, *args)
+
+
 @dataclass
+class _Pending:
+    """Writes of one PostgreSQL transaction not yet sent: they go out as ONE statement (data-modifying CTEs),
+    before the next statement of the transaction or at its commit. A create then costs one round trip
+    between BEGIN and COMMIT, and a transaction Bundle a handful, not several per entry."""
+
+    inserts: list[tuple[Any, ...]] = field(default_factory=list)
+    updates: list[tuple[Any, ...]] = field(default_factory=list)
+    history: list[tuple[Any, ...]] = field(default_factory=list)
+    keys: set[tuple[str, str]] = field(default_factory=set)
+    index_keys: set[tuple[str, str]] = field(default_factory=set)
+    index_deletes: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    index_rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.index_keys)
+
+
 class WriteTx:
     """One write transaction. Other modules add their own rows through :attr:`conn`."""
 
-    conn: AsyncConnection | SyncConn  # both: ``await conn.execute(statement[, params])``
-    is_sqlite: bool
-    after_commit: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
-    conformance_changed: bool = False
+    def __init__(self, conn: AsyncConnection | SyncConn, is_sqlite: bool) -> None:
+        self.is_sqlite = is_sqlite
+        self.after_commit: list[Callable[[], Awaitable[None] | None]] = []
+        self.conformance_changed = False
+        self._pending: _Pending | None = None
+        self._known: dict[tuple[str, str], StoredResource | None] = {}  # locked by prefetch, unchanged since
+        self._base = conn
+        #: ``await conn.execute(statement[, params])`` on both backends.
+        self.conn: AsyncConnection | SyncConn | _PgTxConn = conn
+        if isinstance(conn, AsyncConnection) and not is_sqlite:
+            self._pending = _Pending()
+            self.conn = _PgTxConn(conn, self)
+
+    async def flush(self) -> None:
+        """Send the queued writes (PostgreSQL); a no-op when nothing waits."""
+        p = self._pending
+        if not p:
+            return
+        assert isinstance(self._base, AsyncConnection)
+        self._pending = _Pending()
+        from dhp.store.search import flush_statement
+
+        sql_text, params = flush_statement(p)
+        try:
+            await self._base.exec_driver_sql(sql_text, params)
+        except IntegrityError as e:
+            raise ConflictError("a resource in this transaction was written concurrently") from e
+
+    async def prefetch(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Read (and on PostgreSQL lock) the current versions of many resources at once; :meth:`current` then
+        answers from them. SQLite's reads are in-process and cheap: nothing to gain there."""
+        if self._pending is None or not keys:
+            return
+        from dhp.store.search import lock_current
+
+        for i in range(0, len(keys), 1000):
+            chunk = list(keys[i:i + 1000])
+            found = await lock_current(self._base, chunk)  # type: ignore[arg-type]
+            for k in chunk:
+                if k not in self._pending.keys:
+                    self._known[k] = found.get(k)
 
     async def current(self, rtype: str, rid: str) -> StoredResource | None:
+        if (rtype, rid) in self._known:
+            return self._known[(rtype, rid)]
         if isinstance(self.conn, SyncConn):
             r = self.conn.raw.execute(_SQLITE_CURRENT, (rtype, rid)).fetchone()
             return StoredResource(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) if r else None
+        if self._pending is not None and (rtype, rid) in self._pending.keys:
+            await self.flush()
         q = _CURRENT if self.is_sqlite else _CURRENT_FOR_UPDATE
-        row = (await self.conn.execute(q, {"k_type": rtype, "k_id": rid})).first()
+        # Straight to the connection: queued writes of other resources need not go out for this read.
+        row = (await self._base.execute(q, {"k_type": rtype, "k_id": rid})).first()
         return StoredResource(*row) if row else None
 
     async def put(self, rec: StoredResource, method: str, *, exists_before: bool,
@@ -152,6 +238,17 @@ class WriteTx:
             except sqlite3.IntegrityError as e:
                 raise ConflictError(f"{rec.type}/{rec.id} was written concurrently") from e
             return
+        if self._pending is not None:
+            key = (rec.type, rec.id)
+            if key in self._pending.keys or key in self._pending.index_keys:
+                await self.flush()  # a second write of one resource: the first goes out before it
+            self._known.pop(key, None)
+            p = self._pending
+            row = (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, patient, package, rec.content)
+            (p.updates if exists_before else p.inserts).append(row)
+            p.history.append((rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, method, rec.content))
+            p.keys.add(key)
+            return
         values = {"version": rec.version, "last_updated": rec.last_updated, "deleted": rec.deleted,
                   "patient": patient, "package": package, "content": rec.content}
         try:
@@ -165,6 +262,28 @@ class WriteTx:
         except IntegrityError as e:
             raise ConflictError(f"{rec.type}/{rec.id} was written concurrently") from e
 
+    async def replace_index(self, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
+                            kinds: Iterable[str], *, fresh: bool) -> None:
+        """Replace one resource's search index rows: per table kind, tuples of (type, id, code, *values).
+        ``kinds``: the tables its old rows may be in (ignored when ``fresh``: it has none yet)."""
+        if self._pending is None:
+            from dhp.store.search import replace_rows
+
+            await replace_rows(self.conn, rtype, rid, rows, kinds, fresh=fresh,  # type: ignore[arg-type]
+                               is_sqlite=self.is_sqlite)
+            return
+        key = (rtype, rid)
+        if key in self._pending.index_keys:
+            await self.flush()
+        p = self._pending
+        p.index_keys.add(key)
+        if not fresh:
+            for k in kinds:
+                p.index_deletes.setdefault(k, []).append(key)
+        for k, lst in rows.items():
+            if lst:
+                p.index_rows.setdefault(k, []).extend(lst)
+
     async def bump(self, name: str) -> None:
         n = await self.conn.execute(update(counters).where(counters.c.name == name)
                                     .values(value=counters.c.value + 1))
@@ -175,6 +294,7 @@ class WriteTx:
         self.conformance_changed = True
 
     async def before_commit(self) -> None:
+        await self.flush()
         if self.conformance_changed:
             await self.bump(CONFORMANCE_EPOCH)
 
@@ -190,6 +310,9 @@ class WriteTx:
 SQLITE_MMAP = 1 << 30
 #: Page cache of the SQLite writer connection, KiB.
 SQLITE_WRITER_CACHE_KIB = 65536
+#: PostgreSQL primary-key reads on the wire at once per process; reads arriving meanwhile are batched.
+PG_READS_IN_FLIGHT = 4
+PG_READ_BATCH = 256
 #: Most write transactions that share one SQLite commit (group commit).
 GROUP_MAX = 64
 #: Seconds between background WAL checkpoints while writes go on.
@@ -225,6 +348,8 @@ class Store:
         self._checkpoint_tail = False
         self._last_checkpoint = 0.0
         self._pg_pool: Any = None
+        self._reads_in_flight = 0
+        self._read_queue: list[tuple[str, str, asyncio.Future[StoredResource | None]]] = []
         self._opened = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -460,11 +585,46 @@ class Store:
                 "SELECT type, id, version, last_updated, deleted, content FROM resources "
                 "WHERE type = ? AND id = ?", (rtype, rid)).fetchone()
             return StoredResource(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) if row else None
-        async with self._pg_pool.acquire() as c:
-            row = await c.fetchrow(
-                "SELECT type, id, version, last_updated, deleted, content FROM resources "
-                "WHERE type = $1 AND id = $2", rtype, rid)
-        return StoredResource(*row) if row else None
+        if self._reads_in_flight < PG_READS_IN_FLIGHT and not self._read_queue:
+            self._reads_in_flight += 1
+            try:
+                async with self._pg_pool.acquire() as c:
+                    row = await c.fetchrow(_PG_READ, rtype, rid)
+            finally:
+                self._reads_in_flight -= 1
+                self._flush_reads()
+            return StoredResource(*row) if row else None
+        # Busy: reads that arrive while others are on the wire go together in the next query.
+        fut: asyncio.Future[StoredResource | None] = asyncio.get_running_loop().create_future()
+        self._read_queue.append((rtype, rid, fut))
+        self._flush_reads()
+        return await fut
+
+    def _flush_reads(self) -> None:
+        while self._read_queue and self._reads_in_flight < PG_READS_IN_FLIGHT:
+            batch, self._read_queue = self._read_queue[:PG_READ_BATCH], self._read_queue[PG_READ_BATCH:]
+            self._reads_in_flight += 1
+            self._spawn(self._read_batch(batch))
+
+    async def _read_batch(self, batch: list[tuple[str, str, asyncio.Future[StoredResource | None]]]) -> None:
+        try:
+            async with self._pg_pool.acquire() as c:
+                rows = await c.fetch(_PG_READ_MANY, [b[0] for b in batch], [b[1] for b in batch])
+        except BaseException as e:
+            for _t, _i, f in batch:
+                if not f.done():
+                    f.set_exception(e if isinstance(e, Exception) else ConnectionError("read cancelled"))
+            if not isinstance(e, Exception):
+                raise
+            return
+        finally:
+            self._reads_in_flight -= 1
+            self._flush_reads()
+        found = {(r[0], r[1]): r for r in rows}
+        for t, i, f in batch:
+            if not f.done():
+                row = found.get((t, i))
+                f.set_result(StoredResource(*row) if row else None)
 
     async def vread(self, rtype: str, rid: str, version: int) -> tuple[StoredResource, str] | None:
         q = select(history.c.type, history.c.id, history.c.version, history.c.last_updated,

@@ -220,6 +220,98 @@ async def replace_rows(conn: AsyncConnection, rtype: str, rid: str, rows: dict[s
     await conn.exec_driver_sql(sql_text, tuple(params[n] for n in order))
 
 
+async def lock_current(conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+    """Current rows of ``keys`` (PostgreSQL), locked FOR UPDATE in key order (a fixed order: two transactions
+    locking overlapping sets cannot deadlock on them)."""
+    from dhp.store import StoredResource
+
+    ordered = sorted(set(keys))
+    rows = (await conn.exec_driver_sql(
+        "SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.content FROM resources r "
+        "JOIN unnest($1::varchar[], $2::varchar[]) AS k(type, id) ON r.type = k.type AND r.id = k.id "
+        "ORDER BY r.type, r.id FOR UPDATE OF r",
+        ([k[0] for k in ordered], [k[1] for k in ordered]))).all()
+    return {(r[0], r[1]): StoredResource(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows}
+
+
+_flush_sql: dict[Any, str] = {}
+
+
+def _pg_type(col: Column[Any]) -> str:
+    from sqlalchemy.dialects import postgresql
+
+    return str(col.type.compile(dialect=postgresql.dialect()))
+
+
+def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
+    """The one PostgreSQL statement that applies a transaction's queued writes (``dhp.store._Pending``).
+
+    Data-modifying CTEs share one snapshot: the DELETEs see only the rows that were there before, so old index
+    rows go and new ones stay. ``unnest`` of arrays keeps the SQL text the same whatever the row counts, so
+    each shape of statement is prepared once per connection.
+    """
+    from dhp.store.schema import history
+
+    del_kinds = tuple(sorted(k for k, v in p.index_deletes.items() if v))
+    ins_kinds = tuple(sorted(k for k, v in p.index_rows.items() if v))
+    shape = (bool(p.inserts), bool(p.updates), bool(p.history), del_kinds, ins_kinds)
+    params: list[Any] = []
+
+    def arrays(rows: list[tuple[Any, ...]], n: int) -> None:
+        cols = list(zip(*rows, strict=True)) if rows else [()] * n
+        params.extend(list(c) for c in cols)
+
+    if p.inserts:
+        arrays(p.inserts, 8)
+    if p.updates:
+        arrays(p.updates, 8)
+    if p.history:
+        arrays(p.history, 7)
+    for k in del_kinds:
+        arrays(p.index_deletes[k], 2)
+    for k in ins_kinds:
+        arrays(p.index_rows[k], 3 + len(COLUMNS[k]))
+    sql_text = _flush_sql.get(shape)
+    if sql_text is None:
+        n = 0
+        ctes: list[str] = []
+
+        def unnest(cols: Sequence[Column[Any]]) -> str:
+            nonlocal n
+            args = []
+            for c in cols:
+                n += 1
+                args.append(f"${n}::{_pg_type(c)}[]")
+            return f"unnest({', '.join(args)})"
+
+        rcols = [resources.c[c] for c in ("type", "id", "version", "last_updated", "deleted", "patient",
+                                          "package", "content")]
+        names = ", ".join(c.name for c in rcols)
+        if p.inserts:
+            ctes.append(f"ri AS (INSERT INTO resources ({names}) SELECT * FROM {unnest(rcols)})")
+        if p.updates:
+            sets = ", ".join(f"{c.name} = u.{c.name}" for c in rcols[2:])
+            ctes.append(f"ru AS (UPDATE resources r SET {sets} FROM {unnest(rcols)} AS u({names}) "
+                        "WHERE r.type = u.type AND r.id = u.id)")
+        if p.history:
+            hcols = [history.c[c] for c in ("type", "id", "version", "last_updated", "deleted", "method",
+                                            "content")]
+            ctes.append(f"h AS (INSERT INTO history ({', '.join(c.name for c in hcols)}) "
+                        f"SELECT * FROM {unnest(hcols)})")
+        for k in del_kinds:
+            t = TABLES[k]
+            ctes.append(f"d_{k} AS (DELETE FROM {t.name} s USING {unnest([t.c.type, t.c.id])} AS k(type, id) "
+                        "WHERE s.type = k.type AND s.id = k.id)")
+        for k in ins_kinds:
+            t = TABLES[k]
+            cols = [t.c[c] for c in ("type", "id", "code", *COLUMNS[k])]
+            ctes.append(f"i_{k} AS (INSERT INTO {t.name} ({', '.join(c.name for c in cols)}) "
+                        f"SELECT * FROM {unnest(cols)})")
+        sql_text = "WITH " + ",\n".join(ctes) + "\nSELECT 1"
+        _flush_sql[shape] = sql_text
+    return sql_text, tuple(params)
+
+
 async def insert_rows(conn: AsyncConnection, rows: dict[str, list[tuple[Any, ...]]]) -> None:
     """Insert index rows: per table kind, tuples of (type, id, code, *values)."""
     for kind, items in rows.items():
