@@ -115,10 +115,13 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     routes: list[BaseRoute] = [Route("/", root), Route("/healthz", health)]
     app = Starlette(routes=routes, lifespan=lifespan)
+    direct: dict[tuple[str, str], Any] = {}
     if auth is not None:
         # Auth routes need the Server, which exists only after start-up: resolve it lazily.
         for r in auth.routes(_LazyServer(app, settings)):
             app.router.routes.insert(0, r)
+            if isinstance(r, Route) and r.path in getattr(auth, "HOT_PATHS", ()):
+                direct.update({(m, r.path): r.endpoint for m in r.methods or ()})
     documents = _optional("dhp.documents")
     if documents is not None and hasattr(documents, "routes"):
         for r in documents.routes(_LazyServer(app, settings)):
@@ -130,18 +133,20 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         return http.error_response(FHIRError(404, f"No such endpoint: {request.url.path}", "not-found"))
 
     app.add_exception_handler(404, not_found)
-    return FastPath(app, fhir)
+    return FastPath(app, fhir, direct)
 
 
 class FastPath:
     """Sends FHIR API requests straight to the FHIR app, past route matching (they are nearly all the
     traffic); everything else — SSO, well-known documents, pages — goes through the Starlette router."""
 
-    def __init__(self, app: Starlette, fhir: FHIRApp) -> None:
+    def __init__(self, app: Starlette, fhir: FHIRApp, direct: dict[tuple[str, str], Any] | None = None) -> None:
         self.app = app
         self.fhir = fhir
         self.state = app.state
         self.router = app.router
+        #: (method, path) → endpoint for the few hot non-FHIR endpoints (token issue): called past the router.
+        self.direct = direct or {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -151,6 +156,16 @@ class FastPath:
             scope["app"] = self.app
             scope["root_path"] = scope.get("root_path", "") + "/fhir"
             await self.fhir(scope, receive, send)
+            return
+        endpoint = self.direct.get((scope.get("method", ""), path)) if path else None
+        if endpoint is not None and getattr(self.state, "server", None) is not None:
+            request = Request({**scope, "app": self.app}, receive)
+            try:
+                response = await endpoint(request)
+            except Exception as e:  # what the router's error middleware would do
+                log.error("unhandled error on %s", path, exc_info=e)
+                response = JSONResponse({"error": "server_error", "error_description": "Internal error"}, 500)
+            await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

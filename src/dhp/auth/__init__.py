@@ -16,11 +16,13 @@ from dhp.auth.endpoints import routes
 from dhp.auth.scopes import Principal, ScopeError, parse_resource_scope
 
 __all__ = [
-    "ADMIN_CLIENT_ID", "AuthError", "AuthState", "Principal", "ScopeError", "authenticate", "check_resource",
+    "ADMIN_CLIENT_ID", "HOT_PATHS", "AuthError", "AuthState", "Principal", "ScopeError", "authenticate", "check_resource",
     "create_client", "create_user", "ensure_admin_client", "parse_resource_scope", "routes", "start", "stop",
 ]
 
 ADMIN_CLIENT_ID = "dhp-admin"
+#: Endpoints the API front door calls directly, past route matching: token issue is the SSO's hot path.
+HOT_PATHS = ("/oauth/token",)
 ADMIN_SCOPES = "system/*.cruds dhp/admin"
 
 
