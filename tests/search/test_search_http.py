@@ -105,6 +105,11 @@ CASES: list[tuple[str, set[str]]] = [
     ("Patient?birthdate=eb1990", {"pat1", "pat3"}),
     ("Patient?birthdate=ap1980-05-06", {"pat1", "pat3"}),
     ("Patient?birthdate=ge1980&birthdate=lt1981", {"pat1", "pat3"}),
+    # A year-precision birthDate spans the whole year: at the far edge of the width bound on the index scan.
+    ("Patient?birthdate=ge1980-12-30", {"pat2", "pat3"}),
+    ("Patient?birthdate=gt1980-12-30", {"pat2", "pat3"}),
+    ("Patient?birthdate=ge1980-12-31", {"pat2"}),  # nothing of 1980 lies above its last day
+    ("Patient?birthdate=ge1980-12-30&birthdate=lt1981-01-01", {"pat3"}),
     ("Patient?death-date=2024-03", {"pat2"}),
     ("Observation?date=2024-01-01", {"obs1"}),
     ("Observation?date=2023-06-01T07:30:00Z", {"obs3"}),

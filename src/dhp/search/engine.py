@@ -60,6 +60,7 @@ class SearchEngine:
         self._kinds: dict[str, tuple[str, ...]] = {}
         self._signature: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._single: dict[tuple[str, str], bool] = {}
+        self._width: dict[tuple[str, str], int | None] = {}
         #: Set by the interactions on first use, so background reindexing knows where to write.
         self.store: Any = None
         self.jobs: list[ReindexJob] = []
@@ -91,6 +92,7 @@ class SearchEngine:
         self._extractors.clear()
         self._kinds.clear()
         self._single.clear()
+        self._width.clear()
         new = self._signatures(self.params)
         old = self._signature
         self._signature = new
@@ -117,7 +119,8 @@ class SearchEngine:
     def parser(self, base_url: str = "", strict: bool = False, default_count: int = 50,
                max_count: int = 1000) -> Parser:
         return Parser(self.params, base_url=base_url, terminology=self.terminology, strict=strict,
-                      default_count=default_count, max_count=max_count, single_valued=self.single_valued)
+                      default_count=default_count, max_count=max_count, single_valued=self.single_valued,
+                      date_width=self.date_width)
 
     # ------------------------------------------------------------------ extraction
 
@@ -185,6 +188,29 @@ class SearchEngine:
                 got = self._max_one(rtype, ex.single_element, kind)
             self._single[key] = got
         return got
+
+    def date_width(self, rtype: str, code: str) -> int | None:
+        """The widest range a value of this date parameter can span (µs), when every value is a date,
+        dateTime or instant — at worst a year (``1975``) — and None when Periods or Timings may come in."""
+        key = (rtype, code)
+        if key in self._width:
+            return self._width[key]
+        got: int | None = None
+        for kind, c, ex in self.extractors(rtype):
+            if c != code or kind != "date" or ex.single_element is None:
+                continue
+            types = self._element_types(rtype, ex.single_element)
+            if types and types <= {"date", "dateTime", "instant"}:
+                got = 367 * 86_400_000_000
+        self._width[key] = got
+        return got
+
+    def _element_types(self, rtype: str, element: str) -> set[str]:
+        sd = self.registry.structure_definition(rtype)
+        for el in (sd or {}).get("snapshot", {}).get("element", []):
+            if el.get("path") in (f"{rtype}.{element}", f"{rtype}.{element}[x]"):
+                return {t.get("code") for t in el.get("type") or []}
+        return set()
 
     def _max_one(self, rtype: str, element: str, kind: str) -> bool:
         sd = self.registry.structure_definition(rtype)

@@ -7,6 +7,7 @@ is always a 400, so no search ever answers with unfiltered results.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from dhp.errors import FHIRError, Issue
@@ -87,7 +88,7 @@ def unescape(s: str) -> str:
 class Parser:
     def __init__(self, params: ParamRegistry, *, base_url: str = "", terminology: Any = None,
                  strict: bool = False, default_count: int = 50, max_count: int = 1000,
-                 single_valued: Any = None) -> None:
+                 single_valued: Any = None, date_width: Any = None) -> None:
         self.params = params
         self.base_url = base_url.rstrip("/")
         self.terminology = terminology
@@ -96,6 +97,7 @@ class Parser:
         self.max_count = max_count
         self.types = params.resource_types
         self.single_valued = single_valued
+        self.date_width = date_width
 
     # ------------------------------------------------------------------ whole queries
 
@@ -260,6 +262,9 @@ class Parser:
             clause.matches = [self._ref(p, name, modifier, v) for v in values]
         elif p.type in ("date", "number", "quantity"):
             clause.matches = [self._range(p.type, name, v) for v in values]
+            width = self.date_width(rtype, p.code) if p.type == "date" and rtype and self.date_width else None
+            if width is not None:
+                clause.matches = [replace(m, width=width) for m in clause.matches]  # type: ignore[type-var]
         elif p.type == "uri":
             clause.matches = [UriMatch(modifier or "eq", unescape(v)) for v in values]
         elif p.type == "composite":

@@ -49,6 +49,9 @@ class RangeMatch:
     value: float  # the exact value (ap, gt/lt on numbers)
     system: str | None = ANY  # quantity only
     code: str | None = None  # quantity only: unit code (or unit text when system is ANY)
+    #: dates only: no indexed value of the parameter spans more than this (µs) — a bound that turns a
+    #: half-open scan ("high >= x") into a range on the index's leading column
+    width: int | None = None
 
 
 @dataclass(frozen=True)

@@ -562,12 +562,15 @@ class Compiler:
             return and_(low >= lo, low <= hi, high <= hi)
         if p == "ne":
             return or_(low < lo, high > hi)
+        w = m.width
         if p == "gt":
-            return high > hi
+            # With a bounded width, "high > x" also means "low > x - width": a range on the low column.
+            return and_(low > hi - w, high > hi) if w else high > hi
         if p == "lt":
             return low < lo
         if p == "ge":  # above the search range, or inside it
-            return and_(high >= lo, or_(high > hi, low >= lo))
+            cond = and_(high >= lo, or_(high > hi, low >= lo))
+            return and_(low >= lo - w, cond) if w else cond
         if p == "le":  # below the search range, or inside it
             return and_(low <= hi, or_(low < lo, high <= hi))
         if p == "sa":
@@ -711,7 +714,14 @@ def _after(cols: list[tuple[Any, bool]], last: list[Any]) -> ColumnElement[bool]
             continue  # nothing sorts strictly after NULL within the same null-flag group
         cmp = expr < v if desc else expr > v
         alts.append(and_(true(), *eqs, cmp))
-    return or_(*alts) if alts else false()
+    if not alts:
+        return false()
+    first, desc0 = cols[0]
+    if last[0] is None:
+        return or_(*alts)
+    # The OR alone is not an index range; the bound on the first key is, so an index walk starts at the
+    # cursor instead of at the beginning (page 50 reads one page of index, not fifty).
+    return and_(first <= last[0] if desc0 else first >= last[0], or_(*alts))
 
 
 def _order_cols(compiler: Compiler, sort: Sequence[SortKey], r: Any, system: bool,
@@ -741,17 +751,19 @@ def _order_cols(compiler: Compiler, sort: Sequence[SortKey], r: Any, system: boo
 
 async def page(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] | None, nodes: Sequence[Node],
                sort: Sequence[SortKey], count: int, after: list[Any] | None = None, backward: bool = False,
-               ) -> tuple[list[Hit], bool]:
+               generic: bool = False) -> tuple[list[Hit], bool]:
     """One page of matches in sort order, after (or, ``backward``, before) a keyset position.
 
-    Returns the hits and whether more rows follow in the direction of travel.
+    Returns the hits and whether more rows follow in the direction of travel. ``generic``: no index walk.
     """
     comp = Compiler(is_sqlite)
     r = resources.alias("r")
     single = types[0] if types is not None and len(types) == 1 else None
-    if (single is not None and len(sort) == 1 and sort[0].single and sort[0].table in TABLES
+    if (not generic and single is not None and len(sort) == 1 and sort[0].single and sort[0].table in TABLES
             and not backward and (after is None or after[0] == 0)):
         return await _page_by_index(conn, comp, single, nodes, sort[0], count, after)
+    if single is not None and not sort and _driving_clause(nodes):
+        return await _page_by_ids(conn, comp, single, nodes, count, after, backward)
     conds = _match_conditions(comp, r, types, single, nodes)
     joins: list[tuple[Any, Any]] = []
     cols = _order_cols(comp, sort, r, single is None, joins)
@@ -785,31 +797,69 @@ async def page(conn: AsyncConnection, *, is_sqlite: bool, types: Sequence[str] |
     return hits, more
 
 
+def _driving_clause(nodes: Sequence[Node]) -> bool:
+    """Some node is a positive index condition: the matches can be found in the index tables alone."""
+    return any(isinstance(n, Clause) and not n.negate and n.missing is None for n in nodes)
+
+
+async def _page_by_ids(conn: AsyncConnection, comp: Compiler, rtype: str, nodes: Sequence[Node], count: int,
+                       after: list[Any] | None, backward: bool) -> tuple[list[Hit], bool]:
+    """The default order (by id) when an index condition drives the search: page through the matching ids
+    in the index tables (index rows exist only for live resources), then fetch just the page's rows —
+    instead of probing the resources table once for every match before sorting."""
+    m = comp.ids(rtype, nodes).distinct().subquery("m")
+    q = select(m.c.id)
+    if after is not None:
+        q = q.where(m.c.id < after[0] if backward else m.c.id > after[0])
+    p = q.order_by(m.c.id.desc() if backward else m.c.id.asc()).limit(count + 1).subquery("p")
+    r2 = resources.alias("r2")
+    q2 = (select(r2.c.type, r2.c.id, r2.c.version, r2.c.last_updated, r2.c.content)
+          .join_from(p, r2, and_(r2.c.type == rtype, r2.c.id == p.c.id))
+          .where(r2.c.deleted == false())
+          .order_by(r2.c.id.desc() if backward else r2.c.id.asc()))
+    rows = (await conn.execute(q2)).all()
+    more = len(rows) > count
+    hits = [Hit(row[0], row[1], row[2], row[3], row[4], [row[1]]) for row in rows[:count]]
+    if backward:
+        hits.reverse()
+    return hits, more
+
+
 async def _page_by_index(conn: AsyncConnection, comp: Compiler, rtype: str, nodes: Sequence[Node], key: SortKey,
                          count: int, after: list[Any] | None) -> tuple[list[Hit], bool]:
     """Sorted on one single-valued parameter: walk its index in order and stop after the page, instead of
-    sorting every match. Resources without a value come after, in id order (the generic path)."""
+    sorting every match. Resources without a value come after, in id order (the generic path).
+
+    The walk checks the other conditions row by row, so it wins when they let many rows through; it reads at
+    most a budget of index rows, and when the page is not full by then (a selective filter, or the end of the
+    values) the generic path answers from the same cursor.
+    """
     r = resources.alias("r")
     t = TABLES[key.table].alias("s")
     col = t.c.value if key.table in ("string", "uri") else (t.c.high if key.desc else t.c.low)
-    q = (select(r.c.type, r.c.id, r.c.version, r.c.last_updated, r.c.content, col)
-         .select_from(t.join(r, and_(r.c.type == t.c.type, r.c.id == t.c.id)))
-         .where(t.c.type == rtype, t.c.code == key.code, r.c.deleted == false(),
-                *comp.where(nodes, rtype, r.c.type, r.c.id)))
+    walk = select(t.c.type, t.c.id, col.label("v")).where(t.c.type == rtype, t.c.code == key.code)
     if after is not None:
-        q = q.where(_after([(col, key.desc), (r.c.id, False)], after[1:]))
-    q = q.order_by(col.desc() if key.desc else col.asc(), r.c.id.asc()).limit(count + 1)
+        walk = walk.where(_after([(col, key.desc), (t.c.id, False)], after[1:]))
+    budget = max(1000, 20 * (count + 1))
+    w = walk.order_by(col.desc() if key.desc else col.asc(), t.c.id.asc()).limit(budget).subquery("w")
+    q = (select(r.c.type, r.c.id, r.c.version, r.c.last_updated, r.c.content, w.c.v)
+         .select_from(w.join(r, and_(r.c.type == w.c.type, r.c.id == w.c.id)))
+         .where(r.c.deleted == false(), *comp.where(nodes, rtype, r.c.type, r.c.id))
+         .order_by(w.c.v.desc() if key.desc else w.c.v.asc(), r.c.id.asc()).limit(count + 1))
+    if not comp.is_sqlite:
+        # The walk only pays off as a nested loop; estimates of how many rows the filters keep are often far
+        # off (a hash of every match, then a sort, was chosen at 50% selectivity: 100 ms instead of 2 ms).
+        await conn.execute(text("SET LOCAL enable_hashjoin = off"))
+        await conn.execute(text("SET LOCAL enable_mergejoin = off"))
     rows = (await conn.execute(q)).all()
+    if not comp.is_sqlite:
+        await conn.execute(text("SET LOCAL enable_hashjoin = on"))
+        await conn.execute(text("SET LOCAL enable_mergejoin = on"))
     hits = [Hit(row[0], row[1], row[2], row[3], row[4], [0, row[5], row[1]]) for row in rows[:count]]
     if len(rows) > count:
         return hits, True
-    # Then the resources with no value for the key (NULLs sort last in both directions).
-    rest = [*nodes, Clause(key.table, key.code, missing=True)]
-    more_hits, more = await page(conn, is_sqlite=comp.is_sqlite, types=[rtype], nodes=rest,
-                                 sort=[SortKey("_id", "_id", False)], count=count - len(hits))
-    for h in more_hits:
-        h.key = [1, None, h.id]
-    return hits + more_hits, more
+    return await page(conn, is_sqlite=comp.is_sqlite, types=[rtype], nodes=nodes, sort=[key], count=count,
+                      after=after, generic=True)
 
 
 def _match_conditions(comp: Compiler, r: Any, types: Sequence[str] | None, single: str | None,
@@ -829,6 +879,10 @@ async def count_matches(conn: AsyncConnection, *, is_sqlite: bool, types: Sequen
     comp = Compiler(is_sqlite)
     r = resources.alias("r")
     single = types[0] if types is not None and len(types) == 1 else None
+    if single is not None and _driving_clause(nodes):
+        # Counted in the index tables alone (see _page_by_ids).
+        ids = comp.ids(single, nodes).distinct().subquery("m")
+        return int((await conn.execute(select(func.count()).select_from(ids))).scalar_one())
     conds = _match_conditions(comp, r, types, single, nodes)
     return int((await conn.execute(select(func.count()).select_from(r).where(*conds))).scalar_one())
 
