@@ -102,41 +102,13 @@ class AuditWriter:
         self.server = server  # its search engine (if any) indexes the events so AuditEvent?… finds them
         self._pending: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
         self._task: asyncio.Task[None] | None = None
-        self._to_index: list[tuple[str, bytes]] = []
-        self._index_task: asyncio.Task[None] | None = None
-
-    # Search index rows of an AuditEvent cost more than the token it records (~20 parameters), so they are
-    # written after the event's commit, in larger batches, by a background task: an event is durable before
-    # the response leaves and searchable moments later. Under a backlog, requests wait (back-pressure).
-    INDEX_BATCH = 1000
-    INDEX_BACKLOG = 5000
-
-    def _queue_index(self, items: list[tuple[str, bytes]]) -> None:
-        search = getattr(self.server, "search", None)
-        if search is None or not hasattr(search, "index_many"):
-            return
-        self._to_index.extend(items)
-        if self._index_task is None or self._index_task.done():
-            self._index_task = asyncio.create_task(self._index_run())
-
-    async def _index_run(self) -> None:
-        search = self.server.search
-        while self._to_index:
-            await asyncio.sleep(0.02)  # let a burst accumulate
-            batch, self._to_index = self._to_index[:self.INDEX_BATCH], self._to_index[self.INDEX_BATCH:]
-            try:
-                async with self.store.begin() as tx:
-                    await search.index_many(tx, [("AuditEvent", rid, c) for rid, c in batch])
-            except Exception as e:  # a broken index must not stop sign-ins; a reindex repairs it
-                log.warning("could not index %d AuditEvents: %s", len(batch), e, exc_info=e)
 
     async def wait_indexed(self) -> None:
-        while self._index_task is not None and not self._index_task.done():
-            await self._index_task
+        """Events are indexed in the transaction that stores them: nothing is ever pending."""
+        if self._task is not None and not self._task.done():
+            await self._task
 
     async def write(self, event: dict[str, Any]) -> str:
-        if len(self._to_index) > self.INDEX_BACKLOG:
-            await self.wait_indexed()
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending.append((event, fut))
         if self._task is None or self._task.done():
@@ -170,13 +142,17 @@ class AuditWriter:
             patient = (e.get("patient") or {}).get("reference", "")
             prepared.append((rid, fhirjson.dumps(body), patient.split("/", 1)[1] if patient else None))
 
+        search = getattr(self.server, "search", None)
+
         async def once() -> None:
             async with self.store.begin() as tx:
                 await put_new_resources(tx, [(StoredResource("AuditEvent", rid, 1, ts, False, content), patient)
                                              for rid, content, patient in prepared])
+                # In the same transaction (one commit for the batch): events are searchable once stored.
+                if search is not None and hasattr(search, "index_many"):
+                    await search.index_many(tx, [("AuditEvent", rid, c) for rid, c, _p in prepared])
 
         await retry_conflicts(once)
-        self._queue_index([(rid, content) for rid, content, _ in prepared])
         return [p[0] for p in prepared]
 
     async def close(self) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import jinja2
+import orjson
 from joserfc.errors import JoseError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -205,7 +206,7 @@ class Endpoints:
                              client_id=client.client_id if client else _claimed_client(request, form),
                              client_name=client.name if client else None, address=_address(request))
             return e.response()
-        return JSONResponse(body, headers=_NO_STORE)
+        return Response(orjson.dumps(body), 200, headers=_NO_STORE, media_type="application/json")
 
     async def _token_body(self, request: Request, client: db.ClientRow, *, sub: str, scope: list[str],
                     fhir_user: str | None, patient: str | None, grant_id: str | None) -> dict[str, Any]:
