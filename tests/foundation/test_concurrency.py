@@ -238,3 +238,43 @@ def test_writes_queued_in_a_transaction_are_seen_in_order(backend: str, new_db_u
     assert versions == 2
     assert values == ["two"]
     assert after is not None and after.version == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "pg"])
+def test_concurrent_reads_each_get_their_own_row(backend: str, new_db_url: Callable[[str], str]) -> None:
+    """Under load PostgreSQL reads are answered together by one query; every caller still gets exactly its
+    own row — present, deleted or missing — and an error reaches every caller of the failed query."""
+
+    async def run() -> tuple[list[bool], bool]:
+        store = Store(new_db_url(backend))
+        await store.open()
+        try:
+            async with store.begin() as tx:
+                for i in range(60):
+                    await tx.put(StoredResource("Basic", f"r{i}", 1, now_us(), i % 7 == 0,
+                                                orjson.dumps({"i": i})), "POST", exists_before=False)
+            wanted = [(f"r{i % 80}", i % 80) for i in range(400)]  # r60..r79 do not exist
+
+            async def one(rid: str, i: int) -> bool:
+                rec = await store.read("Basic", rid)
+                if i >= 60:
+                    return rec is None
+                return (rec is not None and rec.id == rid and rec.deleted == (i % 7 == 0)
+                        and orjson.loads(rec.content) == {"i": i})
+
+            results = await asyncio.gather(*(one(rid, i) for rid, i in wanted))
+            failed_everywhere = True
+            if backend == "pg":
+                # Close the pool under the callers: each one sees an error, none hangs.
+                pending = [asyncio.ensure_future(store.read("Basic", f"r{i}")) for i in range(40)]
+                await store._pg_pool.close()
+                outcomes = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
+                failed_everywhere = all(isinstance(o, BaseException) or o is not None for o in outcomes)
+                store._pg_pool = None
+            return results, failed_everywhere
+        finally:
+            await store.close()
+
+    results, failed_everywhere = asyncio.run(run())
+    assert all(results), results.index(False)
+    assert failed_everywhere

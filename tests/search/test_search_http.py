@@ -492,3 +492,37 @@ def test_paging_on_a_single_valued_key_reaches_resources_without_a_value(fhir: h
         back = ids(b) + back
     assert back + ids(pages[-1]) == expected
     assert ids(get(fhir, f"/Questionnaire?_id=q1,q2,q-nourl&_sort={sort}&_count=2")) == expected[:2]
+
+
+def test_default_order_pages_and_total_come_from_the_index(fhir: httpx.Client) -> None:
+    """An index condition drives the default (id) order: pages and total are taken from the index tables,
+    which hold live resources only — a deleted resource is neither counted nor paged, and the previous links
+    walk back over the same pages."""
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    made = [f"dflt-{tag}-{i}" for i in range(7)]
+    for rid in made:
+        r = fhir.put(f"/Device/{rid}", headers=H, json={
+            "resourceType": "Device", "id": rid, "status": "active",
+            "identifier": [{"system": "urn:dhp:test:paging", "value": tag}]})
+        assert r.status_code in (200, 201)
+    assert fhir.delete(f"/Device/{made[3]}").status_code in (200, 204)
+    live = sorted(made[:3] + made[4:])
+    b = get(fhir, f"/Device?identifier=urn:dhp:test:paging|{tag}&_count=2")
+    assert b["total"] == 6
+    pages = [b]
+    seen = ids(b)
+    while (nxt := next((link["url"] for link in b["link"] if link["relation"] == "next"), None)):
+        b = httpx.get(nxt, timeout=30).json()
+        seen += ids(b)
+        pages.append(b)
+    assert seen == live and len(pages) == 3
+    back: list[str] = []
+    b = pages[-1]
+    while (prev := next((link["url"] for link in b["link"] if link["relation"] == "previous"), None)):
+        b = httpx.get(prev, timeout=30).json()
+        back = ids(b) + back
+    assert back + ids(pages[-1]) == live
+    summary = get(fhir, f"/Device?identifier=urn:dhp:test:paging|{tag}&_summary=count")
+    assert summary["total"] == 6
