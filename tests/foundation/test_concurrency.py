@@ -15,6 +15,10 @@ from dhp.store import ConflictError, Store, StoredResource, now_us
 WRITERS, INCREMENTS = 8, 50
 
 
+def basic(rid: str, content: bytes = b"{}", version: int = 1, deleted: bool = False) -> StoredResource:
+    return StoredResource("Basic", rid, version, now_us(), deleted, content)
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "pg"])
 def test_store_read_then_write_loses_nothing(backend: str, new_db_url: Callable[[str], str]) -> None:
     """8 writers × 50 read-increment-write cycles end at 400 (aiosqlite's defaults ended far lower)."""
@@ -119,21 +123,18 @@ def test_failed_writers_leave_the_others_committed(backend: str, new_db_url: Cal
         await store.open()
         try:
             async with store.begin() as tx:
-                await tx.put(StoredResource("Basic", "taken", 1, now_us(), False, b"{}"), "POST",
-                             exists_before=False)
+                await tx.put(basic("taken"), "POST", exists_before=False)
             outcomes: list[str] = []
 
             async def writer(i: int) -> None:
                 try:
                     async with store.begin() as tx:
-                        await tx.put(StoredResource("Basic", f"w{i}", 1, now_us(), False, b"{}"), "POST",
-                                     exists_before=False)
+                        await tx.put(basic(f"w{i}"), "POST", exists_before=False)
                         await asyncio.sleep(0)  # let the others queue behind this one
                         if i % 3 == 1:
                             raise ValueError("refused by the caller")
                         if i % 3 == 2:  # a second row on a key that exists: the store refuses it
-                            await tx.put(StoredResource("Basic", "taken", 1, now_us(), False, b"{}"), "POST",
-                                         exists_before=False)
+                            await tx.put(basic("taken"), "POST", exists_before=False)
                     outcomes.append(f"ok{i}")
                 except (ValueError, ConflictError) as e:
                     outcomes.append(type(e).__name__)
@@ -171,8 +172,7 @@ def test_sqlite_wal_stays_bounded_under_continuous_writes(new_db_url: Callable[[
             while time.monotonic() - t0 < 4:
                 i += 1
                 async with store.begin() as tx:
-                    await tx.put(StoredResource("Basic", f"{k}-{i}", 1, now_us(), False, body), "POST",
-                                 exists_before=False)
+                    await tx.put(basic(f"{k}-{i}", body), "POST", exists_before=False)
                 written += 1
 
         await asyncio.gather(*(writer(k) for k in range(8)))
@@ -207,16 +207,14 @@ def test_writes_queued_in_a_transaction_are_seen_in_order(backend: str, new_db_u
         await store.open()
         try:
             async with store.begin() as tx:
-                await tx.put(StoredResource("Basic", "q", 1, now_us(), False, b'{"v":1}'), "POST",
-                             exists_before=False)
+                await tx.put(basic("q", b'{"v":1}'), "POST", exists_before=False)
                 await tx.replace_index("Basic", "q", rows("q", "one"), ["token"], fresh=True)
                 # another statement in the same transaction sees the queued rows
                 n1 = (await tx.conn.execute(select(func.count()).select_from(token_t).where(
                     token_t.c.id == "q"))).scalar_one()
                 cur = await tx.current("Basic", "q")
                 assert cur is not None
-                await tx.put(StoredResource("Basic", "q", 2, now_us(), False, b'{"v":2}'), "PUT",
-                             exists_before=True)
+                await tx.put(basic("q", b'{"v":2}', 2), "PUT", exists_before=True)
                 await tx.replace_index("Basic", "q", rows("q", "two"), ["token"], fresh=False)
             final = await store.read("Basic", "q")
             hist = await store.history("Basic", "q")
@@ -225,8 +223,7 @@ def test_writes_queued_in_a_transaction_are_seen_in_order(backend: str, new_db_u
                     select(token_t.c.value).where(token_t.c.type == "Basic", token_t.c.id == "q"))).all()]
             with pytest.raises(ConflictError):
                 async with store.begin() as tx:
-                    await tx.put(StoredResource("Basic", "q", 1, now_us(), False, b"{}"), "POST",
-                                 exists_before=False)
+                    await tx.put(basic("q"), "POST", exists_before=False)
             after = await store.read("Basic", "q")
             return n1, cur.version, final, hist.total, values, after
         finally:
@@ -251,8 +248,8 @@ def test_concurrent_reads_each_get_their_own_row(backend: str, new_db_url: Calla
         try:
             async with store.begin() as tx:
                 for i in range(60):
-                    await tx.put(StoredResource("Basic", f"r{i}", 1, now_us(), i % 7 == 0,
-                                                orjson.dumps({"i": i})), "POST", exists_before=False)
+                    await tx.put(basic(f"r{i}", orjson.dumps({"i": i}), deleted=i % 7 == 0), "POST",
+                                 exists_before=False)
             wanted = [(f"r{i % 80}", i % 80) for i in range(400)]  # r60..r79 do not exist
 
             async def one(rid: str, i: int) -> bool:

@@ -259,25 +259,34 @@ def test_sort(fhir: httpx.Client, query: str, expected: list[str]) -> None:
     assert ids(get(fhir, "/" + query)) == expected
 
 
+def walk_forward(first: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every page, following the next links from ``first``."""
+    pages, b = [first], first
+    while (nxt := next((link["url"] for link in b["link"] if link["relation"] == "next"), None)):
+        b = httpx.get(nxt, timeout=30).json()
+        pages.append(b)
+    return pages
+
+
+def walk_back(last: dict[str, Any]) -> list[str]:
+    """Ids of the pages before ``last``, following the previous links, in forward order."""
+    back: list[str] = []
+    b = last
+    while (prev := next((link["url"] for link in b["link"] if link["relation"] == "previous"), None)):
+        b = httpx.get(prev, timeout=30).json()
+        back = ids(b) + back
+    return back
+
+
 @pytest.mark.parametrize("count", [1, 2, 4])
 def test_paging_walks_forward_and_back(fhir: httpx.Client, count: int) -> None:
     order = ["obs1", "obs3", "obs2", "obs4", "obs5", "obs6"]
     b = get(fhir, f"/Observation?_sort=value-quantity&_count={count}")
     assert b["total"] == 6
-    seen, pages = ids(b), [b]
-    while (nxt := next((link["url"] for link in b["link"] if link["relation"] == "next"), None)):
-        b = httpx.get(nxt, timeout=30).json()
-        assert len(ids(b)) <= count
-        seen += ids(b)
-        pages.append(b)
-    assert seen == order
-    # walk back from the last page with the previous links
-    back: list[str] = []
-    b = pages[-1]
-    while (prev := next((link["url"] for link in b["link"] if link["relation"] == "previous"), None)):
-        b = httpx.get(prev, timeout=30).json()
-        back = ids(b) + back
-    assert back + ids(pages[-1]) == order
+    pages = walk_forward(b)
+    assert all(len(ids(p)) <= count for p in pages)
+    assert [i for p in pages for i in ids(p)] == order
+    assert walk_back(pages[-1]) + ids(pages[-1]) == order
 
 
 def test_paging_survives_concurrent_writes(fhir: httpx.Client) -> None:
@@ -511,18 +520,8 @@ def test_default_order_pages_and_total_come_from_the_index(fhir: httpx.Client) -
     live = sorted(made[:3] + made[4:])
     b = get(fhir, f"/Device?identifier=urn:dhp:test:paging|{tag}&_count=2")
     assert b["total"] == 6
-    pages = [b]
-    seen = ids(b)
-    while (nxt := next((link["url"] for link in b["link"] if link["relation"] == "next"), None)):
-        b = httpx.get(nxt, timeout=30).json()
-        seen += ids(b)
-        pages.append(b)
-    assert seen == live and len(pages) == 3
-    back: list[str] = []
-    b = pages[-1]
-    while (prev := next((link["url"] for link in b["link"] if link["relation"] == "previous"), None)):
-        b = httpx.get(prev, timeout=30).json()
-        back = ids(b) + back
-    assert back + ids(pages[-1]) == live
+    pages = walk_forward(b)
+    assert [i for p in pages for i in ids(p)] == live and len(pages) == 3
+    assert walk_back(pages[-1]) + ids(pages[-1]) == live
     summary = get(fhir, f"/Device?identifier=urn:dhp:test:paging|{tag}&_summary=count")
     assert summary["total"] == 6
