@@ -77,8 +77,17 @@ def _key(name: str, length: int = 512) -> Column[Any]:
     return Column(name, String(length), nullable=True)
 
 
-def _table(kind: str, *cols: Column[Any], indexes: Sequence[Sequence[str]] = ()) -> Table:
+def _table(kind: str, *cols: Column[Any], indexes: Sequence[Sequence[str]] = (),
+           partial: Sequence[int] = ()) -> Table:
+    """``partial``: positions in ``indexes`` whose last column is indexed only where it is not NULL."""
     name = f"search_{kind}"
+    idx = []
+    for i, ix in enumerate(indexes):
+        kw = {}
+        if i in partial:
+            where = text(f"{ix[-1]} IS NOT NULL")
+            kw = {"postgresql_where": where, "sqlite_where": where}
+        idx.append(Index(f"ix_{name}_{i}", *ix, **kw))
     return Table(
         name, metadata,
         Column("type", String(64), nullable=False),
@@ -86,7 +95,7 @@ def _table(kind: str, *cols: Column[Any], indexes: Sequence[Sequence[str]] = ())
         Column("code", String(100), nullable=False),
         *cols,
         Index(f"ix_{name}_res", "type", "id"),
-        *[Index(f"ix_{name}_{i}", *ix) for i, ix in enumerate(indexes)],
+        *idx,
     )
 
 
@@ -97,7 +106,7 @@ token_t = _table("token", _key("system"), _key("value"), _key("text", 255), _key
 reference_t = _table("reference", _key("target_type", 64), _key("target_id", 64), _key("url"),
                      _key("version"), _key("isystem"), _key("ivalue"),
                      indexes=[("type", "code", "target_type", "target_id", "id"), ("target_type", "target_id"),
-                              ("type", "code", "url"), ("type", "code", "ivalue")])
+                              ("type", "code", "url"), ("type", "code", "ivalue")], partial=(2, 3))
 date_t = _table("date", Column("low", BigInteger, nullable=False), Column("high", BigInteger, nullable=False),
                 indexes=[("type", "code", "low", "high", "id"), ("type", "code", "high", "id")])
 number_t = _table("number", Column("low", Float, nullable=False), Column("high", Float, nullable=False),
