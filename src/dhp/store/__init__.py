@@ -269,8 +269,7 @@ class WriteTx:
         if self._pending is None:
             from dhp.store.search import replace_rows
 
-            await replace_rows(self.conn, rtype, rid, rows, kinds, fresh=fresh,  # type: ignore[arg-type]
-                               is_sqlite=self.is_sqlite)
+            replace_rows(self.conn, rtype, rid, rows, kinds, fresh=fresh)
             return
         key = (rtype, rid)
         if key in self._pending.index_keys:

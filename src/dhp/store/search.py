@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    ARRAY,
     BigInteger,
     Column,
     Float,
@@ -171,62 +170,23 @@ def _insert_stmt(kind: str) -> Any:
     return insert(t).values({n: bindparam(n) for n in names})
 
 
-async def replace_rows(conn: AsyncConnection, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
-                       kinds: Iterable[str], *, fresh: bool, is_sqlite: bool) -> None:
-    """Replace one resource's index rows. ``fresh``: it has none yet (a create), so nothing to delete.
+def replace_rows(conn: Any, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
+                 kinds: Iterable[str], *, fresh: bool) -> None:
+    """Replace one resource's index rows on SQLite, through the write path's driver connection
+    (``dhp.store.SyncConn``). ``fresh``: it has none yet (a create), so nothing to delete.
 
-    On PostgreSQL this is ONE statement: data-modifying CTEs share a snapshot, so the DELETEs remove only
-    the old rows while the INSERTs (``unnest`` of arrays: the same SQL text whatever the row count, so it
-    stays prepared) add the new ones. A write pays one round trip for its index, not one per table.
+    PostgreSQL queues the same rows in the transaction and sends them with its other writes as one statement
+    (:func:`flush_statement`).
     """
-    kinds = tuple(kinds) if not fresh else ()
-    present = tuple(sorted(k for k, v in rows.items() if v))
-    if is_sqlite:
-        raw = getattr(conn, "raw", None)  # the write path's driver connection (dhp.store.SyncConn)
-        todo: list[tuple[str, Any]] = []
-        for k in kinds:
-            sql_text, _ = _compile(conn, ("del", k), lambda k=k: delete(TABLES[k]).where(
-                TABLES[k].c.type == bindparam("type"), TABLES[k].c.id == bindparam("id")))
-            todo.append((sql_text, (rtype, rid)))
-        for k in present:
+    raw = conn.raw
+    for k in (tuple(kinds) if not fresh else ()):
+        sql_text, _ = _compile(conn, ("del", k), lambda k=k: delete(TABLES[k]).where(
+            TABLES[k].c.type == bindparam("type"), TABLES[k].c.id == bindparam("id")))
+        raw.execute(sql_text, (rtype, rid))
+    for k, lst in rows.items():
+        if lst:
             sql_text, _ = _compile(conn, ("ins", k), lambda k=k: _insert_stmt(k))
-            todo.append((sql_text, rows[k]))
-        if raw is not None:
-            for sql_text, params in todo:
-                if isinstance(params, list):
-                    raw.executemany(sql_text, params)
-                else:
-                    raw.execute(sql_text, params)
-            return
-
-        def run(c: Any) -> None:
-            for sql_text, params in todo:
-                c.exec_driver_sql(sql_text, params)
-
-        await conn.run_sync(run)
-        return
-    if not kinds and not present:
-        return
-
-    def build() -> Any:
-        ctes: list[Any] = []
-        for k in kinds:
-            t = TABLES[k]
-            ctes.append(delete(t).where(t.c.type == bindparam("rtype"), t.c.id == bindparam("rid")).cte(f"d_{k}"))
-        for k in present:
-            t = TABLES[k]
-            names = ("type", "id", "code", *COLUMNS[k])
-            src = select(*[func.unnest(bindparam(f"{k}_{n}", type_=ARRAY(t.c[n].type))) for n in names])
-            ctes.append(insert(t).from_select(list(names), src).cte(f"i_{k}"))
-        return select(literal_column("1")).add_cte(*ctes)
-
-    sql_text, order = _compile(conn, ("replace", kinds, present), build)
-    params: dict[str, Any] = {"rtype": rtype, "rid": rid}
-    for k in present:
-        names = ("type", "id", "code", *COLUMNS[k])
-        for n, vals in zip(names, zip(*rows[k], strict=True), strict=True):
-            params[f"{k}_{n}"] = list(vals)
-    await conn.exec_driver_sql(sql_text, tuple(params[n] for n in order))
+            raw.executemany(sql_text, lst)
 
 
 async def lock_current(conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Any]:
