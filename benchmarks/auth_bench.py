@@ -188,6 +188,17 @@ def main() -> None:
         multi.wait(30)
         procs.remove(multi)
 
+        # 3b. RS256 signed on the event loop (DHP_TOKEN_SIGNER=inline): what the signer process saves.
+        inl, i_port = start(db_url, "on", tmp / "inline.log", extra={"DHP_TOKEN_SIGNER": "inline"})
+        procs.append(inl)
+        issue_req = http_post_form("/oauth/token", i_port, {"grant_type": "client_credentials", **reader})
+        rate_in, rate_inj = _alternate(i_port, issue_req, http_get("/oauth/jwks", i_port), args)
+        print(f"client_credentials token issue, RS256 signed on the event loop (DHP_TOKEN_SIGNER=inline), 1 proc: "
+              f"{rate_in:7.0f} /s   (jwks ceiling {rate_inj:7.0f} /s)")
+        inl.terminate()
+        inl.wait(30)
+        procs.remove(inl)
+
         # 4. ES256 (DHP_TOKEN_ALG=ES256), one process.
         es, es_port = start(db_url, "on", tmp / "es.log", extra={"DHP_TOKEN_ALG": "ES256"})
         procs.append(es)

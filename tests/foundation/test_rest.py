@@ -57,6 +57,30 @@ def test_create_assigns_id_meta_and_headers(client: httpx.Client) -> None:
     assert r.headers["content-type"].startswith("application/fhir+json")
 
 
+def test_assigned_ids_are_time_ordered_uuid7(client: httpx.Client) -> None:
+    """Server-assigned ids (create and transaction POST entries) are UUIDv7: their first 48 bits are the
+    creation time in ms, so ids taken later sort after earlier ones (B-trees keyed by id then append)."""
+    from datetime import datetime
+
+    ids = []
+    for _ in range(3):
+        ids.append(create(client, patient())["id"])
+    tx = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": patient(), "request": {"method": "POST", "url": "Patient"}}]}
+    r = client.post("", content=orjson.dumps(tx))
+    assert r.status_code == 200, r.text
+    ids.append(r.json()["entry"][0]["response"]["location"].split("/")[1])
+    for rid in ids:
+        u = uuid.UUID(rid)
+        assert str(u) == rid and u.version == 7 and u.variant == uuid.RFC_4122
+    stamps = [int(rid.replace("-", "")[:12], 16) for rid in ids]
+    assert stamps == sorted(stamps)
+    last = client.get(f"/Patient/{ids[-1]}").json()["meta"]["lastUpdated"]
+    updated_ms = int(datetime.fromisoformat(last.replace("Z", "+00:00")).timestamp() * 1000)
+    assert abs(stamps[-1] - updated_ms) < 5000
+    assert len(set(ids)) == len(ids)
+
+
 def test_read_serves_stored_bytes(client: httpx.Client) -> None:
     created = create(client, patient())
     r = client.get(f"/Patient/{created['id']}")

@@ -43,9 +43,11 @@ async def start(server: Any) -> None:
 
 
 async def stop(server: Any) -> None:
-    """Wait for queued audit events (call at shutdown)."""
-    if isinstance(server.auth, AuthState) and server.auth.audit is not None:
-        await server.auth.audit.close()
+    """Wait for queued audit events and stop the signer process (call at shutdown)."""
+    if isinstance(server.auth, AuthState):
+        if server.auth.audit is not None:
+            await server.auth.audit.close()
+        await server.auth.close()
 
 
 async def ensure_admin_client(server: Any) -> dict[str, Any] | None:

@@ -13,12 +13,10 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import time
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from argon2 import PasswordHasher
@@ -28,6 +26,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from dhp.auth.scopes import Principal
+from dhp.auth.signer import ProcessSigner
 from dhp.errors import FHIRError, Issue
 from dhp.store import Store, now_us
 from dhp.store import auth as db
@@ -42,9 +41,6 @@ CODE_LIFETIME = 60  # seconds: an authorization code dies fast
 KEY_GRACE = 2 * 24 * 3600  # retired keys stay in the JWKS this long after retirement (> token lifetime)
 ALGS = ("RS256", "ES256")
 _CACHE_MAX = 20000
-#: Threads that sign tokens (see AuthState.sign_async); one per core is enough, more only queue.
-_SIGNERS = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="dhp-sign")
-
 # OWASP's argon2id baseline (19 MiB, 2 passes, 1 lane): the library default (64 MiB, 3 passes, 4 lanes)
 # took 0.6 s per sign-in on a 2-core box. Hashing runs in a worker thread, never on the event loop.
 _hasher = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
@@ -117,6 +113,10 @@ class AuthState:
         if self.alg not in ALGS:
             raise ValueError(f"DHP_TOKEN_ALG must be one of {', '.join(ALGS)}")
         self.lifetime = int(server.settings.token_lifetime)
+        mode = getattr(server.settings, "token_signer", "process") or "process"
+        if mode not in ("process", "inline"):
+            raise ValueError("DHP_TOKEN_SIGNER must be 'process' or 'inline'")
+        self.signer = ProcessSigner(jwt.encode) if mode == "process" else None
         self.keyset = KeySet([])
         self.signing: dict[str, RSAKey | ECKey] = {}  # alg → active key
         self.public_jwks: dict[str, Any] = {"keys": []}
@@ -174,18 +174,27 @@ class AuthState:
         if time.monotonic() - self.keys_loaded_at > KEY_RELOAD:
             await self.load_keys(create=False)
 
-    def sign(self, claims: dict[str, Any], typ: str = "JWT") -> str:
+    def _key(self) -> RSAKey | ECKey:
         key = self.signing.get(self.alg)
         if key is None:
             raise RuntimeError("no signing key loaded")
+        return key
+
+    def sign(self, claims: dict[str, Any], typ: str = "JWT") -> str:
+        key = self._key()
         return jwt.encode({"alg": self.alg, "kid": str(key.kid), "typ": typ}, claims, key)
 
     async def sign_async(self, claims: dict[str, Any], typ: str = "JWT") -> str:
-        """:meth:`sign` off the event loop for RSA: OpenSSL releases the GIL while it signs, so the loop serves
-        other requests meanwhile (an RSA-2048 signature is ~1 ms of CPU; ES256 is cheaper than the hop)."""
-        if not self.alg.startswith("RS"):
+        """:meth:`sign` for the tokens the SSO issues: RSA signatures go to the signer child process
+        (:mod:`dhp.auth.signer`, ``DHP_TOKEN_SIGNER=process``); ES256 is cheaper than the hop."""
+        if self.signer is None or not self.alg.startswith("RS"):
             return self.sign(claims, typ)
-        return await asyncio.get_running_loop().run_in_executor(_SIGNERS, self.sign, claims, typ)
+        key = self._key()
+        return await self.signer.sign({"alg": self.alg, "kid": str(key.kid), "typ": typ}, claims, key)
+
+    async def close(self) -> None:
+        if self.signer is not None:
+            await self.signer.close()
 
     def decode(self, token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """(header, claims) of a token signed by one of our keys; JoseError/ValueError otherwise."""

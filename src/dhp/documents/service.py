@@ -10,7 +10,6 @@ resource. The exact bytes the client sent â€” the legal record, never changed â€
 from __future__ import annotations
 
 import copy
-import uuid
 from typing import Any
 
 from dhp import fhirjson
@@ -19,7 +18,7 @@ from dhp.documents import split as splitter
 from dhp.errors import FHIRError, Issue
 from dhp.interactions import crud
 from dhp.interactions.context import RequestContext, Server
-from dhp.store import ConflictError, StoredResource, WriteTx, now_us, retry_conflicts
+from dhp.store import ConflictError, StoredResource, WriteTx, new_id, now_us, retry_conflicts
 from dhp.store import documents as docstore
 
 
@@ -158,7 +157,7 @@ class DocumentService:
                                 "its own Bundle.identifier", "duplicate", expression="Bundle.identifier",
                                 message_id="document-duplicate-identifier")
             previous = await self._previous(t, comp, comp_key, status)
-            bundle_id = rid or str(uuid.uuid4())
+            bundle_id = rid or new_id()
             ts = now_us()
             stamped = _stamp(bundle, bundle_id, ts)
             rec = StoredResource("Bundle", bundle_id, 1, ts, False, fhirjson.dumps(stamped))

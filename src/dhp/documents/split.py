@@ -11,14 +11,13 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
-import uuid
 from typing import Any
 
 from dhp import fhirjson
 from dhp.documents.checks import FORM_CS, codes
 from dhp.interactions import crud
 from dhp.interactions.context import RequestContext, Server
-from dhp.store import WriteTx
+from dhp.store import WriteTx, new_id
 
 #: Where a resource type keeps a status that can say "entered-in-error" (retiring a withdrawn document).
 RETIRE = {"Observation": "status", "Procedure": "status", "Encounter": "status", "MedicationStatement": "status",
@@ -107,7 +106,7 @@ async def split(server: Server, ctx: RequestContext, t: WriteTx, bundle_id: str,
             action, rid = "match", own
         else:
             found = await match_identifier(server, t, rt, r) if rt != "Composition" else None
-            action, rid = ("match", found) if found else ("create", str(uuid.uuid4()))
+            action, rid = ("match", found) if found else ("create", new_id())
         for alias in local_aliases(e):
             mapping[alias] = f"{rt}/{rid}"
         plan.append((e, rt, rid, action))

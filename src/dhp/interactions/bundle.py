@@ -16,7 +16,7 @@ from dhp import fhirjson
 from dhp.errors import FHIRError, Issue, bad_request, outcome
 from dhp.interactions import crud
 from dhp.interactions.context import RequestContext, Server
-from dhp.store import WriteTx, now_us, retry_conflicts
+from dhp.store import WriteTx, new_id, now_us, retry_conflicts
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
@@ -160,7 +160,7 @@ async def _run_entry(server: Server, ctx: RequestContext, e: _Entry, tx: WriteTx
             if len(ids) > 1:
                 raise FHIRError(412, f"Bundle.entry[{e.index}]: conditional update matched {len(ids)} resources",
                                 "duplicate", message_id="conditional-multiple")
-            rid = ids[0] if ids else (e.resource.get("id") or str(uuid.uuid4()))
+            rid = ids[0] if ids else (e.resource.get("id") or new_id())
             e.resource.setdefault("id", rid)
             path = [path[0], rid]
         if len(path) != 2:
@@ -221,11 +221,11 @@ async def transaction(server: Server, ctx: RequestContext, bundle: dict[str, Any
         if e.method == "POST" and e.resource is not None and len(e.path) == 1:
             if e.resource.get("resourceType") != e.path[0]:
                 raise _with_entry(bad_request(f"resourceType does not match the request url {e.url!r}"), e.index)
-            new_id = str(uuid.uuid4())
-            e.resource["id"] = new_id
+            fresh_id = new_id()
+            e.resource["id"] = fresh_id
             e.request = {**e.request, "_assigned": True}
             if e.full_url:
-                mapping[e.full_url] = f"{e.path[0]}/{new_id}"
+                mapping[e.full_url] = f"{e.path[0]}/{fresh_id}"
         elif e.method == "PUT" and e.full_url and len(e.path) == 2:
             mapping[e.full_url] = f"{e.path[0]}/{e.path[1]}"
     for e in entries:

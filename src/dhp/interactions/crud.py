@@ -17,7 +17,7 @@ from dhp import fhirjson
 from dhp.conformance import CANONICAL_TYPES
 from dhp.errors import FHIRError, Issue, bad_request, not_found
 from dhp.interactions.context import RequestContext, Server
-from dhp.store import StoredResource, WriteTx, now_us, retry_conflicts
+from dhp.store import StoredResource, WriteTx, new_id, now_us, retry_conflicts
 
 ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _ETAG_RE = re.compile(r'^\s*(?:W/)?"?([0-9]+)"?\s*$')
@@ -229,7 +229,7 @@ async def create(server: Server, ctx: RequestContext, rtype: str, resource: dict
     if rtype == "Bundle" and resource.get("type") == "document" and server.documents is not None:
         # Clinical documents have their own path: profile checks, immutability, index, split, signatures.
         return await server.documents.create(server, ctx, resource, source, tx=tx, rid=rid)
-    rid = rid or str(uuid.uuid4())
+    rid = rid or new_id()
     ts = now_us()
     stamped = _stamp(resource, rid, 1, ts)
     issues = _validate(server, stamped, source)

@@ -259,7 +259,7 @@ class SearchEngine:
                 rows.setdefault(kind, []).extend(lst)
         if not fresh and keys:
             await sql.delete_many(tx.conn, keys)
-        await sql.insert_rows(tx.conn, rows)
+        await tx.insert_index(rows)
 
     # ------------------------------------------------------------------ reindexing
 
@@ -315,7 +315,7 @@ class SearchEngine:
                 kind = TABLE_OF.get(p.type) if p is not None else None
                 for k in ([kind] if kind else list(sql.TABLES)):
                     await sql.delete_code_for(tx.conn, k, rtype, code, [i for _t, i in keys])
-        await sql.insert_rows(tx.conn, rows)
+        await tx.insert_index(rows)
 
     # ------------------------------------------------------------------ restrictions
 

@@ -28,7 +28,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
 
 from dhp.store import (
     _SQLITE_HISTORY,
@@ -40,7 +39,7 @@ from dhp.store import (
     WriteTx,
     now_us,
 )
-from dhp.store.schema import BigId, history, metadata, resources
+from dhp.store.schema import BigId, metadata
 
 #: JWS signing keys (private JWK as JSON). ``retired_at`` set: no longer signs, still published in the JWKS.
 auth_keys = Table(
@@ -487,12 +486,6 @@ async def put_new_resources(tx: WriteTx, recs: list[tuple[StoredResource, str | 
         except sqlite3.IntegrityError as e:
             raise ConflictError("an audit event id was taken concurrently") from e
         return
-    try:
-        await tx.conn.execute(insert(resources), [
-            {"type": r.type, "id": r.id, "version": r.version, "last_updated": r.last_updated, "deleted": False,
-             "patient": patient, "package": None, "content": r.content} for r, patient in recs])
-        await tx.conn.execute(insert(history), [
-            {"type": r.type, "id": r.id, "version": r.version, "last_updated": r.last_updated, "deleted": False,
-             "method": "POST", "content": r.content} for r, _ in recs])
-    except IntegrityError as e:
-        raise ConflictError("an audit event id was taken concurrently") from e
+    # PostgreSQL: queued, and sent with the index rows as the transaction's one statement.
+    for r, patient in recs:
+        await tx.put(r, "POST", exists_before=False, patient=patient)

@@ -281,19 +281,13 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
     return sql_text, tuple(params)
 
 
-async def insert_rows(conn: AsyncConnection, rows: dict[str, list[tuple[Any, ...]]]) -> None:
-    """Insert index rows: per table kind, tuples of (type, id, code, *values)."""
+def insert_rows(conn: Any, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+    """Insert index rows on SQLite, through the write path's driver connection (``dhp.store.SyncConn``): per
+    table kind, tuples of (type, id, code, *values). PostgreSQL queues them (``WriteTx.insert_index``)."""
     for kind, items in rows.items():
-        if not items:
-            continue
-        sql_text, _ = _compile(conn, ("ins", kind), lambda kind=kind: _insert_stmt(kind))
-        raw = getattr(conn, "raw", None)  # SQLite's write path: straight to the driver
-        if raw is not None:
-            raw.executemany(sql_text, items)
-            continue
-        for i in range(0, len(items), 5000):
-            chunk = items[i:i + 5000]
-            await conn.run_sync(lambda c, chunk=chunk, q=sql_text: c.exec_driver_sql(q, chunk))
+        if items:
+            sql_text, _ = _compile(conn, ("ins", kind), lambda kind=kind: _insert_stmt(kind))
+            conn.raw.executemany(sql_text, items)
 
 
 async def delete_code_for(conn: AsyncConnection, kind: str, rtype: str, code: str, ids: Sequence[str]) -> None:
