@@ -6,7 +6,7 @@ asyncio streams, so the client is not the bottleneck — reads the same Patient 
 one-second slices, so both see the same background load; the ratio of the totals is the figure. Then it asks the auth server for client_credentials tokens and
 compares with a trivial endpoint of the same server (the JWKS document) as that measurement's ceiling.
 
-    python benchmarks/auth_bench.py [--seconds 1] [--concurrency 16] [--rounds 8]
+    python benchmarks/auth_bench.py [--seconds 1] [--concurrency 16] [--rounds 8] [--backend sqlite|pg]
 
 Targets (issue 6): authenticated reads >= 85 % of unauthenticated; token issue >= 500/s.
 """
@@ -119,11 +119,22 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0, help="length of one measured slice")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=8, help="alternating slices per measurement")
+    ap.add_argument("--backend", choices=["sqlite", "pg"], default="sqlite",
+                    help="pg: start a PostgreSQL of its own (tests/pgserver.py) on this machine")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="dhp-auth-bench-"))
-    db_url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+    pg = None
+    if args.backend == "pg":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.pgserver import PgServer
+
+        pg = PgServer()
+        pg.start()
+        db_url = pg.create_db("authbench").replace("postgresql://", "postgresql+asyncpg://", 1)
+    else:
+        db_url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
     print(f"auth benchmark: {args.rounds} alternating slices of {args.seconds}s, concurrency {args.concurrency}, "
-          f"SQLite, {os.cpu_count()} CPUs")
+          f"{'PostgreSQL' if pg else 'SQLite'}, {os.cpu_count()} CPUs")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         on, on_port = start(db_url, "on", tmp / "on.log")
@@ -215,6 +226,8 @@ def main() -> None:
         for p in procs:
             p.terminate()
             p.wait(30)
+        if pg is not None:
+            pg.stop()
 
 
 def _in_process(db_url: str) -> None:
