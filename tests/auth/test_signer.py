@@ -137,6 +137,15 @@ def test_signer_in_process_concurrency_and_close() -> None:
         out = await asyncio.gather(*(s.sign({"alg": "RS256", "kid": "k1" if i % 2 else "k2"}, {"n": i},
                                             key if i % 2 else other) for i in range(200)))
         assert not inline_calls  # every one signed by the child
+        # A child that cannot sign one (here: a kid it was never sent) answers with an error; the request still
+        # gets its token, signed in-process, and the child goes on.
+        third = RSAKey.generate_key(2048, parameters={"kid": "k3", "alg": "RS256"}, private=True)
+        s._kids.add("k3")
+        odd = await s.sign({"alg": "RS256", "kid": "k3"}, {"n": "odd"}, third)
+        assert jwt.decode(odd, third).claims == {"n": "odd"} and inline_calls == [1]
+        assert s.running and s._proc is proc
+        assert jwt.decode(await s.sign({"alg": "RS256", "kid": "k1"}, {"n": 0}, key), key).claims == {"n": 0}
+        assert inline_calls == [1]
         await s.close()
         # After close: no child, and signing still works (in-process), without starting another child.
         late = await s.sign({"alg": "RS256", "kid": "k1"}, {"n": 999}, key)

@@ -8,8 +8,9 @@ come back through a pipe that the event loop reads like any socket.
 
 The child is ``signer_child.py`` beside this module, run as a script: it reads length-prefixed JSON requests
 (``{"i": n, "k": kid, "j": private JWK (first use of a kid only), "h": header, "c": claims}``) on stdin and
-answers ``{"i": n, "t": token}`` or ``{"i": n, "e": message}`` on stdout. The JWS itself is made by joserfc
-in the child, exactly as :meth:`dhp.auth.core.AuthState.sign` makes it in-process.
+answers ``{"i": n, "t": token}`` or ``{"i": n, "e": message}`` on stdout (that request is then signed
+in-process). The JWS itself is made by joserfc in the child, exactly as
+:meth:`dhp.auth.core.AuthState.sign` makes it in-process.
 
 Keys pass only over the pipe to the process's own child. If the child cannot start or dies, the parent signs
 in-process (the requests in flight are signed again: a signature can be made twice without harm) and starts
@@ -83,6 +84,7 @@ class ProcessSigner:
         self._starting = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
+        proc: asyncio.subprocess.Process | None = None
         try:
             # Run as a script (``-P``: its folder is not put on sys.path), not ``-m``: importing the dhp.auth
             # package would cost the child a second of start-up for code it never runs.
@@ -96,8 +98,9 @@ class ProcessSigner:
         except Exception as e:
             log.warning("token signer process did not start (%s); signing in-process", e)
             self._failed_at = time.monotonic()
-            with contextlib.suppress(Exception):
-                proc.kill()  # type: ignore[possibly-undefined]
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
             return
         finally:
             self._starting = None
@@ -120,8 +123,14 @@ class ProcessSigner:
                     continue
                 if "t" in msg:
                     got[0].set_result(msg["t"])
-                else:
-                    got[0].set_exception(RuntimeError(f"token signer: {msg.get('e')}"))
+                    continue
+                # The child could not sign this one (it should not happen): a token is still owed.
+                log.warning("token signer process: %s; signed in-process", msg.get("e"))
+                fut, header, claims, key = got
+                try:
+                    fut.set_result(self._fallback(header, claims, key))
+                except Exception as e:
+                    fut.set_exception(e)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # EOF or a garbled frame: the child is gone or unusable
