@@ -144,24 +144,24 @@ class AuditWriter:
         from dhp.store import retry_conflicts
 
         ts = now_us()
-        prepared: list[tuple[str, bytes, str | None]] = []
+        prepared: list[tuple[str, bytes, str | None, dict[str, Any]]] = []
         for e in events:
             rid = new_id()
             body = {"resourceType": "AuditEvent", "id": rid,
                     "meta": {"versionId": "1", "lastUpdated": _instant(ts), **e.get("meta", {})}}
             body.update({k: v for k, v in e.items() if k not in ("resourceType", "meta")})
             patient = (e.get("patient") or {}).get("reference", "")
-            prepared.append((rid, fhirjson.dumps(body), patient.split("/", 1)[1] if patient else None))
+            prepared.append((rid, fhirjson.dumps(body), patient.split("/", 1)[1] if patient else None, body))
 
         search = getattr(self.server, "search", None)
 
         async def once() -> None:
             async with self.store.begin() as tx:
                 await put_new_resources(tx, [(StoredResource("AuditEvent", rid, 1, ts, False, content), patient)
-                                             for rid, content, patient in prepared])
+                                             for rid, content, patient, _b in prepared])
                 # In the same transaction (one commit for the batch): events are searchable once stored.
                 if search is not None and hasattr(search, "index_many"):
-                    await search.index_many(tx, [("AuditEvent", rid, c) for rid, c, _p in prepared])
+                    await search.index_many(tx, [("AuditEvent", rid, body) for rid, _c, _p, body in prepared])
 
         await retry_conflicts(once)
         return [p[0] for p in prepared]

@@ -244,13 +244,15 @@ class SearchEngine:
     async def unindex(self, tx: Any, rtype: str, rid: str) -> None:
         await sql.delete_rows(tx.conn, rtype, rid)
 
-    async def index_many(self, tx: Any, items: list[tuple[str, str, bytes]], *, fresh: bool = True) -> None:
-        """Index many resources at once (package install, reindex). ``fresh``: they have no rows yet."""
+    async def index_many(self, tx: Any, items: list[tuple[str, str, bytes | dict[str, Any]]], *,
+                         fresh: bool = True) -> None:
+        """Index many resources at once (package install, reindex, audit events): their stored JSON, or the
+        parsed resource when the caller has it. ``fresh``: they have no rows yet."""
         rows: dict[str, list[tuple[Any, ...]]] = {}
         keys = []
         for rtype, rid, content in items:
             try:
-                res = fhirjson.fast_loads(content)
+                res = content if isinstance(content, dict) else fhirjson.fast_loads(content)
             except Exception:
                 log.warning("cannot index %s/%s: not JSON", rtype, rid)
                 continue

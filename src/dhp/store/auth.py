@@ -471,8 +471,9 @@ async def throttle_clear(store: Store, key: str) -> None:
 async def put_new_resources(tx: WriteTx, recs: list[tuple[StoredResource, str | None]]) -> None:
     """Insert brand-new resources (version 1, method POST) with their history rows, many at once.
 
-    The same rows :meth:`WriteTx.put` writes for a new resource, as two executemany statements: the SSO
-    writes an AuditEvent per token, and building two Core statements per event cost more than signing it.
+    The same rows :meth:`WriteTx.put` writes for a new resource: on SQLite as two executemany statements (the
+    SSO writes an AuditEvent per token, and building two Core statements per event cost more than signing it),
+    on PostgreSQL queued into the transaction's one write statement.
     """
     if not recs:
         return
