@@ -12,13 +12,23 @@ from urllib.parse import parse_qsl
 from dhp import fhirjson
 from dhp.conformance import Registry
 from dhp.errors import FHIRError
-from dhp.search.extract import TABLE_OF, ParamExtractor, stems
+from dhp.search.extract import TABLE_OF, ParamExtractor, stem
 from dhp.search.params import ParamRegistry
 from dhp.search.parse import Parser
 from dhp.search.query import AnyOf, Compartment, Node, Nothing
 from dhp.store import search as sql
 
 log = logging.getLogger("dhp.search")
+
+
+@dataclass
+class _Plan:
+    """Which of a resource type's extractors to run, by the elements a resource has."""
+
+    entries: list[tuple[str, str, ParamExtractor]]
+    by_stem: dict[str, tuple[int, ...]]  # element name (choice suffix removed) → extractors reading it
+    by_key: dict[str, tuple[int, ...]]  # exact JSON property name → extractors reading it
+    always: frozenset[int]  # extractors that cannot tell in advance
 
 
 @dataclass
@@ -58,6 +68,7 @@ class SearchEngine:
         self._params: ParamRegistry | None = None
         self._extractors: dict[str, list[tuple[str, str, ParamExtractor]]] = {}
         self._kinds: dict[str, tuple[str, ...]] = {}
+        self._plans: dict[str, _Plan] = {}
         self._signature: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._single: dict[tuple[str, str], bool] = {}
         self._width: dict[tuple[str, str], int | None] = {}
@@ -91,6 +102,7 @@ class SearchEngine:
         self._params = None
         self._extractors.clear()
         self._kinds.clear()
+        self._plans.clear()
         self._single.clear()
         self._width.clear()
         new = self._signatures(self.params)
@@ -143,16 +155,61 @@ class SearchEngine:
             self._kinds[rtype] = tuple(sorted(kinds))
         return got
 
+    def _plan(self, rtype: str) -> _Plan:
+        plan = self._plans.get(rtype)
+        if plan is None:
+            entries = self.extractors(rtype)
+            by_stem: dict[str, list[int]] = {}
+            by_key: dict[str, list[int]] = {}
+            always = []
+            for i, (_kind, _code, ex) in enumerate(entries):
+                # A composite on the resource itself needs all its components; it is looked at when the
+                # first is there and the others are checked then.
+                probes = ex.component_probes[0] if ex.component_probes else ex.probes
+                if probes is None:
+                    always.append(i)
+                    continue
+                for name in probes[0]:
+                    by_stem.setdefault(name, []).append(i)
+                for name in probes[1]:
+                    by_key.setdefault(name, []).append(i)
+            plan = _Plan(entries, {k: tuple(v) for k, v in by_stem.items()},
+                         {k: tuple(v) for k, v in by_key.items()}, frozenset(always))
+            self._plans[rtype] = plan
+        return plan
+
     def rows(self, rtype: str, rid: str, resource: dict[str, Any],
              codes: set[str] | None = None) -> dict[str, list[tuple[Any, ...]]]:
+        """Index rows of ``resource`` per table kind: tuples of (type, id, code, *values).
+
+        Only the parameters whose expressions can find something on this resource are evaluated (most R5
+        parameters of a type read elements a given resource does not have), and parameters sharing an
+        expression evaluate it once.
+        """
         out: dict[str, list[tuple[Any, ...]]] = {}
-        present = stems(resource)
-        for kind, code, ex in self.extractors(rtype):
+        plan = self._plan(rtype)
+        by_stem, by_key = plan.by_stem, plan.by_key
+        todo = set(plan.always)
+        present: set[str] = set()
+        for k in resource:
+            present.add(k)
+            if (x := by_key.get(k)) is not None:
+                todo.update(x)
+            if (x := by_stem.get(k)) is not None:
+                todo.update(x)
+            st = stem(k)
+            if st is not None:
+                present.add(st)
+                if (x := by_stem.get(st)) is not None:
+                    todo.update(x)
+        memo: dict[Any, list[tuple[Any, ...]]] = {}
+        entries = plan.entries
+        for i in sorted(todo):
+            kind, code, ex = entries[i]
             if codes is not None and code not in codes:
                 continue
-            if ex.first_names is not None and ex.first_names.isdisjoint(present):
-                continue
-            if ex.component_names is not None and any(n.isdisjoint(present) for n in ex.component_names):
+            if ex.component_probes is not None and any(
+                    st.isdisjoint(present) and ks.isdisjoint(resource) for st, ks in ex.component_probes):
                 continue
             try:
                 if ex.embedded:
@@ -161,7 +218,11 @@ class SearchEngine:
                             out.setdefault(kind2, []).extend(
                                 (rtype, rid, f"{code}.{c}", *vals) for _t, _i, c, *vals in lst)
                     continue
-                got = ex.rows(resource)
+                mk = ex.memo_key
+                if mk is None:
+                    got = ex.rows(resource)
+                elif (got := memo.get(mk)) is None:  # type: ignore[assignment]
+                    got = memo[mk] = ex.rows(resource)
             except Exception as e:  # a value we cannot read must not fail the write
                 log.warning("indexing %s/%s %s failed: %s", rtype, rid, code, e)
                 continue

@@ -113,16 +113,32 @@ def _compile_native(part: str, rtype: str | None, type_names: frozenset[str]) ->
     return steps or [("self", "")]
 
 
+_STEMS: dict[str, str | None] = {}
+
+
+def stem(key: str) -> str | None:
+    """The element name of a choice-type property (``valueQuantity`` → ``value``), else None."""
+    try:
+        return _STEMS[key]
+    except KeyError:
+        pass
+    got = None
+    for i in range(1, len(key)):
+        if key[i].isupper() and key[i:] in _SUFFIX_SET:
+            got = key[:i]
+            break
+    if len(_STEMS) < 20_000:  # property names come from clients: keep the cache bounded
+        _STEMS[key] = got
+    return got
+
+
 def stems(resource: dict[str, Any]) -> set[str]:
     """Top-level element names present, with choice suffixes removed (valueQuantity → value)."""
-    out = set()
+    out = set(resource)
     for k in resource:
-        out.add(k)
-        for i in range(1, len(k)):
-            if k[i].isupper():
-                if k[i:] in _SUFFIX_SET:
-                    out.add(k[:i])
-                    break
+        s = stem(k)
+        if s is not None:
+            out.add(s)
     return out
 
 
@@ -221,6 +237,24 @@ def _fhirpath(expr: str) -> Evaluator:
     return run
 
 
+def _probes(firsts: list[tuple[str, str]]) -> tuple[frozenset[str], frozenset[str]]:
+    """(stems, keys): the expression finds something only if the resource has one of ``stems`` among its
+    element names with choice suffixes removed, or one of ``keys`` among its JSON property names.
+
+    A typed first step (``value.ofType(CodeableConcept)``) reads ``valueCodeableConcept`` or a plain
+    ``value``, so an Observation with a ``valueQuantity`` is not a candidate for it.
+    """
+    stem_set: set[str] = set()
+    key_set: set[str] = set()
+    for kind, arg in firsts:
+        name, _, t = arg.partition("|")
+        if kind == "typed":
+            key_set.update((name + t[0].upper() + t[1:], name))
+        else:
+            stem_set.add(name)
+    return frozenset(stem_set), frozenset(key_set)
+
+
 def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str]) -> Evaluator | None:
     """An evaluator for ``expr`` on resources of ``rtype`` (None: relative to any node)."""
     if not expr.strip():
@@ -260,6 +294,9 @@ def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str])
         if all(k in ("child", "typed") for k, _a in firsts):
             # Which top-level elements the expression can touch: lets indexing skip absent ones cheaply.
             run.first_names = frozenset(a.split("|", 1)[0] for _k, a in firsts)  # type: ignore[attr-defined]
+            run.probes = _probes(firsts)  # type: ignore[attr-defined]
+        #: Same steps, same values: parameters sharing an expression share its evaluation on a resource.
+        run.steps = tuple(tuple(s) for s in native)  # type: ignore[attr-defined]
         return run
     if not native:
         return interp
@@ -480,6 +517,8 @@ class ParamExtractor:
         self.type_names = type_names
         self.root = compile_expression(param.expression, rtype, type_names)
         self.first_names: frozenset[str] | None = getattr(self.root, "first_names", None)
+        #: (stems, keys) the resource must have for the expression to find anything (None: cannot tell).
+        self.probes: tuple[frozenset[str], frozenset[str]] | None = getattr(self.root, "probes", None)
         #: The top-level element a one-step path reads (Patient.birthDate → "birthDate"), else None.
         self.single_element: str | None = getattr(self.root, "single_element", None)
         # Bundle.composition / Bundle.message point at a resource inside the Bundle, not at a reference:
@@ -487,16 +526,20 @@ class ParamExtractor:
         self.embedded = param.type == "reference" and bool(
             re.search(r"\.resource(\s+as\s+\w+)?\s*$", param.expression))
         self.components: list[tuple[str, Evaluator | None]] = []
-        #: For composites rooted at the resource: the elements each component needs (all must be present).
-        self.component_names: list[frozenset[str]] | None = None
+        #: For composites rooted at the resource: the probes of each component (all must find something).
+        self.component_probes: list[tuple[frozenset[str], frozenset[str]]] | None = None
         if param.type == "composite":
             for c in param.components[:3]:
                 self.components.append((c.type, compile_expression(c.expression, None, type_names)))
             if getattr(self.root, "is_self", False):
                 # "Observation" as the root: every component must find its element on the resource itself.
-                need = [getattr(ev, "first_names", None) for _t, ev in self.components]
+                need = [getattr(ev, "probes", None) for _t, ev in self.components]
                 if need and all(n is not None for n in need):
-                    self.component_names = need
+                    self.component_probes = need  # type: ignore[assignment]
+        #: Extractors with equal keys give equal rows for one resource (same steps, same value kind).
+        steps = getattr(self.root, "steps", None)
+        self.memo_key: tuple[Any, ...] | None = (
+            (param.type, steps) if steps is not None and param.type != "composite" and not self.embedded else None)
 
     def embedded_resources(self, resource: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.embedded or self.root is None:
