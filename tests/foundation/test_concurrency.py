@@ -132,6 +132,9 @@ def test_failed_writers_leave_the_others_committed(backend: str, new_db_url: Cal
                         await tx.put(basic(f"w{i}"), "POST", exists_before=False)
                         await asyncio.sleep(0)  # let the others queue behind this one
                         if i % 3 == 1:
+                            # On PostgreSQL the queued row goes out inside a real transaction first, and the
+                            # error rolls it back; the others are write-only (one statement at the end).
+                            await tx.flush()
                             raise ValueError("refused by the caller")
                         if i % 3 == 2:  # a second row on a key that exists: the store refuses it
                             await tx.put(basic("taken"), "POST", exists_before=False)
@@ -275,3 +278,90 @@ def test_concurrent_reads_each_get_their_own_row(backend: str, new_db_url: Calla
     results, failed_everywhere = asyncio.run(run())
     assert all(results), results.index(False)
     assert failed_everywhere
+
+
+def test_pg_pooled_connections_come_back_clean(new_db_url: Callable[[str], str]) -> None:
+    """The driver pools skip asyncpg's reset query (a round trip per read or write-only transaction); a
+    connection returned inside a transaction (a cancelled statement) is still rolled back before reuse."""
+
+    async def run() -> tuple[bool, Any, Any]:
+        store = Store(new_db_url("pg"))
+        await store.open()
+        try:
+            c = await store._pg_pool.acquire()
+            await c.execute("BEGIN")
+            await c.execute("INSERT INTO counters (name, value) VALUES ('left-open', 1)")
+            await store._pg_pool.release(c)
+            c2 = await store._pg_pool.acquire()
+            try:
+                in_tx = c2.is_in_transaction()
+                seen = await c2.fetchval("SELECT count(*) FROM counters WHERE name = 'left-open'")
+            finally:
+                await store._pg_pool.release(c2)
+            # the pool still serves reads and write-only transactions
+            async with store.begin() as tx:
+                await tx.put(basic("after"), "POST", exists_before=False)
+            return in_tx, seen, await store.read("Basic", "after")
+        finally:
+            await store.close()
+
+    in_tx, seen, after = asyncio.run(run())
+    assert in_tx is False
+    assert seen == 0
+    assert after is not None and after.version == 1
+
+
+def test_pg_optimistic_write_fails_whole_when_the_row_moved(new_db_url: Callable[[str], str]) -> None:
+    """PostgreSQL, ``begin(optimistic=True)``: the read takes no lock; if another writer changes the resource
+    before this one's write goes out, the write fails as a whole (its index rows too) with ConflictError —
+    both wrote version 2, and the history keeps one row per version — and a locking retry then succeeds on
+    top of the other writer's version. (SQLite has one writer at a time: the
+    interleaving cannot happen there.)"""
+    from sqlalchemy import select
+
+    from dhp.store.search import token_t
+
+    def rows(value: str) -> dict[str, list[tuple[Any, ...]]]:
+        return {"token": [("Basic", "o", "code", "http://s", value, None, None, None)]}
+
+    async def run() -> tuple[Any, ...]:
+        store = Store(new_db_url("pg"))
+        await store.open()
+        try:
+            async with store.begin() as tx:
+                await tx.put(basic("o", b'{"v":1}'), "POST", exists_before=False)
+                await tx.replace_index("Basic", "o", rows("one"), ["token"], fresh=True)
+            conflict = None
+            try:
+                async with store.begin(optimistic=True) as tx:
+                    cur = await tx.current("Basic", "o")
+                    assert cur is not None and cur.version == 1
+                    async with store.begin() as other:  # another writer, committed meanwhile
+                        await other.current("Basic", "o")
+                        await other.put(basic("o", b'{"v":"other"}', 2), "PUT", exists_before=True)
+                        await other.replace_index("Basic", "o", rows("other"), ["token"], fresh=False)
+                    await tx.put(basic("o", b'{"v":"late"}', cur.version + 1), "PUT", exists_before=True)
+                    await tx.replace_index("Basic", "o", rows("late"), ["token"], fresh=False)
+            except ConflictError as e:
+                conflict = e
+            between = await store.read("Basic", "o")
+            async with store.begin() as tx:  # the retry, locking
+                cur = await tx.current("Basic", "o")
+                assert cur is not None
+                await tx.put(basic("o", b'{"v":"retried"}', cur.version + 1), "PUT", exists_before=True)
+                await tx.replace_index("Basic", "o", rows("retried"), ["token"], fresh=False)
+            final = await store.read("Basic", "o")
+            hist = await store.history("Basic", "o")
+            async with store.read_conn() as conn:
+                values = [r[0] for r in (await conn.execute(select(token_t.c.value).where(
+                    token_t.c.type == "Basic", token_t.c.id == "o"))).all()]
+            return conflict, between, final, hist.total, values
+        finally:
+            await store.close()
+
+    conflict, between, final, versions, values = asyncio.run(run())
+    assert isinstance(conflict, ConflictError)
+    assert between is not None and between.version == 2 and between.content == b'{"v":"other"}'
+    assert final is not None and final.version == 3 and final.content == b'{"v":"retried"}'
+    assert versions == 3
+    assert values == ["retried"]

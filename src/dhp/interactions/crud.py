@@ -211,8 +211,14 @@ async def _in_tx(server: Server, tx: WriteTx | None, fn: Any) -> Any:
     if tx is not None:
         return await fn(tx)
 
+    attempts = 0
+
     async def once() -> Any:
-        async with server.store.begin() as own:
+        nonlocal attempts
+        attempts += 1
+        # The first attempt reads without locking (PostgreSQL: fewer round trips); after a conflict the
+        # retry locks, so heavy contention on one resource still makes progress.
+        async with server.store.begin(optimistic=attempts == 1) as own:
             return await fn(own)
 
     return await retry_conflicts(once)

@@ -36,7 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from dhp.store.schema import counters, history, installed_packages, metadata, resources
@@ -113,6 +113,13 @@ def new_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+async def _pg_reset(conn: Any) -> None:
+    """Before a driver connection goes back to its pool, after asyncpg's own cleanup (which rolls back a
+    transaction left open, e.g. by a cancelled statement). These pools run single autocommitted statements,
+    which change no session state, so asyncpg's reset query (RESET ALL, UNLISTEN *, CLOSE ALL …) is skipped:
+    it cost a round trip per read and per write-only transaction."""
+
+
 def _sqlite_path(url: str) -> str | None:
     u = make_url(url)
     if not u.drivername.startswith("sqlite"):
@@ -140,25 +147,24 @@ class SyncConn:
 
 
 class _PgTxConn:
-    """The PostgreSQL write connection as other modules see it: writes queued by :class:`WriteTx` go out
-    first, so every statement sees them."""
+    """The PostgreSQL write connection as other modules see it: the transaction's SQLAlchemy connection is
+    opened on their first statement, and writes queued by :class:`WriteTx` go out first, so every statement
+    sees them."""
 
-    def __init__(self, conn: AsyncConnection, tx: WriteTx) -> None:
-        self._conn = conn
+    def __init__(self, tx: WriteTx) -> None:
         self._tx = tx
-        self.sync_connection = conn.sync_connection
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
-        await self._tx.flush()
-        return await self._conn.execute(statement, parameters)
+        conn = await self._tx.connection()
+        return await conn.execute(statement, parameters)
 
     async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any:
-        await self._tx.flush()
-        return await self._conn.exec_driver_sql(statement, parameters)
+        conn = await self._tx.connection()
+        return await conn.exec_driver_sql(statement, parameters)
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
-        await self._tx.flush()
-        return await self._conn.run_sync(fn, *args)
+        conn = await self._tx.connection()
+        return await conn.run_sync(fn, *args)
 
 
 @dataclass
@@ -180,33 +186,61 @@ class _Pending:
 
 
 class WriteTx:
-    """One write transaction. Other modules add their own rows through :attr:`conn`."""
+    """One write transaction. Other modules add their own rows through :attr:`conn`.
 
-    def __init__(self, conn: AsyncConnection | SyncConn, is_sqlite: bool) -> None:
+    On PostgreSQL nothing is sent until something needs the database: a transaction that only writes (a
+    create, an audit event, a Bundle of creates) goes out at its end as one statement on a pooled driver
+    connection — one statement is atomic by itself, so it needs no BEGIN/COMMIT round trips. The first read,
+    lock or statement of another module opens a real transaction (SQLAlchemy, BEGIN … COMMIT) instead.
+    """
+
+    def __init__(self, conn: AsyncConnection | SyncConn | None, is_sqlite: bool, *,
+                 opener: Callable[[], Awaitable[AsyncConnection]] | None = None,
+                 solo: Callable[[_Pending], Awaitable[None]] | None = None,
+                 peek: Callable[[str, str], Awaitable[StoredResource | None]] | None = None) -> None:
         self.is_sqlite = is_sqlite
         self.after_commit: list[Callable[[], Awaitable[None] | None]] = []
         self.conformance_changed = False
         self._pending: _Pending | None = None
         self._known: dict[tuple[str, str], StoredResource | None] = {}  # locked by prefetch, unchanged since
-        self._base = conn
+        self._base: AsyncConnection | SyncConn | None = conn
+        self._opener = opener
+        self._solo = solo
+        #: Optimistic: read the current version without a lock (see ``Store.begin``).
+        self._peek = peek
         #: ``await conn.execute(statement[, params])`` on both backends.
-        self.conn: AsyncConnection | SyncConn | _PgTxConn = conn
-        if isinstance(conn, AsyncConnection) and not is_sqlite:
+        self.conn: AsyncConnection | SyncConn | _PgTxConn
+        if conn is None or (isinstance(conn, AsyncConnection) and not is_sqlite):
             self._pending = _Pending()
-            self.conn = _PgTxConn(conn, self)
+            self.conn = _PgTxConn(self)
+        else:
+            self.conn = conn
+
+    async def _open(self) -> AsyncConnection:
+        if self._base is None:
+            assert self._opener is not None
+            self._base = await self._opener()
+        assert isinstance(self._base, AsyncConnection)
+        return self._base
+
+    async def connection(self) -> AsyncConnection:
+        """The transaction's SQLAlchemy connection (PostgreSQL), opened on first need, queued writes sent."""
+        conn = await self._open()
+        await self.flush()
+        return conn
 
     async def flush(self) -> None:
         """Send the queued writes (PostgreSQL); a no-op when nothing waits."""
         p = self._pending
         if not p:
             return
-        assert isinstance(self._base, AsyncConnection)
+        conn = await self._open()
         self._pending = _Pending()
         from dhp.store.search import flush_statement
 
         sql_text, params = flush_statement(p)
         try:
-            await self._base.exec_driver_sql(sql_text, params)
+            await conn.exec_driver_sql(sql_text, params)
         except IntegrityError as e:
             raise ConflictError("a resource in this transaction was written concurrently") from e
 
@@ -217,9 +251,10 @@ class WriteTx:
             return
         from dhp.store.search import lock_current
 
+        conn = await self._open()
         for i in range(0, len(keys), 1000):
             chunk = list(keys[i:i + 1000])
-            found = await lock_current(self._base, chunk)  # type: ignore[arg-type]
+            found = await lock_current(conn, chunk)
             for k in chunk:
                 if k not in self._pending.keys:
                     self._known[k] = found.get(k)
@@ -232,9 +267,15 @@ class WriteTx:
             return StoredResource(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) if r else None
         if self._pending is not None and (rtype, rid) in self._pending.keys:
             await self.flush()
-        q = _CURRENT if self.is_sqlite else _CURRENT_FOR_UPDATE
+        if self._peek is not None and self._base is None:
+            cur = await self._peek(rtype, rid)
+            self._known[(rtype, rid)] = cur
+            return cur
+        q = _CURRENT_FOR_UPDATE
         # Straight to the connection: queued writes of other resources need not go out for this read.
-        row = (await self._base.execute(q, {"k_type": rtype, "k_id": rid})).first()
+        conn = await self._open() if self._pending is not None else self._base
+        assert conn is not None
+        row = (await conn.execute(q, {"k_type": rtype, "k_id": rid})).first()
         return StoredResource(*row) if row else None
 
     async def put(self, rec: StoredResource, method: str, *, exists_before: bool,
@@ -323,6 +364,12 @@ class WriteTx:
         self.conformance_changed = True
 
     async def before_commit(self) -> None:
+        if self._base is None and not self.conformance_changed:
+            # Nothing was read or locked: the queued writes go out as one statement, no transaction needed.
+            p, self._pending = self._pending, _Pending()
+            if p and self._solo is not None:
+                await self._solo(p)
+            return
         await self.flush()
         if self.conformance_changed:
             await self.bump(CONFORMANCE_EPOCH)
@@ -377,6 +424,7 @@ class Store:
         self._checkpoint_tail = False
         self._last_checkpoint = 0.0
         self._pg_pool: Any = None
+        self._pg_write_pool: Any = None
         self._reads_in_flight = 0
         self._read_queue: list[tuple[str, str, asyncio.Future[StoredResource | None]]] = []
         self._opened = False
@@ -409,10 +457,14 @@ class Store:
         if not self.is_sqlite:
             import asyncpg
 
-            u = make_url(self.read_url)
-            self._pg_pool = await asyncpg.create_pool(
-                user=u.username, password=u.password, host=u.host, port=u.port, database=u.database,
-                min_size=1, max_size=10)
+            def pool(url: str) -> Any:
+                u = make_url(url)
+                return asyncpg.create_pool(user=u.username, password=u.password, host=u.host, port=u.port,
+                                           database=u.database, min_size=1, max_size=10, reset=_pg_reset)
+
+            self._pg_pool = await pool(self.read_url)
+            # Write-only transactions go straight to the driver (WriteTx): on the primary.
+            self._pg_write_pool = self._pg_pool if self.read_url == self.url else await pool(self.url)
         self._opened = True
 
     async def close(self) -> None:
@@ -431,6 +483,9 @@ class Store:
         if self._sqlite_reader is not None:
             self._sqlite_reader.close()
             self._sqlite_reader = None
+        if self._pg_write_pool is not None and self._pg_write_pool is not self._pg_pool:
+            await self._pg_write_pool.close()
+        self._pg_write_pool = None
         if self._pg_pool is not None:
             await self._pg_pool.close()
             self._pg_pool = None
@@ -451,8 +506,14 @@ class Store:
             await conn.run_sync(upgrade)
 
     @contextlib.asynccontextmanager
-    async def begin(self) -> AsyncIterator[WriteTx]:
-        """A write transaction: committed when the block ends, rolled back on any exception."""
+    async def begin(self, optimistic: bool = False) -> AsyncIterator[WriteTx]:
+        """A write transaction: committed when the block ends, rolled back on any exception.
+
+        ``optimistic`` (PostgreSQL): :meth:`WriteTx.current` reads without taking a lock — two round trips
+        for an update instead of four. A write on top of a version another writer replaced meanwhile still
+        cannot be lost: both write version n+1, and history's unique (type, id, version) refuses the second
+        one as a whole (:class:`ConflictError`). Meant for a first attempt; a retry after a conflict locks.
+        """
         if self._sqlite_writer is not None:
             assert self._write_lock is not None
             async with self._write_lock:
@@ -480,12 +541,44 @@ class Store:
             await asyncio.shield(group.done)
             await tx.committed()
             return
-        async with self.engine.connect() as conn:
-            tx = WriteTx(conn, self.is_sqlite)
-            async with conn.begin():
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                async def opener() -> AsyncConnection:
+                    conn = await stack.enter_async_context(self.engine.connect())
+                    await stack.enter_async_context(conn.begin())
+                    return conn
+
+                tx = WriteTx(None, False, opener=opener, solo=self._pg_solo,
+                             peek=self._pg_current if optimistic else None)
                 yield tx
                 await tx.before_commit()
+        except DBAPIError as e:
+            # PostgreSQL undid the transaction (deadlock, serialization failure: SQLSTATE class 40): retryable.
+            if str(getattr(e.orig, "sqlstate", "")).startswith("40"):
+                raise ConflictError("concurrent writers got in each other's way") from e
+            raise
         await tx.committed()
+
+    async def _pg_solo(self, p: _Pending) -> None:
+        """A write-only transaction's queued writes as one autocommitted statement, through the driver."""
+        import asyncpg
+
+        from dhp.store.search import flush_statement
+
+        sql_text, params = flush_statement(p)
+        async with self._pg_write_pool.acquire() as c:
+            try:
+                await c.execute(sql_text, *params)
+            except asyncpg.IntegrityConstraintViolationError as e:
+                raise ConflictError("a resource in this transaction was written concurrently") from e
+            except asyncpg.TransactionRollbackError as e:  # deadlock, serialization failure: PostgreSQL
+                raise ConflictError("concurrent writers got in each other's way") from e  # undid it all
+
+    async def _pg_current(self, rtype: str, rid: str) -> StoredResource | None:
+        """The current version as the primary has it now (no lock: see ``begin(optimistic=True)``)."""
+        async with self._pg_write_pool.acquire() as c:
+            row = await c.fetchrow(_PG_READ, rtype, rid)
+        return StoredResource(*row) if row else None
 
     # ------------------------------------------------------------------ SQLite group commit
 

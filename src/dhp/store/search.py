@@ -257,11 +257,11 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
                                           "package", "content")]
         names = ", ".join(c.name for c in rcols)
         if p.inserts:
-            ctes.append(f"ri AS (INSERT INTO resources ({names}) SELECT * FROM {unnest(rcols)})")
+            ctes.append(f"ri AS (INSERT INTO resources ({names}) SELECT * FROM {unnest(rcols)} RETURNING 1)")
         if p.updates:
             sets = ", ".join(f"{c.name} = u.{c.name}" for c in rcols[2:])
             ctes.append(f"ru AS (UPDATE resources r SET {sets} FROM {unnest(rcols)} AS u({names}) "
-                        "WHERE r.type = u.type AND r.id = u.id)")
+                        "WHERE r.type = u.type AND r.id = u.id RETURNING 1)")
         if p.history:
             hcols = [history.c[c] for c in ("type", "id", "version", "last_updated", "deleted", "method",
                                             "content")]
@@ -276,7 +276,11 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
             cols = [t.c[c] for c in ("type", "id", "code", *COLUMNS[k])]
             ctes.append(f"i_{k} AS (INSERT INTO {t.name} ({', '.join(c.name for c in cols)}) "
                         f"SELECT * FROM {unnest(cols)})")
-        sql_text = "WITH " + ",\n".join(ctes) + "\nSELECT 1"
+        # The main query reads the resources rows' CTEs, so they run first and every writer takes the
+        # resource's row (or key) lock before its history and index rows: unreferenced CTEs run afterwards,
+        # so two writers of one resource queue on that lock instead of deadlocking on history's unique key.
+        first = [f"(SELECT count(*) FROM {c})" for c, on in (("ri", p.inserts), ("ru", p.updates)) if on]
+        sql_text = "WITH " + ",\n".join(ctes) + "\nSELECT " + (" + ".join(first) or "1")
         _flush_sql[shape] = sql_text
     return sql_text, tuple(params)
 
