@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -400,7 +401,20 @@ def test_compartment_search(fhir: httpx.Client) -> None:
     get(fhir, "/Patient/pat1/Organization", status=400)
 
 
-def test_index_is_written_with_the_resource(fhir: httpx.Client) -> None:
+def test_index_is_written_with_the_resource(fhir: httpx.Client, search_server: LiveServer) -> None:
+    from sqlalchemy import func, select, union_all
+
+    from dhp.store.search import TABLES
+
+    def index_rows(rid: str) -> int:
+        async def count() -> int:
+            q = union_all(*(select(func.count()).select_from(t).where(t.c.type == "Patient", t.c.id == rid)
+                            for t in TABLES.values())).subquery()
+            async with search_server.server.store.read_conn() as conn:
+                return int((await conn.execute(select(func.sum(q.c[0])))).scalar_one())
+
+        return asyncio.run_coroutine_threadsafe(count(), search_server.loop).result(60)
+
     r = {"resourceType": "Patient", "id": "fresh1", "name": [{"family": "Yangiboyev"}], "gender": "other"}
     assert fhir.put("/Patient/fresh1", json=r, headers=H).status_code in (200, 201)
     assert ids(get(fhir, "/Patient?family=yangiboyev")) == ["fresh1"]
@@ -408,9 +422,11 @@ def test_index_is_written_with_the_resource(fhir: httpx.Client) -> None:
     assert fhir.put("/Patient/fresh1", json=r, headers=H).status_code == 200
     assert ids(get(fhir, "/Patient?family=yangiboyev")) == []
     assert ids(get(fhir, "/Patient?family=eskiboyev")) == ["fresh1"]
+    assert index_rows("fresh1") > 0
     assert fhir.delete("/Patient/fresh1").status_code in (200, 204)
     assert ids(get(fhir, "/Patient?family=eskiboyev")) == []
     assert ids(get(fhir, "/Patient?gender=other")) == []
+    assert index_rows("fresh1") == 0  # a delete leaves no index rows behind
 
 
 def test_conditional_create_update_delete(fhir: httpx.Client) -> None:

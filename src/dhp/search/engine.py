@@ -303,7 +303,9 @@ class SearchEngine:
         await tx.replace_index(rtype, rid, rows, kinds, fresh=fresh)
 
     async def unindex(self, tx: Any, rtype: str, rid: str) -> None:
-        await sql.delete_rows(tx.conn, rtype, rid)
+        """Drop the resource's index rows (a delete). Every table, not only this type's current kinds: rows
+        of a parameter since removed must go too. On PostgreSQL they join the transaction's one statement."""
+        await tx.replace_index(rtype, rid, {}, tuple(sql.TABLES), fresh=False)
 
     async def index_many(self, tx: Any, items: list[tuple[str, str, bytes | dict[str, Any]]], *,
                          fresh: bool = True) -> None:
