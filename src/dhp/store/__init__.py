@@ -120,6 +120,31 @@ async def _pg_reset(conn: Any) -> None:
     it cost a round trip per read and per write-only transaction."""
 
 
+def _merge(items: Iterable[_Pending]) -> _Pending:
+    """Several transactions' queued writes as one (they touch different resources)."""
+    out = _Pending()
+    for p in items:
+        out.inserts += p.inserts
+        out.updates += p.updates
+        out.history += p.history
+        out.keys |= p.keys
+        out.index_keys |= p.index_keys
+        for k, v in p.index_deletes.items():
+            out.index_deletes.setdefault(k, []).extend(v)
+        for k, v in p.index_rows.items():
+            out.index_rows.setdefault(k, []).extend(v)
+    return out
+
+
+def _settle(fut: asyncio.Future[None], error: Exception | None) -> None:
+    if fut.done():  # the waiting caller was cancelled
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
 def _sqlite_path(url: str) -> str | None:
     u = make_url(url)
     if not u.drivername.startswith("sqlite"):
@@ -389,6 +414,10 @@ SQLITE_WRITER_CACHE_KIB = 65536
 #: PostgreSQL primary-key reads on the wire at once per process; reads arriving meanwhile are batched.
 PG_READS_IN_FLIGHT = 4
 PG_READ_BATCH = 256
+#: PostgreSQL write-only statements on the wire at once per process; transactions that finish meanwhile are
+#: merged into the next statement (group commit), at most PG_WRITE_GROUP of them.
+PG_WRITES_IN_FLIGHT = 2
+PG_WRITE_GROUP = 64
 #: Most write transactions that share one SQLite commit (group commit).
 GROUP_MAX = 64
 #: Seconds between background WAL checkpoints while writes go on.
@@ -427,6 +456,8 @@ class Store:
         self._pg_write_pool: Any = None
         self._reads_in_flight = 0
         self._read_queue: list[tuple[str, str, asyncio.Future[StoredResource | None]]] = []
+        self._writes_in_flight = 0
+        self._write_queue: list[tuple[_Pending, asyncio.Future[None]]] = []
         self._opened = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -560,7 +591,79 @@ class Store:
         await tx.committed()
 
     async def _pg_solo(self, p: _Pending) -> None:
-        """A write-only transaction's queued writes as one autocommitted statement, through the driver."""
+        """Send a write-only transaction's queued writes: one autocommitted statement through the driver.
+
+        Group commit: with :data:`PG_WRITES_IN_FLIGHT` statements already on the wire, transactions that
+        finish meanwhile wait and go out together as one statement. Each table a statement writes costs
+        PostgreSQL a fixed price (locks, opening the table and its indexes) that a single create's few index
+        rows do not outweigh; a group shares it. A group that fails on a conflict is sent again member by
+        member, so one writer's conflict never fails another's write.
+        """
+        if self._writes_in_flight < PG_WRITES_IN_FLIGHT and not self._write_queue:
+            self._writes_in_flight += 1
+            try:
+                await self._pg_send(p)
+            finally:
+                self._writes_in_flight -= 1
+                self._drain_writes()
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._write_queue.append((p, fut))
+        self._drain_writes()
+        await fut
+
+    def _drain_writes(self) -> None:
+        while self._write_queue and self._writes_in_flight < PG_WRITES_IN_FLIGHT:
+            group: list[tuple[_Pending, asyncio.Future[None]]] = []
+            taken: set[tuple[str, str]] = set()
+            rest = []
+            for item in self._write_queue:
+                p, fut = item
+                if fut.done():  # its caller was cancelled: the transaction is abandoned, nothing is sent
+                    continue
+                keys = p.keys | p.index_keys
+                # Two writes of one resource never share a statement (the second must see the first).
+                if len(group) < PG_WRITE_GROUP and taken.isdisjoint(keys):
+                    group.append(item)
+                    taken |= keys
+                else:
+                    rest.append(item)
+            self._write_queue = rest
+            if not group:
+                return
+            self._writes_in_flight += 1
+            self._spawn(self._send_group(group))
+
+    async def _send_group(self, group: list[tuple[_Pending, asyncio.Future[None]]]) -> None:
+        try:
+            try:
+                await self._pg_send(_merge(p for p, _f in group) if len(group) > 1 else group[0][0])
+            except ConflictError:
+                if len(group) == 1:
+                    raise
+                for p, fut in group:
+                    try:
+                        await self._pg_send(p)
+                    except Exception as e:
+                        _settle(fut, e)
+                    else:
+                        _settle(fut, None)
+                return
+        except Exception as e:
+            for _p, fut in group:
+                _settle(fut, e)
+        except BaseException:  # cancelled (shutdown): nobody may wait forever
+            for _p, fut in group:
+                _settle(fut, ConnectionError("the write was cancelled"))
+            raise
+        else:
+            for _p, fut in group:
+                _settle(fut, None)
+        finally:
+            self._writes_in_flight -= 1
+            self._drain_writes()
+
+    async def _pg_send(self, p: _Pending) -> None:
         import asyncpg
 
         from dhp.store.search import flush_statement
