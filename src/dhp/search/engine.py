@@ -29,6 +29,12 @@ class _Plan:
     by_stem: dict[str, tuple[int, ...]]  # element name (choice suffix removed) → extractors reading it
     by_key: dict[str, tuple[int, ...]]  # exact JSON property name → extractors reading it
     always: frozenset[int]  # extractors that cannot tell in advance
+    #: The extractors to run for a set of property names (see SearchEngine.rows).
+    chosen: dict[frozenset[str], tuple[tuple[str, str, ParamExtractor], ...]] = field(default_factory=dict)
+
+
+#: Sets of property names remembered per resource type.
+PLAN_SHAPES = 512
 
 
 @dataclass
@@ -188,28 +194,17 @@ class SearchEngine:
         """
         out: dict[str, list[tuple[Any, ...]]] = {}
         plan = self._plan(rtype)
-        by_stem, by_key = plan.by_stem, plan.by_key
-        todo = set(plan.always)
-        present: set[str] = set()
-        for k in resource:
-            present.add(k)
-            if (x := by_key.get(k)) is not None:
-                todo.update(x)
-            if (x := by_stem.get(k)) is not None:
-                todo.update(x)
-            st = stem(k)
-            if st is not None:
-                present.add(st)
-                if (x := by_stem.get(st)) is not None:
-                    todo.update(x)
+        # Resources of a type mostly have the same few sets of elements: which extractors to run is worked
+        # out once per set of property names.
+        shape = frozenset(resource)
+        todo = plan.chosen.get(shape)
+        if todo is None:
+            todo = self._choose(plan, resource)
+            if len(plan.chosen) < PLAN_SHAPES:  # property names come from clients: keep it bounded
+                plan.chosen[shape] = todo
         memo: dict[Any, list[tuple[Any, ...]]] = {}
-        entries = plan.entries
-        for i in sorted(todo):
-            kind, code, ex = entries[i]
+        for kind, code, ex in todo:
             if codes is not None and code not in codes:
-                continue
-            if ex.component_probes is not None and any(
-                    st.isdisjoint(present) and ks.isdisjoint(resource) for st, ks in ex.component_probes):
                 continue
             try:
                 if ex.embedded:
@@ -228,8 +223,34 @@ class SearchEngine:
                 continue
             if got:
                 lst = out.setdefault(kind, [])
-                lst.extend((rtype, rid, code, *r) for r in got)
+                lst.extend([(rtype, rid, code, *r) for r in got])
         return out
+
+    @staticmethod
+    def _choose(plan: _Plan, resource: dict[str, Any]) -> tuple[tuple[str, str, ParamExtractor], ...]:
+        """The extractors that can find something on a resource with these property names, in plan order."""
+        by_stem, by_key = plan.by_stem, plan.by_key
+        todo = set(plan.always)
+        present: set[str] = set()
+        for k in resource:
+            present.add(k)
+            if (x := by_key.get(k)) is not None:
+                todo.update(x)
+            if (x := by_stem.get(k)) is not None:
+                todo.update(x)
+            st = stem(k)
+            if st is not None:
+                present.add(st)
+                if (x := by_stem.get(st)) is not None:
+                    todo.update(x)
+        out = []
+        for i in sorted(todo):
+            ex = plan.entries[i][2]
+            if ex.component_probes is not None and any(
+                    st.isdisjoint(present) and ks.isdisjoint(resource) for st, ks in ex.component_probes):
+                continue
+            out.append(plan.entries[i])
+        return tuple(out)
 
     def single_valued(self, rtype: str, code: str) -> bool:
         """At most one index row per resource: the parameter reads one element with max cardinality 1.

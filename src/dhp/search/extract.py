@@ -114,6 +114,7 @@ def _compile_native(part: str, rtype: str | None, type_names: frozenset[str]) ->
 
 
 _STEMS: dict[str, str | None] = {}
+_UNSEEN = object()
 
 
 def stem(key: str) -> str | None:
@@ -162,10 +163,13 @@ def _child(nodes: list[Any], name: str, typ: str | None) -> list[Any]:
                     v = None
         else:
             v = n.get(name)
-            if v is None:
-                ln = len(name)
+            if v is None:  # a choice element: valueQuantity for "value"
+                stems_of = _STEMS
                 for k in n:
-                    if k.startswith(name) and k[ln:] in _SUFFIX_SET:
+                    st = stems_of.get(k, _UNSEEN)
+                    if st is _UNSEEN:
+                        st = stem(k)
+                    if st == name:
                         v = n[k]
                         break
         if v is None:
