@@ -49,10 +49,20 @@ class PgServer:
         data = self.dir / "data"
         self._run(str(self.bindir / "initdb"), "-D", str(data), "-U", self.user, "-A", "trust", "-E", "UTF8",
                   "--locale=C.UTF-8" if _has_locale("C.UTF-8") else "--no-locale")
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on the data directory made by :meth:`start` (again, after :meth:`halt`)."""
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=256MB")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(self.dir / "log"),
-                  "-w", "-t", "60", "start")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-o", opts, "-l",
+                  str(self.dir / "log"), "-w", "-t", "60", "start")
+
+    def halt(self) -> None:
+        """Stop the server (an outage: sessions are cut, new connections refused), keeping its data for
+        :meth:`resume`. A clean shutdown: with this test server's asynchronous commits, a crash would lose the
+        last commits, and the tests are about the clients, not crash recovery."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "stop")
 
     def create_db(self, name: str) -> str:
         for _ in range(50):

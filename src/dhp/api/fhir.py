@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -16,6 +17,9 @@ from dhp.interactions import bundle, crud, shape
 from dhp.interactions.capabilities import capability_statement
 from dhp.interactions.context import RequestContext, Server
 from dhp.interactions.operations import OperationCall, OperationResult, Params, find, load_all
+from dhp.store import unavailable
+
+log = logging.getLogger("dhp.api")
 
 _COMMON = ("_format", "_pretty", "_summary", "_elements")
 _PATCH_TYPES = ("application/json-patch+json", *http.JSON_TYPES)
@@ -55,8 +59,14 @@ class FHIRApp:
             response = http.error_response(e, pretty)
         except ClientDisconnect:
             return  # the client went away before its body arrived: nobody to answer, nothing was written
-        except Exception as e:  # anything else is a bug: log it, answer 500 with an OperationOutcome
-            response = http.internal_error(e)
+        except Exception as e:
+            if unavailable(e):  # an outage, not a bug: tell the client to come back
+                log.warning("database unavailable: %s", e)
+                response = http.error_response(FHIRError(
+                    503, "The database is unavailable; the request was not completed. Try again shortly.",
+                    "transient", message_id="database-unavailable", headers={"Retry-After": "5"}), pretty)
+            else:  # anything else is a bug: log it, answer 500 with an OperationOutcome
+                response = http.internal_error(e)
         await response(scope, receive, send)
 
     def context(self, request: Request) -> RequestContext:

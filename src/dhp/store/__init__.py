@@ -1004,6 +1004,35 @@ def _sqlite_setup(engine: AsyncEngine | Engine, immediate: bool) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+#: SQLSTATEs of a database that cannot serve now: connection failures (08…), too many connections, shutting
+#: down or starting up (57P01–57P03).
+_UNAVAILABLE_STATES = ("08", "53300", "57P01", "57P02", "57P03")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) means the database cannot be reached or is not serving now — an
+    outage to answer with 503, not a bug: refused or dropped connections, a server shutting down or starting,
+    no connection slots left, SQLite locked beyond its busy timeout."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 10:
+        seen += 1
+        if isinstance(e, ConnectionError | TimeoutError) or (isinstance(e, OSError) and e.errno is not None):
+            return True
+        state = str(getattr(e, "sqlstate", "") or "")
+        if state.startswith(_UNAVAILABLE_STATES):
+            return True
+        if type(e).__name__ in ("ConnectionDoesNotExistError", "InternalClientError") or (
+                type(e).__name__ == "InterfaceError" and "closed" in str(e)):
+            return True  # asyncpg: the connection died under the statement
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            return True
+        if isinstance(e, DBAPIError) and e.connection_invalidated:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 async def retry_conflicts(fn: Callable[[], Awaitable[Any]], attempts: int = 5) -> Any:
     """Run ``fn`` again when a concurrent writer took a key first (or SQLite stayed locked)."""
     for i in range(attempts):
@@ -1016,4 +1045,4 @@ async def retry_conflicts(fn: Callable[[], Awaitable[Any]], attempts: int = 5) -
     raise AssertionError("unreachable")
 
 
-__all__ += ["SyncConn", "retry_conflicts"]
+__all__ += ["SyncConn", "retry_conflicts", "unavailable"]
