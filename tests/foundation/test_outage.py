@@ -79,6 +79,8 @@ class _PgError(Exception):
     (_PgError("23505"), False),  # unique violation: not an outage
     (sqlite3.OperationalError("database is locked"), True),
     (sqlite3.OperationalError("no such table: x"), False),
+    (OSError(113, "No route to host"), True),
+    (FileNotFoundError(2, "No such file"), False),  # a missing file is a bug, not an outage
     (RuntimeError("a bug"), False),
     (ValueError("bad input"), False),
 ])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import sqlite3
 import time
@@ -1007,6 +1008,9 @@ def _sqlite_setup(engine: AsyncEngine | Engine, immediate: bool) -> None:
 #: SQLSTATEs of a database that cannot serve now: connection failures (08…), too many connections, shutting
 #: down or starting up (57P01–57P03).
 _UNAVAILABLE_STATES = ("08", "53300", "57P01", "57P02", "57P03")
+#: OSError numbers of an unreachable peer (a missing file is not an outage).
+_NETWORK_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                             errno.ENETUNREACH, errno.EPIPE})
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -1017,7 +1021,8 @@ def unavailable(exc: BaseException) -> bool:
     e: BaseException | None = exc
     while e is not None and seen < 10:
         seen += 1
-        if isinstance(e, ConnectionError | TimeoutError) or (isinstance(e, OSError) and e.errno is not None):
+        if isinstance(e, ConnectionError | TimeoutError) or (
+                isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS):
             return True
         state = str(getattr(e, "sqlstate", "") or "")
         if state.startswith(_UNAVAILABLE_STATES):
