@@ -89,3 +89,34 @@ def test_unavailable_tells_outages_from_bugs(exc: BaseException, expected: bool)
     wrapped = RuntimeError("while reading")
     wrapped.__cause__ = exc
     assert unavailable(wrapped) is expected
+
+
+def test_sso_outage_is_oauth_temporarily_unavailable(start_server: Callable[..., Any]) -> None:
+    """The token endpoint answers a database outage in OAuth's error shape (RFC 6749 §5.2), 503, and issues
+    tokens again once the database is back."""
+    pg = PgServer()
+    pg.start()
+    try:
+        live = start_server(DHP_DATABASE_URL=pg.create_db("ssoout"), DHP_AUTH="on")
+        admin = live.admin_client
+        assert admin is not None
+        form = {"grant_type": "client_credentials", "client_id": admin["client_id"],
+                "client_secret": admin["client_secret"]}
+        with httpx.Client(base_url=live.base, timeout=60) as c:
+            assert c.post("/oauth/token", data=form).status_code == 200
+            pg.halt()
+            r = c.post("/oauth/token", data=form)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"] == "temporarily_unavailable"
+            assert r.headers["Retry-After"] == "5"
+            pg.resume()
+            codes = []
+            for _ in range(40):
+                r = c.post("/oauth/token", data=form)
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    break
+                time.sleep(0.1)
+            assert codes[-1] == 200 and set(codes) <= {200, 503}, codes
+    finally:
+        pg.stop()

@@ -20,7 +20,7 @@ from dhp.errors import FHIRError
 from dhp.interactions.context import Server
 from dhp.interactions.packages import install_packages
 from dhp.settings import Settings
-from dhp.store import Store
+from dhp.store import Store, unavailable
 
 log = logging.getLogger("dhp")
 
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         return JSONResponse({"status": "ok"})
 
     routes: list[BaseRoute] = [Route("/", root), Route("/healthz", health)]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={Exception: _error_response})
     direct: dict[tuple[str, str], Any] = {}
     if auth is not None:
         # Auth routes need the Server, which exists only after start-up: resolve it lazily.
@@ -163,11 +163,23 @@ class FastPath:
             try:
                 response = await endpoint(request)
             except Exception as e:  # what the router's error middleware would do
-                log.error("unhandled error on %s", path, exc_info=e)
-                response = JSONResponse({"error": "server_error", "error_description": "Internal error"}, 500)
+                response = await _error_response(request, e)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    """What escapes the SSO and other non-FHIR endpoints, in OAuth's error shape (RFC 6749 §5.2): a database
+    outage is ``temporarily_unavailable`` (503, ``Retry-After``), anything else a bug (500)."""
+    if unavailable(exc):
+        log.warning("database unavailable on %s: %s", request.url.path, exc)
+        return JSONResponse({"error": "temporarily_unavailable",
+                             "error_description": "The database is unavailable; try again shortly"}, 503,
+                            headers={"Retry-After": "5", "Cache-Control": "no-store"})
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return JSONResponse({"error": "server_error", "error_description": "Internal error"}, 500,
+                        headers={"Cache-Control": "no-store"})
 
 
 class _LazyServer:
