@@ -365,3 +365,33 @@ def test_pg_optimistic_write_fails_whole_when_the_row_moved(new_db_url: Callable
     assert final is not None and final.version == 3 and final.content == b'{"v":"retried"}'
     assert versions == 3
     assert values == ["retried"]
+
+
+def test_pg_group_commit_keeps_one_bad_write_to_itself(new_db_url: Callable[[str], str]) -> None:
+    """PostgreSQL merges concurrent write-only transactions into one statement; a value the database refuses
+    (text with a NUL character) fails its own transaction only, never the others merged with it."""
+
+    async def run() -> tuple[list[str], list[str]]:
+        store = Store(new_db_url("pg"))
+        await store.open()
+        try:
+            outcomes: list[str] = []
+
+            async def writer(i: int) -> None:
+                rid = "g\x00bad" if i == 7 else f"g{i}"
+                try:
+                    async with store.begin() as tx:
+                        await tx.put(basic(rid), "POST", exists_before=False)
+                    outcomes.append("ok")
+                except Exception as e:
+                    outcomes.append(type(e).__name__)
+
+            await asyncio.gather(*(writer(i) for i in range(24)))
+            present = [f"g{i}" for i in range(24) if await store.read("Basic", f"g{i}") is not None]
+            return outcomes, present
+        finally:
+            await store.close()
+
+    outcomes, present = asyncio.run(run())
+    assert outcomes.count("ok") == 23, outcomes
+    assert present == [f"g{i}" for i in range(24) if i != 7]

@@ -637,32 +637,34 @@ class Store:
 
     async def _send_group(self, group: list[tuple[_Pending, asyncio.Future[None]]]) -> None:
         try:
-            try:
-                await self._pg_send(_merge(p for p, _f in group) if len(group) > 1 else group[0][0])
-            except ConflictError:
-                if len(group) == 1:
-                    raise
-                for p, fut in group:
-                    try:
-                        await self._pg_send(p)
-                    except Exception as e:
-                        _settle(fut, e)
-                    else:
-                        _settle(fut, None)
+            if len(group) == 1:
+                await self._send_one(*group[0])
                 return
-        except Exception as e:
-            for _p, fut in group:
-                _settle(fut, e)
+            try:
+                await self._pg_send(_merge(p for p, _f in group))
+            except Exception:
+                # Whatever failed — a conflict, a value the database refused — is one member's: each goes
+                # again on its own and gets its own outcome.
+                for p, fut in group:
+                    await self._send_one(p, fut)
+            else:
+                for _p, fut in group:
+                    _settle(fut, None)
         except BaseException:  # cancelled (shutdown): nobody may wait forever
             for _p, fut in group:
                 _settle(fut, ConnectionError("the write was cancelled"))
             raise
-        else:
-            for _p, fut in group:
-                _settle(fut, None)
         finally:
             self._writes_in_flight -= 1
             self._drain_writes()
+
+    async def _send_one(self, p: _Pending, fut: asyncio.Future[None]) -> None:
+        try:
+            await self._pg_send(p)
+        except Exception as e:
+            _settle(fut, e)
+        else:
+            _settle(fut, None)
 
     async def _pg_send(self, p: _Pending) -> None:
         import asyncpg
