@@ -63,14 +63,9 @@ class ConflictError(Exception):
 
 
 # Statements of the write path, built once (SQLAlchemy then reuses their compiled form).
-_CURRENT = select(resources.c.type, resources.c.id, resources.c.version, resources.c.last_updated,
-                  resources.c.deleted, resources.c.content).where(
-    resources.c.type == bindparam("k_type"), resources.c.id == bindparam("k_id"))
-_CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
-_UPDATE_CURRENT = update(resources).where(resources.c.type == bindparam("k_type"),
-                                          resources.c.id == bindparam("k_id"))
-_INSERT_CURRENT = insert(resources)
-_INSERT_HISTORY = insert(history)
+_CURRENT_FOR_UPDATE = select(resources.c.type, resources.c.id, resources.c.version, resources.c.last_updated,
+                             resources.c.deleted, resources.c.content).where(
+    resources.c.type == bindparam("k_type"), resources.c.id == bindparam("k_id")).with_for_update()
 _PG_READ = ("SELECT type, id, version, last_updated, deleted, content FROM resources "
             "WHERE type = $1 AND id = $2")
 _PG_READ_MANY = ("SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.content "
@@ -297,11 +292,9 @@ class WriteTx:
             cur = await self._peek(rtype, rid)
             self._known[(rtype, rid)] = cur
             return cur
-        q = _CURRENT_FOR_UPDATE
         # Straight to the connection: queued writes of other resources need not go out for this read.
-        conn = await self._open() if self._pending is not None else self._base
-        assert conn is not None
-        row = (await conn.execute(q, {"k_type": rtype, "k_id": rid})).first()
+        conn = await self._open()
+        row = (await conn.execute(_CURRENT_FOR_UPDATE, {"k_type": rtype, "k_id": rid})).first()
         return StoredResource(*row) if row else None
 
     async def put(self, rec: StoredResource, method: str, *, exists_before: bool,
@@ -321,30 +314,16 @@ class WriteTx:
             except sqlite3.IntegrityError as e:
                 raise ConflictError(f"{rec.type}/{rec.id} was written concurrently") from e
             return
-        if self._pending is not None:
-            key = (rec.type, rec.id)
-            if key in self._pending.keys or key in self._pending.index_keys:
-                await self.flush()  # a second write of one resource: the first goes out before it
-            self._known.pop(key, None)
-            p = self._pending
-            row = (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, patient, package, rec.content)
-            (p.updates if exists_before else p.inserts).append(row)
-            p.history.append((rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, method, rec.content))
-            p.keys.add(key)
-            return
-        values = {"version": rec.version, "last_updated": rec.last_updated, "deleted": rec.deleted,
-                  "patient": patient, "package": package, "content": rec.content}
-        try:
-            if exists_before:
-                await self.conn.execute(_UPDATE_CURRENT, {"k_type": rec.type, "k_id": rec.id, **values})
-            else:
-                await self.conn.execute(_INSERT_CURRENT, {"type": rec.type, "id": rec.id, **values})
-            await self.conn.execute(_INSERT_HISTORY, {
-                "type": rec.type, "id": rec.id, "version": rec.version, "last_updated": rec.last_updated,
-                "deleted": rec.deleted, "method": method, "content": rec.content})
-        except IntegrityError as e:
-            raise ConflictError(f"{rec.type}/{rec.id} was written concurrently") from e
-
+        assert self._pending is not None  # PostgreSQL: queued
+        key = (rec.type, rec.id)
+        if key in self._pending.keys or key in self._pending.index_keys:
+            await self.flush()  # a second write of one resource: the first goes out before it
+        self._known.pop(key, None)
+        p = self._pending
+        row = (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, patient, package, rec.content)
+        (p.updates if exists_before else p.inserts).append(row)
+        p.history.append((rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, method, rec.content))
+        p.keys.add(key)
     async def replace_index(self, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
                             kinds: Iterable[str], *, fresh: bool) -> None:
         """Replace one resource's search index rows: per table kind, tuples of (type, id, code, *values).

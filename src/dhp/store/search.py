@@ -67,7 +67,7 @@ from dhp.search.values import MAX_US, MIN_US
 from dhp.store.schema import metadata, resources
 
 __all__ = [
-    "COLUMNS", "TABLES", "SearchRow", "count_matches", "delete_rows", "fetch", "include_targets", "insert_rows",
+    "COLUMNS", "TABLES", "SearchRow", "count_matches", "fetch", "include_targets", "insert_rows",
     "page", "revinclude_sources",
 ]
 
@@ -130,12 +130,6 @@ SearchRow = tuple[str, str, str, tuple[Any, ...]]  # (table kind, type, id, code
 
 
 # ------------------------------------------------------------------ writing
-
-async def delete_rows(conn: AsyncConnection, rtype: str, rid: str, kinds: Iterable[str] | None = None) -> None:
-    for k in (kinds if kinds is not None else TABLES):
-        t = TABLES[k]
-        await conn.execute(delete(t).where(t.c.type == rtype, t.c.id == rid))
-
 
 async def delete_many(conn: AsyncConnection, keys: Sequence[tuple[str, str]], kinds: Iterable[str] | None = None,
                       ) -> None:
