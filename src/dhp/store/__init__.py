@@ -215,7 +215,7 @@ class WriteTx:
     lock or statement of another module opens a real transaction (SQLAlchemy, BEGIN … COMMIT) instead.
     """
 
-    def __init__(self, conn: AsyncConnection | SyncConn | None, is_sqlite: bool, *,
+    def __init__(self, conn: SyncConn | None, is_sqlite: bool, *,
                  opener: Callable[[], Awaitable[AsyncConnection]] | None = None,
                  solo: Callable[[_Pending], Awaitable[None]] | None = None,
                  peek: Callable[[str, str], Awaitable[StoredResource | None]] | None = None) -> None:
@@ -230,8 +230,8 @@ class WriteTx:
         #: Optimistic: read the current version without a lock (see ``Store.begin``).
         self._peek = peek
         #: ``await conn.execute(statement[, params])`` on both backends.
-        self.conn: AsyncConnection | SyncConn | _PgTxConn
-        if conn is None or (isinstance(conn, AsyncConnection) and not is_sqlite):
+        self.conn: SyncConn | _PgTxConn
+        if conn is None:  # PostgreSQL: writes are queued, a connection is opened when one is needed
             self._pending = _Pending()
             self.conn = _PgTxConn(self)
         else:
