@@ -114,7 +114,6 @@ def _compile_native(part: str, rtype: str | None, type_names: frozenset[str]) ->
 
 
 _STEMS: dict[str, str | None] = {}
-_UNSEEN = object()
 
 
 def stem(key: str) -> str | None:
@@ -131,16 +130,6 @@ def stem(key: str) -> str | None:
     if len(_STEMS) < 20_000:  # property names come from clients: keep the cache bounded
         _STEMS[key] = got
     return got
-
-
-def stems(resource: dict[str, Any]) -> set[str]:
-    """Top-level element names present, with choice suffixes removed (valueQuantity → value)."""
-    out = set(resource)
-    for k in resource:
-        s = stem(k)
-        if s is not None:
-            out.add(s)
-    return out
 
 
 def _shape_is(v: Any, t: str) -> bool:
@@ -164,12 +153,8 @@ def _child(nodes: list[Any], name: str, typ: str | None) -> list[Any]:
         else:
             v = n.get(name)
             if v is None:  # a choice element: valueQuantity for "value"
-                stems_of = _STEMS
                 for k in n:
-                    st = stems_of.get(k, _UNSEEN)
-                    if st is _UNSEEN:
-                        st = stem(k)
-                    if st == name:
+                    if stem(k) == name:
                         v = n[k]
                         break
         if v is None:
@@ -297,7 +282,6 @@ def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str])
             run.single_element = native[0][0][1].split("|", 1)[0]  # type: ignore[attr-defined]
         if all(k in ("child", "typed") for k, _a in firsts):
             # Which top-level elements the expression can touch: lets indexing skip absent ones cheaply.
-            run.first_names = frozenset(a.split("|", 1)[0] for _k, a in firsts)  # type: ignore[attr-defined]
             run.probes = _probes(firsts)  # type: ignore[attr-defined]
         #: Same steps, same values: parameters sharing an expression share its evaluation on a resource.
         run.steps = tuple(tuple(s) for s in native)  # type: ignore[attr-defined]
@@ -520,7 +504,6 @@ class ParamExtractor:
         self.param = param
         self.type_names = type_names
         self.root = compile_expression(param.expression, rtype, type_names)
-        self.first_names: frozenset[str] | None = getattr(self.root, "first_names", None)
         #: (stems, keys) the resource must have for the expression to find anything (None: cannot tell).
         self.probes: tuple[frozenset[str], frozenset[str]] | None = getattr(self.root, "probes", None)
         #: The top-level element a one-step path reads (Patient.birthDate → "birthDate"), else None.
