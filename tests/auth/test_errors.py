@@ -54,6 +54,20 @@ def test_missing_grant_type_is_invalid_request(sso: SSO, cc: dict[str, str]) -> 
                            headers={"Content-Type": "application/x-www-form-urlencoded"}), 400, "invalid_request")
 
 
+def test_nul_character_in_credentials_is_a_client_error(any_sso: SSO) -> None:
+    # PostgreSQL refuses U+0000 in text: that must surface as an RFC 6749 error, never a 5xx.
+    for data in ({"grant_type": "client_credentials", "client_id": "a\x00b", "client_secret": "x"},
+                 {"grant_type": "client_credentials", "client_id": "ab", "client_secret": "x\x00"}):
+        r = httpx.post(any_sso.base + TOKEN, data=data)
+        assert r.status_code in (400, 401), r.text
+        assert r.json()["error"] in ("invalid_request", "invalid_client")
+        assert r.headers["cache-control"] == "no-store"
+    r = httpx.get(any_sso.base + "/oauth/authorize", params={
+        "response_type": "code", "client_id": "a\x00b", "redirect_uri": REDIRECT, "scope": "openid",
+        "state": "s", "code_challenge": "x" * 43, "code_challenge_method": "S256"})
+    assert r.status_code == 400, r.text
+
+
 def test_unsupported_grant_type(sso: SSO, cc: dict[str, str]) -> None:
     oauth_error(httpx.post(sso.base + TOKEN, data={"grant_type": "password", "username": "a", "password": "b", **cc}),
                 400, "unsupported_grant_type")

@@ -429,6 +429,41 @@ def test_index_is_written_with_the_resource(fhir: httpx.Client, search_server: L
     assert index_rows("fresh1") == 0  # a delete leaves no index rows behind
 
 
+def test_values_beyond_float_range_are_stored_and_found(fhir: httpx.Client) -> None:
+    # 1e400 is a valid FHIR decimal but an infinite float: the index keeps it as such (PostgreSQL receives
+    # index rows as JSON, which has no infinities) and range searches still place it.
+    body = ('{"resourceType": "Observation", "id": "huge1", "status": "final", "code": {"text": "huge"}, '
+            '"valueQuantity": {"value": 1e400, "system": "http://unitsofmeasure.org", "code": "mg"}}')
+    r = fhir.put("/Observation/huge1", content=body, headers={**H, "Content-Type": "application/fhir+json"})
+    assert r.status_code in (200, 201), r.text
+    assert '"value": 1e400' in r.text or '"value":1e400' in r.text
+    assert "huge1" in ids(get(fhir, "/Observation?value-quantity=gt1e300"))
+    assert "huge1" not in ids(get(fhir, "/Observation?value-quantity=lt1e300"))
+
+
+def test_nul_characters_are_stored_and_refused_in_searches(fhir: httpx.Client) -> None:
+    # PostgreSQL text cannot hold U+0000: the resource keeps it, its index rows drop it, and no input with it
+    # reaches a 5xx on either backend.
+    hj = {"Content-Type": "application/fhir+json"}
+    p = fhir.put("/Patient/nul1", content='{"resourceType": "Patient", "id": "nul1", "gender": "other", '
+                 '"name": [{"family": "Nul\\u0000bek"}]}', headers=hj)
+    assert p.status_code in (200, 201), p.text
+    assert p.json()["name"][0]["family"] == "Nul\x00bek"
+    o = fhir.post("/Observation", content='{"resourceType": "Observation", "status": "final", '
+                  '"code": {"text": "x\\u0000y"}, "subject": {"reference": "Patient/p\\u0000q"}}', headers=hj)
+    assert o.status_code == 201, o.text
+    assert fhir.get(f"/Observation/{o.json()['id']}").json()["code"]["text"] == "x\x00y"
+    assert ids(get(fhir, "/Patient?_id=nul1&gender=other")) == ["nul1"]
+    for query, param in (("/Patient?family=Nul%00bek", "family"), ("/Patient?_id=nul1%00", "_id"),
+                         ("/Patient?fam%00ily=x", "family"), ("/Observation?subject=Patient/p%00q", "subject")):
+        body = get(fhir, query, 400)
+        assert body["issue"][0]["expression"] == [param], body
+        assert "NUL" in body["issue"][0]["diagnostics"]
+    r = fhir.post("/Patient", json={"resourceType": "Patient"},
+                  headers={**H, "If-None-Exist": "identifier=a%00b"})
+    assert r.status_code == 400, r.text
+
+
 def test_conditional_create_update_delete(fhir: httpx.Client) -> None:
     ident = f"{PINFL}|55500011122233"
     body = {"resourceType": "Patient", "identifier": [{"system": PINFL, "value": "55500011122233"}],

@@ -102,7 +102,8 @@ def patient_key(rtype: str, rid: str, resource: dict[str, Any]) -> str | None:
         if isinstance(ref, dict):
             r = ref.get("reference")
             if isinstance(r, str) and r.startswith("Patient/"):
-                return r[8:].split("/", 1)[0][:64]
+                pid = r[8:].split("/", 1)[0]
+                return pid if ID_RE.fullmatch(pid) else None  # not an id: no compartment to key by
     return None
 
 

@@ -160,7 +160,7 @@ def _child(nodes: list[Any], name: str, typ: str | None) -> list[Any]:
         if v is None:
             continue
         if isinstance(v, list):
-            out.extend(x for x in v if x is not None)
+            out.extend(v if None not in v else [x for x in v if x is not None])
         else:
             out.append(v)
     return out

@@ -54,6 +54,15 @@ def bad(msg: str, param: str, message_id: str = "search-invalid") -> FHIRError:
     return FHIRError(400, msg, "invalid", expression=[param], message_id=message_id)
 
 
+def refuse_nul(items: list[tuple[str, str]]) -> None:
+    """U+0000 cannot be stored in a PostgreSQL text column (nor compared with one), and ``query.ANY`` uses it
+    as a sentinel: a search naming it is refused on both backends alike."""
+    for name, value in items:
+        if "\x00" in name or "\x00" in value:
+            clean = name.replace("\x00", "")
+            raise bad(f"Search parameter '{clean}' contains a NUL character (U+0000)", clean)
+
+
 def split_escaped(s: str, sep: str) -> list[str]:
     """Split on ``sep`` not preceded by a backslash; unescaping is left to :func:`unescape`."""
     out, cur, i = [], [], 0
@@ -103,6 +112,7 @@ class Parser:
 
     def parse(self, types: list[str] | None, items: list[tuple[str, str]]) -> SearchQuery:
         """``types`` is [type] for a type search, None for a system search (``_type`` narrows it)."""
+        refuse_nul(items)
         q = SearchQuery(types=types or [], count=self.default_count)
         system = types is None
         if system:
@@ -152,6 +162,7 @@ class Parser:
 
     def nodes(self, rtype: str, items: list[tuple[str, str]]) -> list[Node]:
         """Conditions only (conditional operations, authorisation filters); result parameters are refused."""
+        refuse_nul(items)
         out: list[Node] = []
         issues: list[Issue] = []
         for name, value in items:

@@ -1019,6 +1019,19 @@ def unavailable(exc: BaseException) -> bool:
     return False
 
 
+def unstorable_text(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is PostgreSQL refusing a character its text type cannot hold
+    (U+0000, SQLSTATE 22021/22P05): bad input to answer with 400, found where the value meets the database."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 10:
+        seen += 1
+        if str(getattr(e, "sqlstate", "") or "") in ("22021", "22P05"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 async def retry_conflicts(fn: Callable[[], Awaitable[Any]], attempts: int = 5) -> Any:
     """Run ``fn`` again when a concurrent writer took a key first (or SQLite stayed locked)."""
     for i in range(attempts):
@@ -1031,4 +1044,4 @@ async def retry_conflicts(fn: Callable[[], Awaitable[Any]], attempts: int = 5) -
     raise AssertionError("unreachable")
 
 
-__all__ += ["SyncConn", "retry_conflicts", "unavailable"]
+__all__ += ["SyncConn", "retry_conflicts", "unavailable", "unstorable_text"]
