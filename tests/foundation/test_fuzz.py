@@ -88,3 +88,52 @@ def test_huge_numbers_are_a_4xx_or_kept(client: httpx.Client) -> None:
 def test_odd_urls_never_5xx(client: httpx.Client, path: str, query: str) -> None:
     check(client.get("/" + path, params={"_summary": query, "_elements": query, "_count": query}))
     check(client.get("/Patient/_history", params={"_since": query, "_at": query, "_count": query}))
+
+
+# Search: real parameters, modifiers and prefixes with arbitrary text (control characters included), so every
+# parser and both databases' comparisons see odd values.
+SEARCH_NAMES = ["identifier", "name", "family", "given", "birthdate", "gender", "address", "_id", "_lastUpdated",
+                "general-practitioner", "organization", "_has:Observation:subject:code", "_tag", "_profile",
+                "telecom", "phonetic", "link", "_text", "_content", "_list"]
+# Plain names come up most often: a value only reaches the database when the name and modifier are valid.
+SEARCH_MODS = ["", "", "", "", ":exact", ":contains", ":missing", ":not", ":text", ":of-type", ":below", ":above",
+               ":identifier", ":Patient", ":in", ":code-text", ".identifier", ".name"]
+search_value = st.one_of(
+    st.text(max_size=20),
+    st.builds(lambda p, t: p + t, st.sampled_from(["", "eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"]),
+              st.sampled_from(["2020", "2020-01-01T00:00:00Z", "1e400", "-0", "2020-13", "x|y", "|", "a,b",
+                               "Patient/1", "http://x|1|mg", "\\,", "\x00", "%00"])),
+    st.text(alphabet="\x00\x01\t\n|,:$\\%*'\";-aZ09ёЎ", max_size=12))
+
+
+@SETTINGS
+@given(params=st.lists(st.tuples(st.builds(lambda n, m: n + m, st.sampled_from(SEARCH_NAMES),
+                                            st.sampled_from(SEARCH_MODS)), search_value), min_size=1, max_size=2),
+       rtype=st.sampled_from(["Patient", "Observation"]))
+def test_searches_never_5xx(client: httpx.Client, params: list[tuple[str, str]], rtype: str) -> None:
+    check(client.get(f"/{rtype}", params=params))
+    check(client.post(f"/{rtype}/_search", data=dict(params),
+                      headers={"Content-Type": "application/x-www-form-urlencoded"}))
+
+
+# Resources whose indexed elements carry arbitrary text and numbers: what the index extracts must store.
+odd_text = st.text(max_size=15)
+indexed_patient = st.fixed_dictionaries({"resourceType": st.just("Patient")}, optional={
+    "name": st.lists(st.fixed_dictionaries({}, optional={"family": odd_text, "given": st.lists(odd_text, max_size=2),
+                                                         "text": odd_text}), max_size=2),
+    "identifier": st.lists(st.fixed_dictionaries({}, optional={"system": odd_text, "value": odd_text}), max_size=2),
+    "birthDate": st.sampled_from(["1990", "1990-05", "1990-05-17", "1990-02-30", "0000", "99999"]),
+    "gender": odd_text,
+    "address": st.lists(st.fixed_dictionaries({}, optional={"city": odd_text, "line": st.lists(odd_text, max_size=2)}),
+                        max_size=2),
+    "generalPractitioner": st.lists(st.fixed_dictionaries({}, optional={"reference": odd_text}), max_size=2),
+    "telecom": st.lists(st.fixed_dictionaries({}, optional={"system": odd_text, "value": odd_text}), max_size=2)})
+
+
+@SETTINGS
+@given(body=indexed_patient)
+def test_indexed_values_never_5xx(client: httpx.Client, body: dict[str, Any]) -> None:
+    r = client.post("/Patient", content=_dumps(body))
+    check(r)
+    if r.status_code == 201:
+        assert client.get(f"/Patient/{r.json()['id']}").status_code == 200
