@@ -395,3 +395,64 @@ def test_pg_group_commit_keeps_one_bad_write_to_itself(new_db_url: Callable[[str
     outcomes, present = asyncio.run(run())
     assert outcomes.count("ok") == 23, outcomes
     assert present == [f"g{i}" for i in range(24) if i != 7]
+
+
+def test_pg_stale_update_fails_alone_before_it_is_sent(new_db_url: Callable[[str], str]) -> None:
+    """Optimistic updates that read a resource before another writer's statement committed are refused in
+    the process (they retry with the lock) instead of in the database, where the failed merged statement
+    would send every transaction merged with them again one by one."""
+
+    async def run() -> tuple[list[str], int, int, int, list[int]]:
+        store = Store(new_db_url("pg"))
+        await store.open()
+        try:
+            async with store.begin() as tx:
+                await tx.put(basic("hot"), "POST", exists_before=False)
+            sent = failed = 0
+            send = store._pg_send
+
+            async def counting(p: Any) -> None:
+                nonlocal sent, failed
+                sent += 1
+                try:
+                    await send(p)
+                except Exception:
+                    failed += 1
+                    raise
+
+            store._pg_send = counting  # type: ignore[method-assign]
+            outcomes: list[str] = []
+
+            async def updater(i: int) -> None:
+                try:
+                    async with store.begin(optimistic=True) as tx:
+                        cur = await tx.current("Basic", "hot")
+                        assert cur is not None
+                        await tx.put(basic("hot", b'{"u":%d}' % i, cur.version + 1), "PUT", exists_before=True)
+                    outcomes.append("ok")
+                except ConflictError:
+                    outcomes.append("conflict")
+
+            async def creator(i: int) -> None:
+                async with store.begin() as tx:
+                    await tx.put(basic(f"c{i}"), "POST", exists_before=False)
+                outcomes.append("created")
+
+            await asyncio.gather(*(f(i) for i in range(16) for f in (updater, creator)))
+            hot = await store.read("Basic", "hot")
+            assert hot is not None
+            async with store.read_conn() as conn:
+                versions = [r[0] for r in (await conn.exec_driver_sql(
+                    "SELECT version FROM history WHERE type = 'Basic' AND id = 'hot' ORDER BY version")).all()]
+            return outcomes, sent, failed, hot.version, versions
+        finally:
+            await store.close()
+
+    outcomes, sent, failed, version, versions = asyncio.run(run())
+    assert outcomes.count("created") == 16
+    assert outcomes.count("ok") + outcomes.count("conflict") == 16
+    assert outcomes.count("conflict") > 0  # they all read version 1
+    assert version == 1 + outcomes.count("ok") and versions == list(range(1, version + 1))
+    # No statement failed in the database, and none was split up: each transaction went out at most once.
+    assert failed == 0, (sent, failed, outcomes)
+    assert sent <= 32 - outcomes.count("conflict"), (sent, outcomes)

@@ -438,6 +438,8 @@ class Store:
         self._read_queue: list[tuple[str, str, asyncio.Future[StoredResource | None]]] = []
         self._writes_in_flight = 0
         self._write_queue: list[tuple[_Pending, asyncio.Future[None]]] = []
+        #: Resources written by statements on the wire (how many statements each): see _drain_writes.
+        self._keys_in_flight: dict[tuple[str, str], int] = {}
         self._opened = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -579,12 +581,19 @@ class Store:
         rows do not outweigh; a group shares it. A group that fails on a conflict is sent again member by
         member, so one writer's conflict never fails another's write.
         """
-        if self._writes_in_flight < PG_WRITES_IN_FLIGHT and not self._write_queue:
+        if (self._writes_in_flight < PG_WRITES_IN_FLIGHT and not self._write_queue
+                and self._keys_in_flight.keys().isdisjoint(p.keys | p.index_keys)):
             self._writes_in_flight += 1
+            self._fly(p, 1)
+            ok = False
             try:
                 await self._pg_send(p)
+                ok = True
             finally:
+                self._fly(p, -1)
                 self._writes_in_flight -= 1
+                if ok:
+                    self._outdated_by(p)
                 self._drain_writes()
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -592,10 +601,38 @@ class Store:
         self._drain_writes()
         await fut
 
+    def _fly(self, p: _Pending, step: int) -> None:
+        for k in p.keys | p.index_keys:
+            n = self._keys_in_flight.get(k, 0) + step
+            if n:
+                self._keys_in_flight[k] = n
+            else:
+                self._keys_in_flight.pop(k, None)
+
+    def _outdated_by(self, *sent: _Pending) -> None:
+        """``sent`` is committed: a queued transaction writing one of its resources at a version not above
+        the one just written read it before this commit, and would fail in the database (history's unique
+        version) — taking every transaction merged with it down to one-by-one re-sends. It fails here
+        instead, without a round trip, and retries with the lock."""
+        if not self._write_queue:
+            return
+        written = {(r[0], r[1]): r[2] for q in sent for r in (*q.inserts, *q.updates)}
+        if not written:
+            return
+        for p, fut in self._write_queue:
+            if fut.done():
+                continue
+            for r in (*p.inserts, *p.updates):
+                v = written.get((r[0], r[1]))
+                if v is not None and r[2] <= v:
+                    _settle(fut, ConflictError(f"{r[0]}/{r[1]} was written concurrently"))
+                    break
+
     def _drain_writes(self) -> None:
         while self._write_queue and self._writes_in_flight < PG_WRITES_IN_FLIGHT:
             group: list[tuple[_Pending, asyncio.Future[None]]] = []
-            taken: set[tuple[str, str]] = set()
+            # A resource a statement on the wire writes waits for its outcome (see _outdated_by).
+            taken: set[tuple[str, str]] = set(self._keys_in_flight)
             rest = []
             for item in self._write_queue:
                 p, fut = item
@@ -612,6 +649,8 @@ class Store:
             if not group:
                 return
             self._writes_in_flight += 1
+            for p, _f in group:
+                self._fly(p, 1)
             self._spawn(self._send_group(group))
 
     async def _send_group(self, group: list[tuple[_Pending, asyncio.Future[None]]]) -> None:
@@ -629,11 +668,14 @@ class Store:
             else:
                 for _p, fut in group:
                     _settle(fut, None)
+                self._outdated_by(*(p for p, _f in group))
         except BaseException:  # cancelled (shutdown): nobody may wait forever
             for _p, fut in group:
                 _settle(fut, ConnectionError("the write was cancelled"))
             raise
         finally:
+            for p, _f in group:
+                self._fly(p, -1)
             self._writes_in_flight -= 1
             self._drain_writes()
 
@@ -644,6 +686,7 @@ class Store:
             _settle(fut, e)
         else:
             _settle(fut, None)
+            self._outdated_by(p)
 
     async def _pg_send(self, p: _Pending) -> None:
         import asyncpg
