@@ -86,6 +86,8 @@ def test_huge_numbers_are_a_4xx_or_kept(client: httpx.Client) -> None:
 @SETTINGS
 @given(path=st.text(alphabet="abcPatient/_$?&=%.-1", max_size=30), query=st.text(max_size=20))
 def test_odd_urls_never_5xx(client: httpx.Client, path: str, query: str) -> None:
+    # httpx refuses to send a relative path starting with "//"; the server sees such paths only from raw clients.
+    path = path.lstrip("/")
     check(client.get("/" + path, params={"_summary": query, "_elements": query, "_count": query}))
     check(client.get("/Patient/_history", params={"_since": query, "_at": query, "_count": query}))
 
