@@ -217,9 +217,10 @@ async def _in_tx(server: Server, tx: WriteTx | None, fn: Any) -> Any:
     async def once() -> Any:
         nonlocal attempts
         attempts += 1
-        # The first attempt reads without locking (PostgreSQL: fewer round trips); after a conflict the
-        # retry locks, so heavy contention on one resource still makes progress.
-        async with server.store.begin(optimistic=attempts == 1) as own:
+        # The first two attempts read without locking (PostgreSQL: fewer round trips; a write that read too
+        # early usually fails in the process, before it is sent); later ones lock, so heavy contention on one
+        # resource still makes progress.
+        async with server.store.begin(optimistic=attempts <= 2) as own:
             return await fn(own)
 
     return await retry_conflicts(once)
