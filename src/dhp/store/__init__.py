@@ -613,7 +613,7 @@ class Store:
         """``sent`` is committed: a queued transaction writing one of its resources at a version not above
         the one just written read it before this commit, and would fail in the database (history's unique
         version) — taking every transaction merged with it down to one-by-one re-sends. It fails here
-        instead, without a round trip, and retries with the lock."""
+        instead, without a round trip, and is retried (``interactions.crud._in_tx``)."""
         if not self._write_queue:
             return
         written = {(r[0], r[1]): r[2] for q in sent for r in (*q.inserts, *q.updates)}
