@@ -390,6 +390,13 @@ def test_failed_logins_are_throttled_per_account(sso: SSO, web: dict[str, Any]) 
     assert state[f"user:{user}"][0] >= ACCOUNT_LIMIT
 
 
+def test_sign_in_with_an_overlong_username_is_a_failed_sign_in(any_sso: SSO) -> None:
+    # No account has a name this long (at most 200 characters); the failure is counted, never a 5xx.
+    c = any_sso.create_client("user/*.rs", redirect_uris=[REDIRECT])
+    r = _attempt(any_sso, c["client_id"], "u" * 300, "x" * 10)
+    assert r.status_code == 401 and 'role="alert"' in r.text, r.text[:300]
+
+
 def test_failed_logins_are_throttled_per_address(sso: SSO, web: dict[str, Any]) -> None:
     from dhp.auth.endpoints import ADDRESS_LIMIT
     from dhp.store import auth as db

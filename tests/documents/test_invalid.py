@@ -65,6 +65,11 @@ def _no_comp_identifier(b: dict[str, Any]) -> None:
     comp(b).pop("identifier")
 
 
+def _long_comp_identifier(b: dict[str, Any]) -> None:
+    ident = comp(b)["identifier"]
+    (ident[0] if isinstance(ident, list) else ident)["system"] = "urn:x:" + "s" * 600
+
+
 def _dangling_section_entry(b: dict[str, Any]) -> None:
     comp(b)["section"][0]["entry"].append({"reference": "urn:uuid:00000000-0000-0000-0000-000000000000"})
 
@@ -100,6 +105,11 @@ CASES: list[tuple[str, Mutation, str, str]] = [
     ("status outside the life cycle", _bad_status, "doc-status", "Bundle.entry[0].resource.ofType(Composition).status"),
     ("final without attester", _no_attester, "doc-attester", "Bundle.entry[0].resource.ofType(Composition).attester"),
     ("no Composition.identifier", _no_comp_identifier, "doc-composition-identifier",
+     "Bundle.entry[0].resource.ofType(Composition).identifier"),
+    # Longer than the document registry keeps (PostgreSQL would refuse it; SQLite would not): refused alike.
+    ("Bundle.identifier value too long", lambda b: b["identifier"].__setitem__("value", "v" * 600),
+     "doc-identifier-too-long", "Bundle.identifier"),
+    ("Composition.identifier system too long", _long_comp_identifier, "doc-identifier-too-long",
      "Bundle.entry[0].resource.ofType(Composition).identifier"),
     ("section entry pointing nowhere", _dangling_section_entry, "doc-reference-unresolved",
      "Bundle.entry[0].resource.ofType(Composition).section[0].entry[2]"),

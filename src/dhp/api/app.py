@@ -20,7 +20,7 @@ from dhp.errors import FHIRError
 from dhp.interactions.context import Server
 from dhp.interactions.packages import install_packages
 from dhp.settings import Settings
-from dhp.store import Store, unavailable, unstorable_text
+from dhp.store import Store, unavailable, unstorable_value
 
 log = logging.getLogger("dhp")
 
@@ -177,9 +177,10 @@ async def _error_response(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": "temporarily_unavailable",
                              "error_description": "The database is unavailable; try again shortly"}, 503,
                             headers={"Retry-After": "5", "Cache-Control": "no-store"})
-    if unstorable_text(exc):
+    if unstorable_value(exc):
         return JSONResponse({"error": "invalid_request",
-                             "error_description": "The request contains a NUL character (U+0000)"}, 400,
+                             "error_description": "The request contains a value the server cannot store "
+                                                   "(a NUL character, or text too long)"}, 400,
                             headers={"Cache-Control": "no-store"})
     log.error("unhandled error on %s", request.url.path, exc_info=exc)
     return JSONResponse({"error": "server_error", "error_description": "Internal error"}, 500,

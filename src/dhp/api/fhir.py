@@ -17,7 +17,7 @@ from dhp.interactions import bundle, crud, shape
 from dhp.interactions.capabilities import capability_statement
 from dhp.interactions.context import RequestContext, Server
 from dhp.interactions.operations import OperationCall, OperationResult, Params, find, load_all
-from dhp.store import unavailable, unstorable_text
+from dhp.store import unavailable, unstorable_value
 
 log = logging.getLogger("dhp.api")
 
@@ -65,10 +65,11 @@ class FHIRApp:
                 response = http.error_response(FHIRError(
                     503, "The database is unavailable; the request was not completed. Try again shortly.",
                     "transient", message_id="database-unavailable", headers={"Retry-After": "5"}), pretty)
-            elif unstorable_text(e):
+            elif unstorable_value(e):
                 response = http.error_response(FHIRError(
-                    400, "The request contains a NUL character (U+0000), which the server cannot store or "
-                    "compare; nothing was changed", "invalid", message_id="invalid-character"), pretty)
+                    400, "The request contains a value the server cannot store or compare (a NUL character, "
+                    "U+0000, or text longer than the field allows); nothing was changed", "invalid",
+                    message_id="invalid-value"), pretty)
             else:  # anything else is a bug: log it, answer 500 with an OperationOutcome
                 response = http.internal_error(e)
         await response(scope, receive, send)

@@ -720,7 +720,9 @@ class Endpoints:
         username = (form.get("username") or "").strip()
         password = form.get("password") or ""
         addr = _address(request)
-        keys = {f"user:{username.lower()}": ACCOUNT_LIMIT, f"addr:{addr}": ADDRESS_LIMIT}
+        # Usernames are at most 200 characters (auth_users): a longer one cannot sign in, but its failures
+        # still count (under its first 200 characters, which fit the throttle's key).
+        keys = {f"user:{username.lower()[:200]}": ACCOUNT_LIMIT, f"addr:{addr}": ADDRESS_LIMIT}
 
         def again(error: str, status: int) -> HTMLResponse:
             return self._page("login.html", lang, status, self._lang_links(req["q"]), client_name=client.name,
@@ -741,7 +743,7 @@ class Endpoints:
                              "disabled account", username=username or None, client_id=client.client_id,
                              address=addr)
             return again(t["bad_login"], 401)
-        await db.throttle_clear(self.state.store, f"user:{username.lower()}")
+        await db.throttle_clear(self.state.store, f"user:{username.lower()[:200]}")
         await self.audit(kind="login", success=True, description="user signed in", username=user.username,
                          fhir_user=user.fhir_user, client_id=client.client_id, client_name=client.name,
                          address=addr)

@@ -93,6 +93,14 @@ class EntryIndex:
         return self.by_url.get(ref.split("#", 1)[0])
 
 
+#: The longest identifier system or value the document registry keeps (``dhp.store.documents``).
+IDENTIFIER_MAX = 512
+
+
+def _storable_identifier(ident: dict[str, Any]) -> bool:
+    return all(isinstance(ident.get(k), str) and len(ident[k]) <= IDENTIFIER_MAX for k in ("system", "value"))
+
+
 async def rule_issues(bundle: dict[str, Any], exists: Callable[[str, str], Awaitable[bool]]) -> list[Issue]:
     """Every violation of the document rules (not the profiles) in ``bundle``."""
     issues: list[Issue] = []
@@ -100,6 +108,9 @@ async def rule_issues(bundle: dict[str, Any], exists: Callable[[str, str], Await
     if not isinstance(ident, dict) or not ident.get("system") or not ident.get("value"):
         issues.append(err("required", "doc-identifier",
                           "bdl-9: a document needs Bundle.identifier with system and value", "Bundle.identifier"))
+    elif not _storable_identifier(ident):
+        issues.append(err("value", "doc-identifier-too-long", "Bundle.identifier system and value must be "
+                          f"strings of at most {IDENTIFIER_MAX} characters", "Bundle.identifier"))
     if not isinstance(bundle.get("timestamp"), str):
         issues.append(err("required", "doc-timestamp", "bdl-10: a document needs Bundle.timestamp",
                           "Bundle.timestamp"))
@@ -149,6 +160,9 @@ async def rule_issues(bundle: dict[str, Any], exists: Callable[[str, str], Await
         issues.append(err("required", "doc-composition-identifier",
                           "Composition.identifier (system and value) is required: it is the document's stable "
                           "identity across its versions", f"{cpath}.identifier"))
+    elif not all(_storable_identifier(x) for x in cids if isinstance(x, dict) and x.get("system") and x.get("value")):
+        issues.append(err("value", "doc-identifier-too-long", "Composition.identifier system and value must be "
+                          f"strings of at most {IDENTIFIER_MAX} characters", f"{cpath}.identifier"))
     _sections(comp.get("section"), f"{cpath}.section", issues)
     index = EntryIndex(entries)
     # References from the Composition (header and sections) resolve inside the Bundle or on the server.

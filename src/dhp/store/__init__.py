@@ -1062,14 +1062,15 @@ def unavailable(exc: BaseException) -> bool:
     return False
 
 
-def unstorable_text(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) is PostgreSQL refusing a character its text type cannot hold
-    (U+0000, SQLSTATE 22021/22P05): bad input to answer with 400, found where the value meets the database."""
+def unstorable_value(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is PostgreSQL refusing a value: a character its text type cannot
+    hold (U+0000, SQLSTATE 22021/22P05) or text longer than its column (22001; SQLite does not check lengths).
+    Bad input to answer with 400, found where the value meets the database: the statement changed nothing."""
     seen = 0
     e: BaseException | None = exc
     while e is not None and seen < 10:
         seen += 1
-        if str(getattr(e, "sqlstate", "") or "") in ("22021", "22P05"):
+        if str(getattr(e, "sqlstate", "") or "") in ("22021", "22P05", "22001"):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -1087,4 +1088,4 @@ async def retry_conflicts(fn: Callable[[], Awaitable[Any]], attempts: int = 5) -
     raise AssertionError("unreachable")
 
 
-__all__ += ["SyncConn", "retry_conflicts", "unavailable", "unstorable_text"]
+__all__ += ["SyncConn", "retry_conflicts", "unavailable", "unstorable_value"]
