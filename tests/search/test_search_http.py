@@ -441,6 +441,21 @@ def test_values_beyond_float_range_are_stored_and_found(fhir: httpx.Client) -> N
     assert "huge1" not in ids(get(fhir, "/Observation?value-quantity=lt1e300"))
 
 
+def test_values_longer_than_the_index_keeps_are_still_found(fhir: httpx.Client) -> None:
+    # The index keeps 512 characters of a code or identifier and 255 of a normalised string: a search with
+    # the whole longer value compares on that much instead of never matching.
+    long_id, long_name = "I" * 600, "Uzunboyev" + "a" * 400
+    r = fhir.put("/Patient/long1", json={"resourceType": "Patient", "id": "long1",
+                                         "identifier": [{"system": "urn:x:long", "value": long_id}],
+                                         "name": [{"family": long_name}]}, headers=H)
+    assert r.status_code in (200, 201), r.text
+    assert ids(get(fhir, f"/Patient?identifier=urn:x:long|{long_id}")) == ["long1"]
+    assert ids(get(fhir, f"/Patient?family={long_name}")) == ["long1"]
+    assert ids(get(fhir, f"/Patient?family:exact={long_name}")) == ["long1"]
+    assert ids(get(fhir, f"/Patient?family:contains={long_name[:300]}")) == ["long1"]
+    assert ids(get(fhir, f"/Patient?identifier=urn:x:long|{'J' * 600}")) == []
+
+
 def test_nul_characters_are_stored_and_refused_in_searches(fhir: httpx.Client) -> None:
     # PostgreSQL text cannot hold U+0000: the resource keeps it, its index rows drop it, and no input with it
     # reaches a 5xx on either backend.

@@ -42,6 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ColumnElement, Select
 
+from dhp.search.extract import EXACT_LEN, KEY_LEN, STR_LEN
 from dhp.search.query import (
     ANY,
     AnyOf,
@@ -288,6 +289,10 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
 _FLOAT_KINDS = frozenset(k for k, t in TABLES.items() if any(isinstance(c.type, Float) for c in t.columns))
 
 
+def _cut(s: str | None) -> str | None:
+    return s[:KEY_LEN] if s is not None else None
+
+
 def _json_rows(kind: str, rows: list[tuple[Any, ...]]) -> str:
     """Rows as a JSON array of arrays. JSON has no infinities (orjson writes them as null), so a float
     column's non-finite values go as the strings PostgreSQL's float8 input reads."""
@@ -491,11 +496,13 @@ class Compiler:
         return col.like(_like_escape(text) + "%", escape="\\")
 
     def _string(self, col: Any, exact: Any, m: StringMatch) -> ColumnElement[bool]:
+        # Values are indexed up to STR_LEN (normalised) / EXACT_LEN characters: a longer search value is
+        # compared on what the index keeps, else it could never match.
         if m.mode == "exact":
-            return exact == m.text
+            return exact == m.text[:EXACT_LEN]
         if m.mode == "contains":
-            return col.like("%" + _like_escape(m.text) + "%", escape="\\")
-        return self._prefix(col, m.text)
+            return col.like("%" + _like_escape(m.text[:STR_LEN]) + "%", escape="\\")
+        return self._prefix(col, m.text[:STR_LEN])
 
     def _token(self, t: Any, m: TokenMatch) -> ColumnElement[bool]:
         if m.mode == "text":
@@ -504,11 +511,12 @@ class Compiler:
         if m.mode == "code-text":
             return func.lower(t.c.value).like(_like_escape((m.code or "").lower()) + "%", escape="\\")
         if m.mode == "of-type":
-            return and_(t.c.tsystem == m.type_system, t.c.tcode == m.type_code, t.c.value == m.code)
+            return and_(t.c.tsystem == _cut(m.type_system), t.c.tcode == _cut(m.type_code),
+                        t.c.value == _cut(m.code))
         if m.mode == "set":
             by_sys: dict[str | None, list[str]] = {}
             for s, c in m.codes:
-                by_sys.setdefault(s, []).append(c)
+                by_sys.setdefault(_cut(s), []).append(c[:KEY_LEN])
             # A bare ``code`` element (Patient.gender) is indexed without a system: its binding gives it one.
             alts = [and_(t.c.system.is_(None) if s is None else or_(t.c.system == s, t.c.system.is_(None)),
                          t.c.value.in_(sorted(cs)))
@@ -516,18 +524,18 @@ class Compiler:
             return or_(*alts) if alts else false()
         conds = []
         if m.code is not None:
-            conds.append(t.c.value == m.code)
+            conds.append(t.c.value == m.code[:KEY_LEN])
         if m.system is None:
             conds.append(t.c.system.is_(None))
         elif m.system != ANY:
-            conds.append(t.c.system == m.system)
+            conds.append(t.c.system == m.system[:KEY_LEN])
         return and_(true(), *conds)
 
     def _ref(self, t: Any, m: RefMatch) -> ColumnElement[bool]:
         if m.mode == "identifier":
-            conds = [t.c.ivalue == m.ident_value]
+            conds = [t.c.ivalue == _cut(m.ident_value)]
             if m.ident_system is not None:
-                conds.append(t.c.isystem == m.ident_system)
+                conds.append(t.c.isystem == _cut(m.ident_system))
             return and_(*conds)
         if m.mode in ("above", "below"):
             return self._uri(t.c.url, UriMatch(m.mode, m.url or ""))
@@ -538,7 +546,7 @@ class Compiler:
                 c = and_(t.c.target_type == m.target_type, c)
             alts.append(c)
         if m.url is not None:
-            c = t.c.url == m.url
+            c = t.c.url == m.url[:KEY_LEN]
             if m.version:
                 c = and_(c, t.c.version == m.version)
             alts.append(c)
@@ -605,12 +613,13 @@ class Compiler:
         return cond
 
     def _uri(self, col: Any, m: UriMatch) -> ColumnElement[bool]:
+        value = m.value[:KEY_LEN]
         if m.mode == "below":
-            return col.like(_like_escape(m.value) + "%", escape="\\")
+            return col.like(_like_escape(value) + "%", escape="\\")
         if m.mode == "above":
-            return literal(m.value).like(func.replace(func.replace(col, "%", "\\%"), "_", "\\_") + "%",
-                                         escape="\\")
-        return col == m.value
+            return literal(value).like(func.replace(func.replace(col, "%", "\\%"), "_", "\\_") + "%",
+                                       escape="\\")
+        return col == value
 
     def _near(self, t: Any, m: NearMatch) -> ColumnElement[bool]:
         # Equirectangular distance: exact enough at city scale and needs no trigonometry in SQL.
@@ -625,11 +634,11 @@ class Compiler:
         for i, (ctype, part) in enumerate(m.parts, start=1):
             s, v, lo, hi = (t.c[f"s{i}"], t.c[f"v{i}"], t.c[f"lo{i}"], t.c[f"hi{i}"])
             if ctype == "token":
-                c = [v == part.code] if part.code is not None else []
+                c = [v == part.code[:KEY_LEN]] if part.code is not None else []
                 if part.system is None:
                     c.append(s.is_(None))
                 elif part.system != ANY:
-                    c.append(s == part.system)
+                    c.append(s == part.system[:KEY_LEN])
                 conds.append(and_(true(), *c))
             elif ctype == "quantity":
                 c2 = self._number(part, lo, hi)
