@@ -111,6 +111,8 @@ CASES: list[tuple[str, Mutation, str, str]] = [
      "doc-identifier-too-long", "Bundle.identifier"),
     ("Composition.identifier system too long", _long_comp_identifier, "doc-identifier-too-long",
      "Bundle.entry[0].resource.ofType(Composition).identifier"),
+    ("entry fullUrl too long", lambda b: b["entry"][9].__setitem__("fullUrl", "urn:uuid:" + "0" * 1000),
+     "doc-fullurl-too-long", "Bundle.entry[9].fullUrl"),
     ("section entry pointing nowhere", _dangling_section_entry, "doc-reference-unresolved",
      "Bundle.entry[0].resource.ofType(Composition).section[0].entry[2]"),
     ("subject not on the server", _unknown_server_subject, "doc-reference-unresolved",

@@ -93,8 +93,10 @@ class EntryIndex:
         return self.by_url.get(ref.split("#", 1)[0])
 
 
-#: The longest identifier system or value the document registry keeps (``dhp.store.documents``).
+#: The longest identifier system or value, and entry fullUrl, the document registry keeps
+#: (``dhp.store.documents``; PostgreSQL refuses longer text, SQLite would not).
 IDENTIFIER_MAX = 512
+FULL_URL_MAX = 1000
 
 
 def _storable_identifier(ident: dict[str, Any]) -> bool:
@@ -134,6 +136,9 @@ async def rule_issues(bundle: dict[str, Any], exists: Callable[[str, str], Await
         fu = e.get("fullUrl")
         if not isinstance(fu, str) or not fu:
             issues.append(err("required", "doc-fullurl", f"bdl-15: {where} needs a fullUrl", f"{where}.fullUrl"))
+        elif len(fu) > FULL_URL_MAX:
+            issues.append(err("value", "doc-fullurl-too-long", f"{where}.fullUrl is longer than the "
+                              f"{FULL_URL_MAX} characters the document registry keeps", f"{where}.fullUrl"))
         elif fu in seen:
             issues.append(err("invariant", "doc-fullurl-duplicate",
                               f"bdl-7: {where}.fullUrl {fu!r} repeats Bundle.entry[{seen[fu]}]", f"{where}.fullUrl"))
