@@ -239,6 +239,8 @@ def _probes(firsts: list[tuple[str, str]]) -> tuple[frozenset[str], frozenset[st
         name, _, t = arg.partition("|")
         if kind == "typed":
             key_set.update((name + t[0].upper() + t[1:], name))
+        elif kind == "ext":  # extension('url') reads the resource's own extension list
+            key_set.add("extension")
         else:
             stem_set.add(name)
     return frozenset(stem_set), frozenset(key_set)
@@ -254,7 +256,13 @@ def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str])
         inner = compile_expression(m.group(1), rtype, type_names)
         if inner is None:
             return None
-        return lambda r: [True] if any(v is not False for v in inner(r)) else []
+
+        def present(r: Any) -> list[Any]:
+            return [True] if any(v is not False for v in inner(r)) else []
+
+        if hasattr(inner, "probes"):  # it finds nothing where X cannot be
+            present.probes = inner.probes  # type: ignore[attr-defined]
+        return present
     parts = split_top(expr, "|")
     native: list[list[tuple[str, str]]] = []
     interpreted: list[str] = []
@@ -280,7 +288,7 @@ def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str])
             run.is_self = True  # type: ignore[attr-defined]
         if len(native) == 1 and len(native[0]) == 1 and native[0][0][0] in ("child", "typed"):
             run.single_element = native[0][0][1].split("|", 1)[0]  # type: ignore[attr-defined]
-        if all(k in ("child", "typed") for k, _a in firsts):
+        if all(k in ("child", "typed", "ext") for k, _a in firsts):
             # Which top-level elements the expression can touch: lets indexing skip absent ones cheaply.
             run.probes = _probes(firsts)  # type: ignore[attr-defined]
         #: Same steps, same values: parameters sharing an expression share its evaluation on a resource.
