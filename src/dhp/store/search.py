@@ -289,10 +289,6 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
 _FLOAT_KINDS = frozenset(k for k, t in TABLES.items() if any(isinstance(c.type, Float) for c in t.columns))
 
 
-def _cut(s: str | None) -> str | None:
-    return s[:KEY_LEN] if s is not None else None
-
-
 def _json_rows(kind: str, rows: list[tuple[Any, ...]]) -> str:
     """Rows as a JSON array of arrays. JSON has no infinities (orjson writes them as null), so a float
     column's non-finite values go as the strings PostgreSQL's float8 input reads."""
@@ -353,6 +349,11 @@ async def types_present(conn: AsyncConnection) -> list[str]:
 
 def _like_escape(s: str) -> str:
     return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _cut(s: str | None) -> str | None:
+    """A search value as the index keeps it: codes, systems, identifiers and URIs up to KEY_LEN characters."""
+    return s[:KEY_LEN] if s is not None else None
 
 
 class Compiler:
