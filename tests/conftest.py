@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -46,6 +47,8 @@ def pg_url(pg: PgServer) -> str:
 def tmp_root() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="dhp-test-"))
     yield d
+    # The session's SQLite databases (~0.8 GB a run): gone with the session, like the PostgreSQL data dir.
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def sqlite_url(tmp_root: Path) -> str:
@@ -118,8 +121,10 @@ def _start(env: dict[str, str]) -> LiveServer:
 
 
 @pytest.fixture(scope="session")
-def start_server() -> Iterator[Callable[..., LiveServer]]:
-    """Factory: start_server(**env) → a real DHP server on a free loopback port (stopped at session end)."""
+def start_server(tmp_root: Path) -> Iterator[Callable[..., LiveServer]]:
+    """Factory: start_server(**env) → a real DHP server on a free loopback port (stopped at session end).
+
+    It asks for ``tmp_root`` so that the servers stop before their SQLite files are removed."""
     started: list[LiveServer] = []
 
     def start(**env: str) -> LiveServer:
