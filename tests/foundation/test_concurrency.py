@@ -154,12 +154,17 @@ def test_failed_writers_leave_the_others_committed(backend: str, new_db_url: Cal
 
 
 def test_sqlite_wal_stays_bounded_under_continuous_writes(new_db_url: Callable[[str], str]) -> None:
-    """Checkpoints run beside the writers; the WAL still restarts, so it does not grow with the data."""
+    """Checkpoints run beside the writers; the WAL still restarts, so it does not grow with the data.
+
+    The WAL header's checkpoint sequence number counts its restarts (SQLite file format, WAL header bytes 12-15).
+    How much the WAL holds at the end depends on how far the last checkpoint got on a busy machine, so the test
+    counts restarts rather than comparing sizes."""
     import os
     import sqlite3
+    import struct
     import time
 
-    async def run() -> tuple[int, int, str]:
+    async def run() -> tuple[int, int, int, str]:
         url = new_db_url("sqlite")
         store = Store(url)
         await store.open()
@@ -172,25 +177,30 @@ def test_sqlite_wal_stays_bounded_under_continuous_writes(new_db_url: Callable[[
         async def writer(k: int) -> None:
             nonlocal written
             i = 0
-            while time.monotonic() - t0 < 4:
+            while written < 12_000 and time.monotonic() - t0 < 60:
                 i += 1
                 async with store.begin() as tx:
                     await tx.put(basic(f"{k}-{i}", body), "POST", exists_before=False)
                 written += 1
 
         await asyncio.gather(*(writer(k) for k in range(8)))
+        restarts = wal_restarts(path)
         c = sqlite3.connect(path)
         frames = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]  # frames since the last restart
         page = c.execute("PRAGMA page_size").fetchone()[0]
         c.close()
         await store.close()
-        return written, frames * page, path
+        return written, restarts, frames * page, path
 
-    written, wal_bytes, path = asyncio.run(run())
-    # Every write adds its body twice (resource + history). Had the WAL never restarted, it would hold all of
-    # that; restarted, it holds only what came since the last one.
-    assert written * 4000 > 40_000_000, written
-    assert wal_bytes < written * 8000 / 2, (wal_bytes, written)
+    def wal_restarts(path: str) -> int:
+        with open(path + "-wal", "rb") as f:
+            return int(struct.unpack(">I", f.read(16)[12:16])[0])
+
+    written, restarts, wal_bytes, path = asyncio.run(run())
+    # Every write adds its body twice (resource + history): without restarts the WAL would hold all ~96 MB.
+    assert written >= 12_000, written
+    assert restarts >= 2, restarts
+    assert wal_bytes < written * 8000, (wal_bytes, written)
     assert not os.path.exists(path + "-wal") or os.path.getsize(path + "-wal") == 0
 
 
