@@ -206,3 +206,24 @@ async def test_includes_beyond_the_limit_are_cut_with_a_warning(live: Server, mo
     outcome = [e["resource"] for e in b["entry"] if e["search"]["mode"] == "outcome"]
     assert outcome and outcome[0]["issue"][0]["severity"] == "warning"
     assert "include" in outcome[0]["issue"][0]["diagnostics"]
+
+
+async def test_parameters_sharing_rows_write_none_of_their_own(live: Server) -> None:
+    """combo-code = code | component.code, patient = subject.where(resolve() is Patient), phonetic = name, and
+    name's family/given parts are family's and given's rows: each value is written once."""
+    obs = {"resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/a"},
+           "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+           "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}}]}
+    rows = live.search.rows("Observation", "o", obs)
+    codes = {r[2] for lst in rows.values() for r in lst}
+    assert {"code", "component-code", "subject"} <= codes
+    assert not codes & {"combo-code", "patient"}
+    assert live.search.sources("Observation", "combo-code") == (("code", None), ("component-code", None))
+    assert live.search.sources("Observation", "patient") == (("subject", "Patient"),)
+    full = live.search.rows("Observation", "o", obs, full=True)
+    assert {"combo-code", "patient"} <= {r[2] for lst in full.values() for r in lst}
+    pat = {"resourceType": "Patient", "name": [{"family": "Aliyeva", "given": ["Aliya"], "prefix": ["Dr"]}]}
+    strings = {(r[2], r[4]) for r in live.search.rows("Patient", "p", pat)["string"]}
+    assert strings == {("family", "Aliyeva"), ("given", "Aliya"), ("name", "Dr")}
+    assert live.search.sources("Patient", "phonetic") == (("name", None), ("family", None), ("given", None))
+    assert live.search.sources("Patient", "gender") is None

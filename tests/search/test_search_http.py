@@ -168,6 +168,28 @@ CASES: list[tuple[str, set[str]]] = [
     ("Patient?_has:Observation:patient:_has:Condition:evidence-detail:code=I10", {"pat1"}),
     ("Practitioner?_has:Encounter:participant:status=completed", {"doc1"}),
     ("Patient?_has:Observation:subject:code=8867-4&gender=female", {"pat2"}),
+    # parameters that read other parameters' rows (dhp.search.shared): unions, resolve() filters, name parts
+    ("Observation?combo-code=8480-6", {"obs2", "obs4"}),
+    ("Observation?combo-code=http://loinc.org|85354-9", {"obs4"}),
+    ("Observation?combo-code:text=heart", {"obs1", "obs3"}),
+    ("Observation?combo-code:not=8867-4", {"obs2", "obs4", "obs5", "obs6"}),
+    ("Patient?phonetic=karimov", {"pat1"}),
+    ("Patient?phonetic=каримов", {"pat1"}),
+    ("Patient?name=alisher", {"pat1"}),
+    ("Patient?name:exact=Alisher", {"pat1"}),
+    ("Patient?name:contains=iloy", {"pat2"}),
+    ("Patient?address=17150086", {"pat2"}),
+    ("Patient?address=1727220", {"pat1", "pat2"}),
+    ("Patient?address:exact=UZ", {"pat1"}),
+    ("Patient?address:missing=true", {"pat3"}),
+    ("Condition?patient:missing=false", {"cond1"}),
+    ("Observation?patient:missing=true", set()),
+    ("Encounter?practitioner=doc1", {"enc1"}),
+    ("Encounter?practitioner:missing=true", {"enc2"}),
+    ("Encounter?patient.gender=female", {"enc2"}),
+    ("?_type=Observation,Encounter&patient=pat2", {"obs3", "obs4", "enc2"}),
+    ("?_type=Observation,Condition&patient:missing=false&_id=obs1,cond1,enc1", {"obs1", "cond1"}),
+    ("Practitioner?_has:Encounter:practitioner:status=completed", {"doc1"}),
     # _list, embedded document resources
     ("Patient?_list=list1", {"pat1", "pat3"}),
     ("Bundle?composition.category=birth", {"doc-bundle"}),
@@ -591,3 +613,41 @@ def test_default_order_pages_and_total_come_from_the_index(fhir: httpx.Client) -
     assert walk_back(pages[-1]) + ids(pages[-1]) == live
     summary = get(fhir, f"/Device?identifier=urn:dhp:test:paging|{tag}&_summary=count")
     assert summary["total"] == 6
+
+
+def test_shared_parameters_in_includes_and_sorting(fhir: httpx.Client) -> None:
+    """``patient`` reads ``subject``'s rows that point at a Patient; ``name`` sorts on all of its parts."""
+    b = get(fhir, "/Observation?_id=obs3&_include=Observation:patient")
+    assert ids(b) == ["obs3"] and ids(b, "include") == ["pat2"]
+    b = get(fhir, "/Patient?_id=pat2&_revinclude=Observation:patient")
+    assert ids(b) == ["pat2"] and set(ids(b, "include")) == {"obs3", "obs4"}
+    b = get(fhir, "/Encounter?_id=enc1&_include=Encounter:practitioner")
+    assert ids(b, "include") == ["doc1"]
+    # lowest part: alisher (given), jose (given), o'g'iloy (given); highest: the Cyrillic text, to'xtayeva, nunez
+    assert ids(get(fhir, "/Patient?_id=pat1,pat2,pat3&_sort=name")) == ["pat1", "pat3", "pat2"]
+    assert ids(get(fhir, "/Patient?_id=pat1,pat2,pat3&_sort=-name")) == ["pat1", "pat2", "pat3"]
+
+
+def test_a_new_parameter_takes_its_part_out_of_a_shared_one_and_gives_it_back(fhir: httpx.Client) -> None:
+    """A parameter on a HumanName part becomes a source of ``name``; deleting it reindexes ``name`` with the
+    part again (else ``name`` would no longer find it)."""
+    def wait_for(url: str, want: list[str]) -> list[str]:
+        deadline = time.time() + 30
+        while (got := ids(get(fhir, url))) != want and time.time() < deadline:
+            time.sleep(0.2)
+        return got
+
+    p = {"resourceType": "Patient", "id": "pfx", "name": [{"prefix": ["Professor"], "family": "Qodirov"}]}
+    assert fhir.put("/Patient/pfx", json=p, headers=H).status_code in (200, 201)
+    sp = {"resourceType": "SearchParameter", "id": "patient-name-prefix", "status": "active", "name": "prefix",
+          "url": "http://dhp.test/SearchParameter/patient-name-prefix", "code": "name-prefix", "base": ["Patient"],
+          "type": "string", "description": "Name prefix", "expression": "Patient.name.prefix"}
+    assert fhir.put("/SearchParameter/patient-name-prefix", json=sp, headers=H).status_code in (200, 201)
+    try:
+        assert wait_for("/Patient?name-prefix=profes", ["pfx"]) == ["pfx"]
+        assert ids(get(fhir, "/Patient?name=profes")) == ["pfx"]
+    finally:
+        assert fhir.delete("/SearchParameter/patient-name-prefix").status_code in (200, 204)
+    assert wait_for("/Patient?name=profes", ["pfx"]) == ["pfx"]
+    get(fhir, "/Patient?name-prefix=profes", status=400, headers={"Prefer": "handling=strict"})
+    assert fhir.delete("/Patient/pfx").status_code in (200, 204)

@@ -12,10 +12,11 @@ from urllib.parse import parse_qsl
 from dhp import fhirjson
 from dhp.conformance import Registry
 from dhp.errors import FHIRError
+from dhp.search import shared
 from dhp.search.extract import TABLE_OF, ParamExtractor, stem
 from dhp.search.params import ParamRegistry
 from dhp.search.parse import Parser
-from dhp.search.query import AnyOf, Compartment, Node, Nothing
+from dhp.search.query import AnyOf, Compartment, Node, Nothing, RowCode
 from dhp.store import search as sql
 
 log = logging.getLogger("dhp.search")
@@ -72,9 +73,10 @@ class SearchEngine:
         self.registry = registry
         self.terminology = terminology
         self._params: ParamRegistry | None = None
-        self._extractors: dict[str, list[tuple[str, str, ParamExtractor]]] = {}
+        self._extractors: dict[tuple[str, bool], list[tuple[str, str, ParamExtractor]]] = {}
+        self._shared: dict[str, shared.Plan] = {}
         self._kinds: dict[str, tuple[str, ...]] = {}
-        self._plans: dict[str, _Plan] = {}
+        self._plans: dict[tuple[str, bool], _Plan] = {}
         self._signature: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._single: dict[tuple[str, str], bool] = {}
         self._width: dict[tuple[str, str], int | None] = {}
@@ -105,8 +107,10 @@ class SearchEngine:
     def reload(self) -> None:
         """Registry listener: API-written conformance changed. New parameters apply at once to searches and
         writes; existing data is reindexed for new or changed parameters in the background."""
+        before = self._params
         self._params = None
         self._extractors.clear()
+        self._shared.clear()
         self._kinds.clear()
         self._plans.clear()
         self._single.clear()
@@ -114,12 +118,20 @@ class SearchEngine:
         new = self._signatures(self.params)
         old = self._signature
         self._signature = new
-        changed = [k for k, v in new.items() if old.get(k) != v]
+        changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))  # removed ones too
         if not changed or not old or self.store is None:
             return
         by_code: dict[str, set[str]] = {}
         for base, code in changed:
             by_code.setdefault(code, set()).add(base)
+        if before is not None:
+            # A changed parameter can change which others share rows with it (a new ``family`` takes its part
+            # out of ``name``'s rows): those are reindexed too.
+            for t in sorted({b for b, _c in changed} & set(self.params.resource_types)):
+                a, b = self._sharing(before, t), self._sharing(self.params, t)
+                for code in {*a.shared, *a.partial, *b.shared, *b.partial}:
+                    if a.signature(code) != b.signature(code):
+                        by_code.setdefault(code, set()).add(t)
         types: set[str] = set()
         for bases in by_code.values():
             if bases & {"Resource", "DomainResource"}:
@@ -134,37 +146,67 @@ class SearchEngine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @staticmethod
+    def _entries(params: ParamRegistry, rtype: str) -> list[tuple[str, str, ParamExtractor]]:
+        """(table kind, code, extractor) of every indexed parameter of ``rtype``."""
+        out = []
+        for p in params.indexed(rtype):
+            kind = TABLE_OF.get(p.type)
+            if kind is not None:
+                ex = ParamExtractor(p, rtype, params.resource_types)
+                if ex.root is not None:
+                    out.append((kind, p.code, ex))
+        return out
+
+    def _sharing(self, params: ParamRegistry, rtype: str) -> shared.Plan:
+        return shared.plan(self._entries(params, rtype))
+
     def parser(self, base_url: str = "", strict: bool = False, default_count: int = 50,
                max_count: int = 1000) -> Parser:
         return Parser(self.params, base_url=base_url, terminology=self.terminology, strict=strict,
                       default_count=default_count, max_count=max_count, single_valued=self.single_valued,
-                      date_width=self.date_width)
+                      date_width=self.date_width, sources=self.sources)
 
     # ------------------------------------------------------------------ extraction
 
-    def extractors(self, rtype: str) -> list[tuple[str, str, ParamExtractor]]:
-        got = self._extractors.get(rtype)
+    def extractors(self, rtype: str, full: bool = False) -> list[tuple[str, str, ParamExtractor]]:
+        """The extractors that write ``rtype``'s index rows; ``full``: every parameter's, shared ones too (the
+        rows of resources inside a Bundle, searched through ``composition.…`` codes, are written in full)."""
+        got = self._extractors.get((rtype, full))
         if got is None:
-            names = self.params.resource_types
+            every = self._extractors.get((rtype, True))
+            if every is None:
+                every = self._entries(self.params, rtype)
+                self._extractors[(rtype, True)] = every
+                kinds = {k for k, _c, _e in every}
+                if any(e.embedded for _k, _c, e in every):
+                    kinds = set(sql.TABLES)  # an embedded resource's rows can land in any table
+                self._kinds[rtype] = tuple(sorted(kinds))
+            plan = self._shared.get(rtype)
+            if plan is None:
+                plan = self._shared[rtype] = shared.plan(every)
             got = []
-            for p in self.params.indexed(rtype):
-                kind = TABLE_OF.get(p.type)
-                if kind is None:
+            for kind, code, ex in every:
+                if code in plan.shared:
                     continue
-                ex = ParamExtractor(p, rtype, names)
-                if ex.root is not None:
-                    got.append((kind, p.code, ex))
-            self._extractors[rtype] = got
-            kinds = {k for k, _c, _e in got}
-            if any(e.embedded for _k, _c, e in got):
-                kinds = set(sql.TABLES)  # an embedded resource's rows can land in any table
-            self._kinds[rtype] = tuple(sorted(kinds))
+                part = plan.partial.get(code)
+                if part is not None:
+                    ex = ParamExtractor(ex.param, rtype, self.params.resource_types, part[0])
+                got.append((kind, code, ex))
+            self._extractors[(rtype, False)] = got
+            got = every if full else got
         return got
 
-    def _plan(self, rtype: str) -> _Plan:
-        plan = self._plans.get(rtype)
+    def sources(self, rtype: str, code: str) -> tuple[shared.Source, ...] | None:
+        """Where the values of ``rtype``'s parameter ``code`` are indexed, when it shares other parameters'
+        rows (see :mod:`dhp.search.shared`); None when it has rows of its own only."""
+        self.extractors(rtype)
+        return self._shared[rtype].sources(code)
+
+    def _plan(self, rtype: str, full: bool = False) -> _Plan:
+        plan = self._plans.get((rtype, full))
         if plan is None:
-            entries = self.extractors(rtype)
+            entries = self.extractors(rtype, full)
             by_stem: dict[str, list[int]] = {}
             by_key: dict[str, list[int]] = {}
             always = []
@@ -181,19 +223,19 @@ class SearchEngine:
                     by_key.setdefault(name, []).append(i)
             plan = _Plan(entries, {k: tuple(v) for k, v in by_stem.items()},
                          {k: tuple(v) for k, v in by_key.items()}, frozenset(always))
-            self._plans[rtype] = plan
+            self._plans[(rtype, full)] = plan
         return plan
 
-    def rows(self, rtype: str, rid: str, resource: dict[str, Any],
-             codes: set[str] | None = None) -> dict[str, list[tuple[Any, ...]]]:
+    def rows(self, rtype: str, rid: str, resource: dict[str, Any], codes: set[str] | None = None,
+             full: bool = False) -> dict[str, list[tuple[Any, ...]]]:
         """Index rows of ``resource`` per table kind: tuples of (type, id, code, *values).
 
         Only the parameters whose expressions can find something on this resource are evaluated (most R5
         parameters of a type read elements a given resource does not have), and parameters sharing an
-        expression evaluate it once.
+        expression evaluate it once. Parameters whose values others index write none (``full``: they do).
         """
         out: dict[str, list[tuple[Any, ...]]] = {}
-        plan = self._plan(rtype)
+        plan = self._plan(rtype, full)
         # Resources of a type mostly have the same few sets of elements: which extractors to run is worked
         # out once per set of property names.
         shape = frozenset(resource)
@@ -209,7 +251,7 @@ class SearchEngine:
             try:
                 if ex.embedded:
                     for inner in ex.embedded_resources(resource):
-                        for kind2, lst in self.rows(inner["resourceType"], rid, inner).items():
+                        for kind2, lst in self.rows(inner["resourceType"], rid, inner, full=True).items():
                             out.setdefault(kind2, []).extend(
                                 (rtype, rid, f"{code}.{c}", *vals) for _t, _i, c, *vals in lst)
                     continue
@@ -434,9 +476,14 @@ class SearchEngine:
             raise FHIRError(400, f"'{comp_type}' is not a compartment type", "invalid",
                             message_id="search-compartment-unknown")
         codes = self.params.compartment_params(comp_type, rtype)
+
+        def rows_of(c: str) -> str:
+            got = self.sources(rtype, c)
+            return c if got is None else RowCode(c, got)
+
         if rtype == comp_type:
             # The compartment's own resource, plus others of its type linked to it (Patient.link).
-            return Compartment(comp_type, comp_id, tuple(c for c in codes or () if c != "{def}"), True)
+            return Compartment(comp_type, comp_id, tuple(rows_of(c) for c in codes or () if c != "{def}"), True)
         if not codes:
             return Nothing()
-        return Compartment(comp_type, comp_id, tuple(c for c in codes if c != "{def}"))
+        return Compartment(comp_type, comp_id, tuple(rows_of(c) for c in codes if c != "{def}"))

@@ -167,12 +167,20 @@ def _child(nodes: list[Any], name: str, typ: str | None) -> list[Any]:
 
 
 def _ref_is(v: Any, t: str) -> bool:
+    """``where(resolve() is T)``: the reference's target type, read as :func:`reference_rows` reads it (so
+    ``patient`` is exactly ``subject``'s rows that point at a Patient)."""
     if not isinstance(v, dict):
         return False
     ref = v.get("reference")
-    if isinstance(ref, str):
-        return ref.startswith(t + "/") or f"/{t}/" in ref
-    return v.get("type") == t
+    if isinstance(ref, dict):  # CodeableReference
+        return _ref_is(ref, t)
+    if isinstance(ref, str) and ref and not ref.startswith("#"):
+        parts = ref.split("/")
+        if len(parts) >= 4 and parts[-2] == "_history":
+            parts = parts[:-2]
+        return len(parts) >= 2 and parts[-2] == t and bool(parts[-1])
+    return v.get("type") == t and _k((v.get("identifier") or {}).get("value")
+                                     if isinstance(v.get("identifier"), dict) else None) is not None
 
 
 def _run_native(parts: list[list[tuple[str, str]]], root: Any) -> list[Any]:
@@ -311,7 +319,8 @@ def _str(s: Any) -> list[tuple[str, str]]:
     return [(norm(s)[:STR_LEN], s[:EXACT_LEN])] if isinstance(s, str) and s else []
 
 
-def string_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+def string_rows(values: Iterable[Any], skip: frozenset[str] = frozenset()) -> list[tuple[Any, ...]]:
+    """``skip``: HumanName/Address parts other parameters index (see ``dhp.search.shared``)."""
     out: list[tuple[Any, ...]] = []
     for v in values:
         if isinstance(v, str):
@@ -324,6 +333,8 @@ def string_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
             else:
                 keys = tuple(k for k, x in v.items() if isinstance(x, str) and k not in ("id", "url"))
             for k in keys:
+                if k in skip:
+                    continue
                 x = v.get(k)
                 for s in x if isinstance(x, list) else [x]:
                     out += _str(s)
@@ -405,7 +416,9 @@ def reference_rows(values: Iterable[Any], type_names: frozenset[str]) -> list[tu
                 absolute = "://" in ref or ref.startswith("urn:")
                 out.append((t, i, _k(ref) if absolute or t is None else None, None, isys, ival))
             elif ival:
-                out.append((None, None, None, None, isys, ival))
+                # A logical reference: its declared type is its target type (``resolve() is T`` reads it).
+                t = v.get("type") if v.get("type") in type_names else None
+                out.append((t, None, None, None, isys, ival))
     return list(dict.fromkeys(out))
 
 
@@ -508,8 +521,11 @@ def component_cells(ptype: str, values: list[Any], type_names: frozenset[str]) -
 class ParamExtractor:
     """Compiled extraction of one parameter on one resource type."""
 
-    def __init__(self, param: ParamDef, rtype: str, type_names: frozenset[str]) -> None:
+    def __init__(self, param: ParamDef, rtype: str, type_names: frozenset[str],
+                 skip: frozenset[str] = frozenset()) -> None:
         self.param = param
+        #: HumanName/Address parts left to the parameters that index them (``dhp.search.shared``).
+        self.skip = skip
         self.type_names = type_names
         self.root = compile_expression(param.expression, rtype, type_names)
         #: (stems, keys) the resource must have for the expression to find anything (None: cannot tell).
@@ -534,7 +550,8 @@ class ParamExtractor:
         #: Extractors with equal keys give equal rows for one resource (same steps, same value kind).
         steps = getattr(self.root, "steps", None)
         self.memo_key: tuple[Any, ...] | None = (
-            (param.type, steps) if steps is not None and param.type != "composite" and not self.embedded else None)
+            (param.type, steps, skip) if steps is not None and param.type != "composite" and not self.embedded
+            else None)
 
     def embedded_resources(self, resource: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.embedded or self.root is None:
@@ -551,7 +568,7 @@ class ParamExtractor:
         if t == "token":
             return token_rows(values)
         if t == "string":
-            return string_rows(values)
+            return string_rows(values, self.skip)
         if t == "reference":
             return reference_rows(values, self.type_names)
         if t == "date":

@@ -14,6 +14,7 @@ from dhp.errors import FHIRError, Issue
 from dhp.search.params import RESULT_PARAMS, UNSUPPORTED, ParamDef, ParamRegistry
 from dhp.search.query import (
     ANY,
+    AnyOf,
     Chain,
     Clause,
     CompositeMatch,
@@ -26,6 +27,7 @@ from dhp.search.query import (
     Node,
     RangeMatch,
     RefMatch,
+    RowCode,
     SearchQuery,
     SortKey,
     StringMatch,
@@ -97,7 +99,7 @@ def unescape(s: str) -> str:
 class Parser:
     def __init__(self, params: ParamRegistry, *, base_url: str = "", terminology: Any = None,
                  strict: bool = False, default_count: int = 50, max_count: int = 1000,
-                 single_valued: Any = None, date_width: Any = None) -> None:
+                 single_valued: Any = None, date_width: Any = None, sources: Any = None) -> None:
         self.params = params
         self.base_url = base_url.rstrip("/")
         self.terminology = terminology
@@ -107,6 +109,8 @@ class Parser:
         self.types = params.resource_types
         self.single_valued = single_valued
         self.date_width = date_width
+        #: (type, code) → the rows holding a shared parameter's values (``SearchEngine.sources``).
+        self.sources = sources
 
     # ------------------------------------------------------------------ whole queries
 
@@ -185,6 +189,37 @@ class Parser:
 
     def node_for(self, types: list[str], name: str, value: str, *, system: bool,
                  issues: list[Issue]) -> Node | None:
+        node = self._node_for(types, name, value, system=system, issues=issues)
+        return self.share(node, types) if node is not None else None
+
+    def share(self, node: Node, types: list[str]) -> Node:
+        """Codes of parameters that read other parameters' index rows become :class:`RowCode` s (see
+        ``dhp.search.shared``), in this node and the nodes inside it."""
+        if self.sources is None:
+            return node
+        if isinstance(node, Clause):
+            node.code = self.row_code(types, node.code)
+        elif isinstance(node, Chain):
+            node.code = self.row_code(types, node.code)
+            node.subs = {t: [self.share(n, [t]) for n in nodes] for t, nodes in node.subs.items()}
+        elif isinstance(node, Has):
+            node.ref_code = self.row_code([node.src_type], node.ref_code)
+            node.nodes = [self.share(n, [node.src_type]) for n in node.nodes]
+        elif isinstance(node, AnyOf):
+            node.alternatives = [[self.share(n, types) for n in alt] for alt in node.alternatives]
+        return node
+
+    def row_code(self, types: list[str], code: str) -> str:
+        if self.sources is None or isinstance(code, RowCode) or not types:
+            return code
+        if len(types) == 1:
+            srcs = self.sources(types[0], code)
+            return code if srcs is None else RowCode(code, srcs)
+        by = {t: got for t in types if (got := self.sources(t, code)) is not None}
+        return RowCode(code, by_type=by) if by else code
+
+    def _node_for(self, types: list[str], name: str, value: str, *, system: bool,
+                  issues: list[Issue]) -> Node | None:
         if name.startswith("_has:") or name == "_has":
             if system or len(types) != 1:
                 raise bad("_has needs a resource type", name)
@@ -571,7 +606,7 @@ class Parser:
             if p.type in ("composite", "special"):
                 raise bad(f"Cannot sort on {p.type} parameter '{code}'", "_sort")
             single = bool(self.single_valued and len(types) == 1 and self.single_valued(types[0], code))
-            keys.append(SortKey(TABLE_OF[p.type], code, desc, single))
+            keys.append(SortKey(TABLE_OF[p.type], self.row_code(types, code), desc, single))
         return keys
 
     def _include(self, types: list[str], value: str, reverse: bool, iterate: bool) -> Include:
@@ -591,4 +626,4 @@ class Parser:
             p = self.params.get(src, code)
             if p is None or p.type != "reference":
                 raise bad(f"'{code}' is not a reference parameter of {src}", pname)
-        return Include(src, code, target, iterate, reverse)
+        return Include(src, self.row_code([src], code) if code != "*" else code, target, iterate, reverse)

@@ -12,6 +12,25 @@ from typing import Any
 ANY = "\x00any"
 
 
+class RowCode(str):
+    """A parameter code whose values are (also) other parameters' index rows (see ``dhp.search.shared``).
+
+    It is the code everywhere a code is a name (messages, links, merging); SQL reads ``sources`` — (row code,
+    target type or None) pairs — instead of rows under the code itself. ``by_type``: a search over several
+    types, where each type lists its own sources and types not listed use the code's own rows.
+    """
+
+    sources: tuple[tuple[str, str | None], ...]
+    by_type: dict[str, tuple[tuple[str, str | None], ...]] | None
+
+    def __new__(cls, code: str, sources: tuple[tuple[str, str | None], ...] = (),
+                by_type: dict[str, tuple[tuple[str, str | None], ...]] | None = None) -> RowCode:
+        self = super().__new__(cls, code)
+        self.sources = sources
+        self.by_type = by_type
+        return self
+
+
 @dataclass(frozen=True)
 class StringMatch:
     mode: str  # prefix | exact | contains

@@ -78,6 +78,8 @@ _SQLITE_UPDATE = ("UPDATE resources SET version = ?, last_updated = ?, deleted =
                   "content = ? WHERE type = ? AND id = ?")
 _SQLITE_INSERT = ("INSERT INTO resources (type, id, version, last_updated, deleted, patient, package, content) "
                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_SQLITE_EXISTS = "SELECT 1 FROM resources WHERE type = ? AND id = ?"
+_SQLITE_VERSION_EXISTS = "SELECT 1 FROM history WHERE type = ? AND id = ? AND version = ?"
 _SQLITE_HISTORY = ("INSERT INTO history (type, id, version, last_updated, deleted, method, content) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
@@ -155,15 +157,27 @@ class SyncConn:
     statement (aiosqlite), which dominated write latency.
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, before: Callable[[], None] | None = None) -> None:
         self.sync_connection = conn
-        #: The driver's own connection (same transaction): the hot write statements skip SQLAlchemy.
-        self.raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+        self._raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
+        #: Runs before any statement of another module (see ``WriteTx._isolate``).
+        self._before = before
+
+    @property
+    def raw(self) -> sqlite3.Connection:
+        """The driver's own connection (same transaction): hot write statements skip SQLAlchemy."""
+        if self._before is not None:
+            self._before()
+        return self._raw
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        if self._before is not None:
+            self._before()
         return self.sync_connection.execute(statement, parameters)
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._before is not None:
+            self._before()
         return fn(self.sync_connection, *args)
 
 
@@ -220,6 +234,12 @@ class WriteTx:
                  solo: Callable[[_Pending], Awaitable[None]] | None = None,
                  peek: Callable[[str, str], Awaitable[StoredResource | None]] | None = None) -> None:
         self.is_sqlite = is_sqlite
+        #: SQLite: this transaction's writes not yet run (statement, parameters, executemany?), and the
+        #: resources they write. They run at its end, or before its first other statement (``_isolate``).
+        self._sq: list[tuple[str, Any, bool]] = []
+        self._sq_keys: set[tuple[str, str]] = set()
+        #: SQLite: the transaction runs inside its own savepoint (it ran statements besides its own writes).
+        self.savepoint = False
         self.after_commit: list[Callable[[], Awaitable[None] | None]] = []
         self.conformance_changed = False
         self._pending: _Pending | None = None
@@ -236,6 +256,42 @@ class WriteTx:
             self.conn = _PgTxConn(self)
         else:
             self.conn = conn
+            conn._before = self._isolate
+
+    # ------------------------------------------------------------------ SQLite: buffered writes
+
+    def _isolate(self) -> None:
+        """SQLite: from the first statement besides its own writes (another module's, or a read of a resource
+        it wrote) the transaction runs in a savepoint, so that its failure undoes its part of the group alone;
+        its buffered writes run first. A create or update never gets here: its writes run at its end with
+        no savepoint (see ``Store.begin``) — a savepoint copies every page the writes touch first."""
+        if not self.savepoint:
+            self.savepoint = True
+            assert isinstance(self._base, SyncConn)
+            self._base._raw.execute("SAVEPOINT dhp_member")
+        self.apply_writes()
+
+    def apply_writes(self) -> None:
+        """SQLite: run the buffered writes. Without a savepoint they must not fail half-way: unless every row
+        they add to ``resources`` and ``history`` is free (checked here, under the write lock), they run in a
+        savepoint after all, and the one that is not fails this transaction alone."""
+        if not self._sq:
+            return
+        assert isinstance(self._base, SyncConn)
+        raw = self._base._raw
+        if not self.savepoint and not self._free(raw):
+            self.savepoint = True
+            raw.execute("SAVEPOINT dhp_member")
+        todo, self._sq = self._sq, []
+        self._sq_keys.clear()
+        try:
+            for sql_text, params, many in todo:
+                if many:
+                    raw.executemany(sql_text, params)
+                else:
+                    raw.execute(sql_text, params)
+        except sqlite3.IntegrityError as e:
+            raise ConflictError("a resource in this transaction was written concurrently") from e
 
     async def _open(self) -> AsyncConnection:
         if self._base is None:
@@ -265,6 +321,22 @@ class WriteTx:
         except IntegrityError as e:
             raise ConflictError("a resource in this transaction was written concurrently") from e
 
+    def _free(self, raw: sqlite3.Connection) -> bool:
+        taken: set[tuple[Any, ...]] = set()
+        for sql_text, params, _many in self._sq:
+            if sql_text is _SQLITE_INSERT:
+                key: tuple[Any, ...] = ("r", params[0], params[1])
+                if key in taken or raw.execute(_SQLITE_EXISTS, params[:2]).fetchone() is not None:
+                    return False
+            elif sql_text is _SQLITE_HISTORY:
+                key = ("h", *params[:3])
+                if key in taken or raw.execute(_SQLITE_VERSION_EXISTS, params[:3]).fetchone() is not None:
+                    return False
+            else:
+                continue  # updates of a row and index rows have no unique key to collide on
+            taken.add(key)
+        return True
+
     async def prefetch(self, keys: Sequence[tuple[str, str]]) -> None:
         """Read (and on PostgreSQL lock) the current versions of many resources at once; :meth:`current` then
         answers from them. SQLite's reads are in-process and cheap: nothing to gain there."""
@@ -284,7 +356,9 @@ class WriteTx:
         if (rtype, rid) in self._known:
             return self._known[(rtype, rid)]
         if isinstance(self.conn, SyncConn):
-            r = self.conn.raw.execute(_SQLITE_CURRENT, (rtype, rid)).fetchone()
+            if (rtype, rid) in self._sq_keys:
+                self._isolate()
+            r = self.conn._raw.execute(_SQLITE_CURRENT, (rtype, rid)).fetchone()
             return StoredResource(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) if r else None
         if self._pending is not None and (rtype, rid) in self._pending.keys:
             await self.flush()
@@ -301,18 +375,16 @@ class WriteTx:
                   patient: str | None = None, package: str | None = None) -> None:
         """Write ``rec`` as the current version and append it to the history."""
         if isinstance(self.conn, SyncConn):
-            raw = self.conn.raw
-            try:
-                if exists_before:
-                    raw.execute(_SQLITE_UPDATE, (rec.version, rec.last_updated, rec.deleted, patient, package,
-                                                 rec.content, rec.type, rec.id))
-                else:
-                    raw.execute(_SQLITE_INSERT, (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted,
-                                                 patient, package, rec.content))
-                raw.execute(_SQLITE_HISTORY, (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted,
-                                              method, rec.content))
-            except sqlite3.IntegrityError as e:
-                raise ConflictError(f"{rec.type}/{rec.id} was written concurrently") from e
+            sq = self._sq
+            if exists_before:
+                sq.append((_SQLITE_UPDATE, (rec.version, rec.last_updated, rec.deleted, patient, package,
+                                            rec.content, rec.type, rec.id), False))
+            else:
+                sq.append((_SQLITE_INSERT, (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted,
+                                            patient, package, rec.content), False))
+            sq.append((_SQLITE_HISTORY, (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted,
+                                         method, rec.content), False))
+            self._sq_keys.add((rec.type, rec.id))
             return
         assert self._pending is not None  # PostgreSQL: queued
         key = (rec.type, rec.id)
@@ -329,9 +401,10 @@ class WriteTx:
         """Replace one resource's search index rows: per table kind, tuples of (type, id, code, *values).
         ``kinds``: the tables its old rows may be in (ignored when ``fresh``: it has none yet)."""
         if self._pending is None:
-            from dhp.store.search import replace_rows
+            from dhp.store.search import sqlite_index_writes
 
-            replace_rows(self.conn, rtype, rid, rows, kinds, fresh=fresh)
+            self._sq += sqlite_index_writes(self.conn, rtype, rid, rows, kinds, fresh=fresh)
+            self._sq_keys.add((rtype, rid))
             return
         key = (rtype, rid)
         if key in self._pending.index_keys:
@@ -349,9 +422,9 @@ class WriteTx:
         """Add search index rows (per table kind, tuples of (type, id, code, *values)) of resources that have
         none yet; on PostgreSQL they are queued and sent with the transaction's other writes."""
         if self._pending is None:
-            from dhp.store.search import insert_rows
+            from dhp.store.search import sqlite_index_writes
 
-            insert_rows(self.conn, rows)
+            self._sq += sqlite_index_writes(self.conn, "", "", rows, (), fresh=True)
             return
         p = self._pending
         for k, lst in rows.items():
@@ -536,17 +609,28 @@ class Store:
                     group = self._group = _Group(conn, conn.begin(), asyncio.get_running_loop().create_future())
                 sc = SyncConn(group.conn)
                 tx = WriteTx(sc, True)
-                # A savepoint per member: one member's failure leaves the others' work in the group.
-                # Issued through the driver: SQLAlchemy's nested-transaction bookkeeping cost more than SQLite.
-                sc.raw.execute("SAVEPOINT dhp_member")
+                # One member's failure must leave the others' work in the group. Its own writes are buffered
+                # and run at its end, so failing before then undoes nothing; a member that runs other
+                # statements first opens a savepoint (WriteTx._isolate, issued through the driver:
+                # SQLAlchemy's nested-transaction bookkeeping cost more than SQLite).
                 try:
                     yield tx
                     await tx.before_commit()
+                    try:
+                        tx.apply_writes()
+                    except BaseException as e:
+                        if not tx.savepoint:
+                            # Half run and no savepoint (the lock makes a conflict here impossible; this is
+                            # an I/O error or the like): the whole group goes, every member retries.
+                            self._fail_group(group, ConflictError(f"a group commit failed: {e}"))
+                        raise
                 except BaseException:
-                    self._rollback_member(group, sc.raw)
+                    if tx.savepoint:
+                        self._rollback_member(group, sc._raw)
                     raise
                 else:
-                    sc.raw.execute("RELEASE dhp_member")
+                    if tx.savepoint:
+                        sc._raw.execute("RELEASE dhp_member")
                     group.members += 1
                 finally:
                     self._end_member(group)

@@ -59,6 +59,7 @@ from dhp.search.query import (
     Nothing,
     RangeMatch,
     RefMatch,
+    RowCode,
     SortKey,
     StringMatch,
     TokenMatch,
@@ -69,7 +70,7 @@ from dhp.search.values import MAX_US, MIN_US
 from dhp.store.schema import metadata, resources
 
 __all__ = [
-    "COLUMNS", "TABLES", "SearchRow", "count_matches", "fetch", "include_targets", "insert_rows",
+    "COLUMNS", "TABLES", "SearchRow", "count_matches", "fetch", "include_targets",
     "page", "revinclude_sources",
 ]
 
@@ -166,23 +167,25 @@ def _insert_stmt(kind: str) -> Any:
     return insert(t).values({n: bindparam(n) for n in names})
 
 
-def replace_rows(conn: Any, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
-                 kinds: Iterable[str], *, fresh: bool) -> None:
-    """Replace one resource's index rows on SQLite, through the write path's driver connection
-    (``dhp.store.SyncConn``). ``fresh``: it has none yet (a create), so nothing to delete.
+def sqlite_index_writes(conn: Any, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
+                        kinds: Iterable[str], *, fresh: bool) -> list[tuple[str, Any, bool]]:
+    """The SQLite statements replacing one resource's index rows, as (SQL, parameters, executemany?) for the
+    write transaction's buffer (``WriteTx``). ``fresh``: it has none yet (a create), so nothing to delete;
+    with ``rtype`` empty, rows of many resources are only added.
 
     PostgreSQL queues the same rows in the transaction and sends them with its other writes as one statement
     (:func:`flush_statement`).
     """
-    raw = conn.raw
+    out: list[tuple[str, Any, bool]] = []
     for k in (tuple(kinds) if not fresh else ()):
         sql_text, _ = _compile(conn, ("del", k), lambda k=k: delete(TABLES[k]).where(
             TABLES[k].c.type == bindparam("type"), TABLES[k].c.id == bindparam("id")))
-        raw.execute(sql_text, (rtype, rid))
+        out.append((sql_text, (rtype, rid), False))
     for k, lst in rows.items():
         if lst:
             sql_text, _ = _compile(conn, ("ins", k), lambda k=k: _insert_stmt(k))
-            raw.executemany(sql_text, lst)
+            out.append((sql_text, lst, True))
+    return out
 
 
 async def lock_current(conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Any]:
@@ -310,15 +313,6 @@ def _float_text(v: Any) -> Any:
     return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
 
 
-def insert_rows(conn: Any, rows: dict[str, list[tuple[Any, ...]]]) -> None:
-    """Insert index rows on SQLite, through the write path's driver connection (``dhp.store.SyncConn``): per
-    table kind, tuples of (type, id, code, *values). PostgreSQL queues them (``WriteTx.insert_index``)."""
-    for kind, items in rows.items():
-        if items:
-            sql_text, _ = _compile(conn, ("ins", kind), lambda kind=kind: _insert_stmt(kind))
-            conn.raw.executemany(sql_text, items)
-
-
 async def delete_code_for(conn: AsyncConnection, kind: str, rtype: str, code: str, ids: Sequence[str]) -> None:
     """Drop one parameter's rows of some resources (reindexing a single parameter)."""
     t = TABLES[kind]
@@ -346,6 +340,36 @@ async def types_present(conn: AsyncConnection) -> list[str]:
 
 
 # ------------------------------------------------------------------ query compilation
+
+def _code(t: Any, code: str) -> ColumnElement[bool]:
+    """Rows of parameter ``code`` in index table ``t``: its own, or its sources' (:class:`RowCode`)."""
+    if not isinstance(code, RowCode):
+        return t.c.code == code
+    if code.by_type is None:
+        return _sources(t, code.sources)
+    alts = [and_(t.c.type == ty, _sources(t, srcs)) for ty, srcs in code.by_type.items()]
+    alts.append(and_(t.c.type.not_in(list(code.by_type)), t.c.code == str(code)))
+    return or_(*alts)
+
+
+def _codes(t: Any, codes: Sequence[str]) -> ColumnElement[bool]:
+    plain = [str(c) for c in codes if not isinstance(c, RowCode)]
+    alts = [_code(t, c) for c in codes if isinstance(c, RowCode)]
+    if plain:
+        alts.insert(0, t.c.code == plain[0] if len(plain) == 1 else t.c.code.in_(plain))
+    return or_(*alts) if len(alts) != 1 else alts[0]
+
+
+def _sources(t: Any, srcs: Sequence[tuple[str, str | None]]) -> ColumnElement[bool]:
+    plain = [c for c, tt in srcs if tt is None]
+    alts: list[ColumnElement[bool]] = []
+    if plain:
+        alts.append(t.c.code == plain[0] if len(plain) == 1 else t.c.code.in_(plain))
+    alts += [and_(t.c.code == c, t.c.target_type == tt) for c, tt in srcs if tt is not None]
+    if not alts:
+        return false()
+    return alts[0] if len(alts) == 1 else or_(*alts)
+
 
 def _like_escape(s: str) -> str:
     return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -377,7 +401,7 @@ class Compiler:
                 t = TABLES[n.table].alias()
                 groups = [or_(*[self._match(n.table, t, m) for m in g]) for g in [n.matches, *n.also]]
                 rest = [*nodes[:i], *nodes[i + 1:]]
-                return select(t.c.id).where(t.c.type == rtype, t.c.code == n.code, *groups,
+                return select(t.c.id).where(t.c.type == rtype, _code(t, n.code), *groups,
                                             *self.where(rest, rtype, t.c.type, t.c.id))
         r = resources.alias()
         conds = self.where(nodes, rtype, r.c.type, r.c.id)
@@ -403,12 +427,12 @@ class Compiler:
         if isinstance(n, Has):
             t = reference_t
             src = self.ids(n.src_type, n.nodes)
-            sub = select(t.c.target_id).where(t.c.type == n.src_type, t.c.code == n.ref_code,
+            sub = select(t.c.target_id).where(t.c.type == n.src_type, _code(t, n.ref_code),
                                               t.c.id.in_(src))
             if rtype is not None:
                 return icol.in_(sub.where(t.c.target_type == rtype))
             return tuple_(tcol, icol).in_(select(t.c.target_type, t.c.target_id).where(
-                t.c.type == n.src_type, t.c.code == n.ref_code, t.c.id.in_(src)))
+                t.c.type == n.src_type, _code(t, n.ref_code), t.c.id.in_(src)))
         if isinstance(n, ListClause):
             t = reference_t
             sub = select(t.c.target_type, t.c.target_id).where(
@@ -438,7 +462,7 @@ class Compiler:
 
     def _clause(self, c: Clause, rtype: str | None, tcol: Any, icol: Any) -> ColumnElement[bool]:
         t = TABLES[c.table].alias()
-        base = select(t.c.id).where(t.c.code == c.code)
+        base = select(t.c.id).where(_code(t, c.code))
         if c.missing is not None:
             m = self._member(base, t, rtype, tcol, icol)
             return not_(m) if c.missing else m
@@ -451,7 +475,7 @@ class Compiler:
         alts = []
         for ttype, nodes in n.subs.items():
             t = reference_t.alias()
-            sub = select(t.c.id).where(t.c.code == n.code, t.c.target_type == ttype,
+            sub = select(t.c.id).where(_code(t, n.code), t.c.target_type == ttype,
                                        t.c.target_id.in_(self.ids(ttype, nodes)))
             alts.append(self._member(sub, t, rtype, tcol, icol))
         return or_(*alts) if alts else false()
@@ -460,7 +484,7 @@ class Compiler:
         t = reference_t.alias()
         alts: list[ColumnElement[bool]] = []
         if n.codes:
-            sub = select(t.c.id).where(t.c.code.in_(list(n.codes)), t.c.target_type == n.comp_type,
+            sub = select(t.c.id).where(_codes(t, n.codes), t.c.target_type == n.comp_type,
                                        t.c.target_id == n.comp_id)
             alts.append(self._member(sub, t, rtype, tcol, icol))
         if n.self_type:
@@ -679,7 +703,7 @@ class Compiler:
             col = func.coalesce(t.c.target_id, t.c.url, t.c.ivalue)
         else:
             col = t.c.high if key.desc else t.c.low
-        return (select(agg(col)).where(t.c.type == tcol, t.c.id == icol, t.c.code == key.code)
+        return (select(agg(col)).where(t.c.type == tcol, t.c.id == icol, _code(t, key.code))
                 .scalar_subquery())
 
 
@@ -733,7 +757,7 @@ def _order_cols(compiler: Compiler, sort: Sequence[SortKey], r: Any, system: boo
             # One row per resource at most: an outer join sorts all matches in one pass, where a correlated
             # MIN() per match would probe the index once per row.
             t = TABLES[k.table].alias()
-            joins.append((t, and_(t.c.type == r.c.type, t.c.id == r.c.id, t.c.code == k.code)))
+            joins.append((t, and_(t.c.type == r.c.type, t.c.id == r.c.id, _code(t, k.code))))
             e = (t.c.value if k.table in ("string", "uri") else (t.c.high if k.desc else t.c.low))
         else:
             e = compiler.sort_expr(k, r.c.type, r.c.id, r)
@@ -838,7 +862,7 @@ async def _page_by_index(conn: AsyncConnection, comp: Compiler, rtype: str, node
     r = resources.alias("r")
     t = TABLES[key.table].alias("s")
     col = t.c.value if key.table in ("string", "uri") else (t.c.high if key.desc else t.c.low)
-    walk = select(t.c.type, t.c.id, col.label("v")).where(t.c.type == rtype, t.c.code == key.code)
+    walk = select(t.c.type, t.c.id, col.label("v")).where(t.c.type == rtype, _code(t, key.code))
     if after is not None:
         walk = walk.where(_after([(col, key.desc), (t.c.id, False)], after[1:]))
     budget = max(1000, 20 * (count + 1))
@@ -907,7 +931,7 @@ async def include_targets(conn: AsyncConnection, sources: Sequence[tuple[str, st
         q = select(t.c.target_type, t.c.target_id).distinct().where(
             t.c.type == ty, t.c.id.in_(ids), t.c.target_id.is_not(None))
         if codes is not None:
-            q = q.where(t.c.code.in_(list(codes)))
+            q = q.where(_codes(t, codes))
         if target_type is not None:
             q = q.where(t.c.target_type == target_type)
         out += [(row[0], row[1]) for row in (await conn.execute(q.limit(limit + 1))).all()]
@@ -927,7 +951,7 @@ async def revinclude_sources(conn: AsyncConnection, source_type: str, codes: Seq
         if source_type != "*":
             q = q.where(t.c.type == source_type)
         if codes is not None:
-            q = q.where(t.c.code.in_(list(codes)))
+            q = q.where(_codes(t, codes))
         out += [(row[0], row[1]) for row in (await conn.execute(q.limit(limit + 1))).all()]
     return out
 
