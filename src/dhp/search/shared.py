@@ -104,10 +104,9 @@ def plan(entries: list[tuple[str, str, Any]]) -> Plan:
 
     def whole(c: str) -> tuple[Source, ...]:
         got = resolve(c)
-        if got is not None:
-            return got
-        part = out.partial.get(c)
-        return ((c, None), *((q, None) for q in part[1])) if part else ((c, None),)
+        if got is None:
+            got = out.sources(c)  # its own rows, and a partial parameter's part sources
+        return got if got is not None else ((c, None),)
 
     for code in paths:
         got = resolve(code)
