@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,194 @@ async def test_parameters_sharing_rows_write_none_of_their_own(live: Server) -> 
     assert strings == {("family", "Aliyeva"), ("given", "Aliya"), ("name", "Dr")}
     assert live.search.sources("Patient", "phonetic") == (("name", None), ("family", None), ("given", None))
     assert live.search.sources("Patient", "gender") is None
+
+
+async def _stored_rows(live: Server, rtype: str, rid: str) -> dict[str, dict[tuple[Any, ...], Any]]:
+    """The resource's index rows as stored, per table: row values → physical row address (SQLite rowid,
+    PostgreSQL ctid), which changes when a row is deleted and written again."""
+    from sqlalchemy import literal_column, select
+
+    from dhp.store import search as sql
+
+    addr = "rowid" if live.store.is_sqlite else "ctid::text"
+    out: dict[str, dict[tuple[Any, ...], Any]] = {}
+    async with live.store.read_conn() as conn:
+        for kind, t in sql.TABLES.items():
+            q = select(literal_column(addr), *t.c).where(t.c.type == rtype, t.c.id == rid)
+            for row in (await conn.execute(q)).all():
+                out.setdefault(kind, {})[tuple(row[1:])] = row[0]
+    return out
+
+
+def _as_sets(rows: dict[str, list[tuple[Any, ...]]]) -> dict[str, set[tuple[Any, ...]]]:
+    return {k: set(v) for k, v in rows.items() if v}
+
+
+async def test_an_update_rewrites_only_the_index_rows_that_changed(live: Server) -> None:
+    from sqlalchemy import update
+
+    from dhp.interactions import crud
+    from dhp.store.schema import resources
+
+    pat = {"resourceType": "Patient", "gender": "female", "birthDate": "1990-01-02",
+           "identifier": [{"system": "https://dpm.uz/identifier/national-unique-id", "value": "41111111111111"}],
+           "name": [{"family": "Yusupova", "given": ["Malika", "Zarina"]}],
+           "telecom": [{"system": "phone", "value": "+998901111111"}],
+           "managingOrganization": {"reference": "Organization/org"}}
+    rid = (await crud.create(live, ctx(), "Patient", pat)).rec.id
+
+    async def later_rows() -> None:
+        # Rows written after this resource's: SQLite gives a row written again a new rowid only when the
+        # deleted one was not the table's last.
+        await crud.create(live, ctx(), "Patient", {"resourceType": "Patient", "gender": "male",
+                                                   "birthDate": "2001", "name": [{"family": "Filler"}],
+                                                   "managingOrganization": {"reference": "Organization/x"}})
+
+    async def check() -> dict[str, dict[tuple[Any, ...], Any]]:
+        rec = await live.store.read("Patient", rid)
+        assert rec is not None
+        stored = await _stored_rows(live, "Patient", rid)
+        # exactly the rows a full extraction of the stored content gives
+        assert {k: set(v) for k, v in stored.items()} == _as_sets(
+            live.search.rows("Patient", rid, fhirjson.loads(rec.content)))
+        return stored
+
+    first = await check()
+    changed = {**pat, "id": rid, "telecom": [{"system": "phone", "value": "+998902222222"}],
+               "name": [{"family": "Yusupova", "given": ["Malika"]}],
+               "identifier": [*pat["identifier"], {"system": "https://dpm.uz/identifier/passport-local",
+                                                   "value": "AA7654321"}]}
+    await later_rows()
+    await crud.update(live, ctx(), "Patient", rid, changed)
+    second = await check()
+    kept = [(k, r) for k, rows in second.items() for r in rows if r in first.get(k, {})]
+    assert any(k == "date" and r[2] == "birthdate" for k, r in kept)
+    assert all(second[k][r] == first[k][r] for k, r in kept)  # unchanged rows were not written again
+    assert {r[2] for k, rows in second.items() for r in rows if r not in first.get(k, {})} == {
+        "phone", "telecom", "identifier"}
+    assert not any(r[2] == "given" and r[3] == "zarina" for r in second["string"])
+    hits = await search_type(live, ctx(), "Patient", [("phone", "+998902222222")])
+    assert ids(hits) == {rid}
+    assert ids(await search_type(live, ctx(), "Patient", [("given", "zarina")])) == set()
+    assert ids(await search_type(live, ctx(), "Patient", [("identifier", "AA7654321")])) == {rid}
+
+    # Rows written by another extraction (an older version, other parameters): all of them are replaced.
+    async with live.store.begin() as tx:
+        conn = await tx.connection() if not live.store.is_sqlite else tx.conn
+        await conn.execute(update(resources).where(resources.c.type == "Patient", resources.c.id == rid)
+                           .values(index_key=12345))
+    await later_rows()
+    await crud.update(live, ctx(), "Patient", rid, {**changed, "gender": "other"})
+    third = await check()
+    assert all(third[k][r] != second[k][r] for k in third for r in third[k] if r in second.get(k, {}))
+    async with live.store.read_conn() as conn:
+        key = (await conn.execute(select_key(rid))).scalar_one()
+    assert key == live.search.index_key("Patient") != 12345
+
+    # A deleted resource has no rows; writing it again indexes it in full.
+    await crud.delete(live, ctx(), "Patient", rid)
+    assert await _stored_rows(live, "Patient", rid) == {}
+    await crud.update(live, ctx(), "Patient", rid, changed)
+    await check()
+
+
+def select_key(rid: str) -> Any:
+    from sqlalchemy import select
+
+    from dhp.store.schema import resources
+
+    return select(resources.c.index_key).where(resources.c.type == "Patient", resources.c.id == rid)
+
+
+async def test_rows_with_infinite_values_are_replaced_whole(live: Server) -> None:
+    from dhp.interactions import crud
+
+    obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+           "valueQuantity": {"value": Decimal("1e400"), "unit": "mg"}}
+    rid = (await crud.create(live, ctx(), "Observation", obs)).rec.id
+    for value in (Decimal("2.5"), Decimal("1e400"), Decimal("-1e400")):
+        await crud.update(live, ctx(), "Observation", rid, {**obs, "id": rid, "valueQuantity": {"value": value}})
+        rec = await live.store.read("Observation", rid)
+        assert rec is not None
+        stored = await _stored_rows(live, "Observation", rid)
+        assert {k: set(v) for k, v in stored.items()} == _as_sets(
+            live.search.rows("Observation", rid, fhirjson.loads(rec.content)))
+
+
+async def test_the_index_key_names_the_extraction(live: Server, registry: Any) -> None:
+    other = SearchEngine(registry)  # another process, same parameters: same key
+    assert other.index_key("Patient") == live.search.index_key("Patient") is not None
+    assert live.search.index_key("Observation") not in (None, live.search.index_key("Patient"))
+    assert live.search.index_key("Bundle") is None  # documents index their entries with every type's parameters
+
+
+_ALTERNATIVES: dict[str, dict[str, list[Any]]] = {
+    "Patient": {
+        "gender": [None, "male", "female"],
+        "birthDate": [None, "1990-01-02", "1990", "2001-12-31"],
+        "telecom": [None, [{"system": "phone", "value": "+998901111111"}],
+                    [{"system": "phone", "value": "+998902222222"}, {"system": "email", "value": "a@b.uz"}]],
+        "name": [None, [{"family": "Yusupova", "given": ["Malika"]}],
+                 [{"family": "Yusupova", "given": ["Malika", "Zarina"], "prefix": ["Dr"]}, {"text": "Юсупова"}]],
+        "address": [None, [{"city": "17150085", "state": "1727", "country": "UZ"}],
+                    [{"city": "17150086", "district": "1727220", "line": ["Navoiy 5"]}]],
+        "identifier": [None, [{"system": "https://dpm.uz/identifier/national-unique-id", "value": "41111111111111"}],
+                       [{"system": "https://dpm.uz/identifier/passport-local", "value": "AA7654321"}]],
+        "meta": [None, {"tag": [{"system": "http://dhp.test/tag", "code": "vip"}]},
+                 {"profile": ["https://dhp.uz/fhir/core/StructureDefinition/uz-core-patient"]}],
+        "extension": [None, [{"url": "https://dhp.uz/fhir/core/StructureDefinition/patient-nationality",
+                              "valueCodeableConcept": {"coding": [{"code": "UZ"}]}}]],
+        "managingOrganization": [None, {"reference": "Organization/org"}, {"reference": "Organization/x"}],
+        "deceasedBoolean": [None, True, False],
+        "deceasedDateTime": [None, "2024-03-01"],
+    },
+    "Observation": {
+        "code": [{"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                 {"coding": [{"system": "http://loinc.org", "code": "85354-9"}], "text": "BP"}],
+        "valueQuantity": [None, {"value": Decimal("72"), "unit": "/min", "system": "http://unitsofmeasure.org",
+                                 "code": "/min"}, {"value": Decimal("1.50"), "unit": "mg"}],
+        "valueString": [None, "positive"],
+        "valueCodeableConcept": [None, {"coding": [{"system": "http://snomed.info/sct", "code": "10828004"}]}],
+        "component": [None, [{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                              "valueQuantity": {"value": Decimal("120"), "unit": "mm[Hg]"}}],
+                      [{"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+                        "valueQuantity": {"value": Decimal("80"), "unit": "mm[Hg]"}}]],
+        "effectiveDateTime": [None, "2024-01-01T09:00:00Z", "2024-02"],
+        "effectivePeriod": [None, {"start": "2024-01-01", "end": "2024-01-03"}],
+        "subject": [None, {"reference": "Patient/a"}, {"reference": "Group/g"}],
+        "status": ["final", "amended"],
+    },
+}
+
+
+async def test_updates_keep_index_rows_equal_to_a_full_extraction(live: Server) -> None:
+    """Random sequences of changes (choice types switched, elements added, changed, removed): after each
+    update, the stored rows are exactly those a full extraction of the new content gives."""
+    import random
+
+    from dhp.interactions import crud
+
+    rnd = random.Random(20261122)
+    for rtype, alternatives in _ALTERNATIVES.items():
+        def pick(base: dict[str, Any], keys: list[str], alternatives: dict[str, list[Any]] = alternatives,
+                 ) -> dict[str, Any]:
+            out = dict(base)
+            for k in keys:
+                v = rnd.choice(alternatives[k])
+                if v is None:
+                    out.pop(k, None)
+                else:
+                    out[k] = v
+            return out
+
+        res = pick({"resourceType": rtype}, list(alternatives))
+        rid = (await crud.create(live, ctx(), rtype, res)).rec.id
+        for _ in range(40):
+            res = pick({**res, "id": rid}, rnd.sample(list(alternatives), rnd.randint(1, 3)))
+            res.pop("meta", None) if rnd.random() < 0.2 else None
+            await crud.update(live, ctx(), rtype, rid, res)
+            rec = await live.store.read(rtype, rid)
+            assert rec is not None
+            stored = await _stored_rows(live, rtype, rid)
+            expected = _as_sets(live.search.rows(rtype, rid, fhirjson.loads(rec.content)))
+            assert {k: set(v) for k, v in stored.items()} == expected, res

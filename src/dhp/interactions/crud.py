@@ -188,15 +188,17 @@ def _stamp(resource: dict[str, Any], rid: str, version: int, ts: int) -> dict[st
 
 
 async def _store(server: Server, tx: WriteTx, rtype: str, rid: str, resource: dict[str, Any],
-                 version: int, method: str, exists_before: bool, ts: int) -> StoredResource:
+                 version: int, method: str, cur: StoredResource | None, ts: int) -> StoredResource:
+    """Write ``resource`` as the next version; ``cur``: the version it replaces (None: a create)."""
     if rtype == "Provenance" and server.documents is not None:
         # A signature over a stored document must verify, however it arrives.
         await server.documents.check_provenance(resource, tx)
     content = fhirjson.dumps(resource)
-    rec = StoredResource(rtype, rid, version, ts, False, content)
-    await tx.put(rec, method, exists_before=exists_before, patient=patient_key(rtype, rid, resource))
+    key = server.search.index_key(rtype) if server.search is not None else None
+    rec = StoredResource(rtype, rid, version, ts, False, content, key)
+    await tx.put(rec, method, exists_before=cur is not None, patient=patient_key(rtype, rid, resource))
     if server.search is not None:
-        await server.search.index(tx, rtype, rid, resource)
+        await server.search.index(tx, rtype, rid, resource, old=cur)
     if rtype in CANONICAL_TYPES:
         _conformance_changed(server, tx)
     return rec
@@ -251,7 +253,7 @@ async def create(server: Server, ctx: RequestContext, rtype: str, resource: dict
             if existing:
                 cur = await t.current(rtype, existing[0])
                 return WriteResult(cur, 200, fhirjson.loads(cur.content) if cur else None)
-        rec = await _store(server, t, rtype, rid, stamped, 1, "POST", False, ts)
+        rec = await _store(server, t, rtype, rid, stamped, 1, "POST", None, ts)
         return WriteResult(rec, 201, stamped, issues)
 
     return await _in_tx(server, tx, work)
@@ -304,7 +306,7 @@ async def update(server: Server, ctx: RequestContext, rtype: str, rid: str, reso
         ts = now_us()
         stamped = _stamp(resource, rid, version, ts)
         issues = _validate(server, stamped, source)
-        rec = await _store(server, t, rtype, rid, stamped, version, method, cur is not None, ts)
+        rec = await _store(server, t, rtype, rid, stamped, version, method, cur, ts)
         return WriteResult(rec, 200 if cur is not None and not cur.deleted else 201, stamped, issues)
 
     return await _in_tx(server, tx, work)
@@ -340,7 +342,7 @@ async def patch(server: Server, ctx: RequestContext, rtype: str, rid: str, patch
         ts = now_us()
         stamped = _stamp(patched, rid, version, ts)
         issues = _validate(server, stamped, fhirjson.dumps(stamped))
-        rec = await _store(server, t, rtype, rid, stamped, version, "PATCH", True, ts)
+        rec = await _store(server, t, rtype, rid, stamped, version, "PATCH", cur, ts)
         return WriteResult(rec, 200, stamped, issues)
 
     return await _in_tx(server, tx, work)

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import importlib.metadata
 import logging
+import math
+import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
+
+import orjson
 
 from dhp import fhirjson
 from dhp.conformance import Registry
@@ -36,6 +45,27 @@ class _Plan:
 
 #: Sets of property names remembered per resource type.
 PLAN_SHAPES = 512
+
+
+@cache
+def _code_key() -> bytes:
+    """The extraction code itself: any change to it (an upgrade) makes every stored index key stale."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("dhp.search.engine", "dhp.search.extract", "dhp.search.values", "dhp.search.shared"):
+        h.update(Path(sys.modules[name].__file__ or "").read_bytes())
+    h.update(importlib.metadata.version("fhirpathpy").encode())
+    return h.digest()
+
+
+def _finite(row: tuple[Any, ...]) -> bool:
+    return all(type(v) is not float or math.isfinite(v) for v in row)
+
+
+def _meta_core(meta: Any) -> Any:
+    """``meta`` without the fields every new version changes."""
+    if not isinstance(meta, dict):
+        return meta
+    return {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
 
 
 @dataclass
@@ -80,6 +110,9 @@ class SearchEngine:
         self._signature: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._single: dict[tuple[str, str], bool] = {}
         self._width: dict[tuple[str, str], int | None] = {}
+        self._index_keys: dict[str, int | None] = {}
+        self._touch: dict[str, tuple[list[tuple[str, str, ParamExtractor]], dict[str, frozenset[int]],
+                                     frozenset[int]]] = {}
         #: Set by the interactions on first use, so background reindexing knows where to write.
         self.store: Any = None
         self.jobs: list[ReindexJob] = []
@@ -115,6 +148,8 @@ class SearchEngine:
         self._plans.clear()
         self._single.clear()
         self._width.clear()
+        self._index_keys.clear()
+        self._touch.clear()
         new = self._signatures(self.params)
         old = self._signature
         self._signature = new
@@ -234,7 +269,6 @@ class SearchEngine:
         parameters of a type read elements a given resource does not have), and parameters sharing an
         expression evaluate it once. Parameters whose values others index write none (``full``: they do).
         """
-        out: dict[str, list[tuple[Any, ...]]] = {}
         plan = self._plan(rtype, full)
         # Resources of a type mostly have the same few sets of elements: which extractors to run is worked
         # out once per set of property names.
@@ -244,6 +278,12 @@ class SearchEngine:
             todo = self._choose(plan, resource)
             if len(plan.chosen) < PLAN_SHAPES:  # property names come from clients: keep it bounded
                 plan.chosen[shape] = todo
+        return self._evaluate(rtype, rid, resource, todo, codes)
+
+    def _evaluate(self, rtype: str, rid: str, resource: dict[str, Any],
+                  todo: Iterable[tuple[str, str, ParamExtractor]],
+                  codes: set[str] | None = None) -> dict[str, list[tuple[Any, ...]]]:
+        out: dict[str, list[tuple[Any, ...]]] = {}
         memo: dict[Any, list[tuple[Any, ...]]] = {}
         for kind, code, ex in todo:
             if codes is not None and code not in codes:
@@ -352,18 +392,116 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ write hooks
 
+    def index_key(self, rtype: str) -> int | None:
+        """Names the extraction that writes ``rtype``'s index rows — its parameters (expressions, types,
+        components, the rows they share), the resource types known and the extraction code — as a signed
+        64-bit number stored with each resource. Equal keys write equal rows for equal content, so an update
+        under the key that indexed the current version changes only the rows that differ (:meth:`index`).
+        None when a resource's rows depend on more than its own type's parameters (Bundles index the
+        resources inside them with every type's parameters)."""
+        if rtype in self._index_keys:
+            return self._index_keys[rtype]
+        entries = self.extractors(rtype)
+        key: int | None = None
+        if not any(ex.embedded for _k, _c, ex in entries):
+            parts = [sorted(self.params.resource_types)]
+            for kind, code, ex in entries:
+                p = ex.param
+                parts.append([kind, code, p.type, p.expression, list(p.targets), sorted(ex.skip),
+                              [[c.definition, c.expression, c.type] for c in p.components]])
+            h = hashlib.blake2b(_code_key(), digest_size=8)
+            h.update(orjson.dumps(parts))
+            key = int.from_bytes(h.digest(), "big", signed=True)
+        self._index_keys[rtype] = key
+        return key
+
     async def index(self, tx: Any, rtype: str, rid: str, resource: dict[str, Any], *,
-                    fresh: bool | None = None) -> None:
-        """Replace the resource's index rows (inside the caller's write transaction).
+                    fresh: bool | None = None, old: Any = None) -> None:
+        """Write the resource's index rows (inside the caller's write transaction).
 
         Version 1 of a resource has no rows yet (a delete removes them), so a create skips the deletes.
+        ``old``: the version being replaced (a ``StoredResource``). When the same extraction
+        (:meth:`index_key`) indexed it, its rows are exactly what that extraction makes of its content: only
+        the rows that differ are deleted and added — an update rewriting a phone number touches two rows, not
+        the dozen the resource has. Otherwise all its rows are replaced.
         """
-        rows = self.rows(rtype, rid, resource)
         if fresh is None:
             meta = resource.get("meta")
             fresh = isinstance(meta, dict) and meta.get("versionId") == "1"
+        if (not fresh and old is not None and not old.deleted and old.index_key is not None
+                and old.index_key == self.index_key(rtype)):
+            try:
+                before = fhirjson.fast_loads(old.content)
+            except orjson.JSONDecodeError:  # stored bytes are JSON; if not, replace everything
+                before = None
+            if isinstance(before, dict):
+                got = self._changes(rtype, rid, before, resource)
+                if got is not None:
+                    removed, added = got
+                    if removed or added:
+                        await tx.replace_index(rtype, rid, added, (), fresh=False, removed=removed)
+                    return
+        rows = self.rows(rtype, rid, resource)
         kinds = self.kinds(rtype) if not fresh else ()
         await tx.replace_index(rtype, rid, rows, kinds, fresh=fresh)
+
+    def _changes(self, rtype: str, rid: str, before: dict[str, Any], after: dict[str, Any],
+                 ) -> tuple[dict[str, list[tuple[Any, ...]]], dict[str, list[tuple[Any, ...]]]] | None:
+        """The index rows to remove and to add when ``before`` becomes ``after`` (per table kind), or None
+        when they cannot be worked out row by row.
+
+        A parameter's rows depend only on the top-level elements its expression starts from (the same
+        probes that let :meth:`rows` skip absent ones): only parameters reading an element that changed
+        are evaluated, on both versions. A phone number changed is two rows, and two extractions, not all.
+        """
+        changed = [k for k in before.keys() | after.keys() if before.get(k) != after.get(k)]
+        if "meta" in changed and _meta_core(before.get("meta")) == _meta_core(after.get("meta")):
+            changed.remove("meta")  # versionId and lastUpdated are not indexed rows
+        todo = self._touched(rtype, changed)
+        if not todo:
+            return {}, {}
+        old_rows = self._evaluate(rtype, rid, before, todo)
+        new_rows = self._evaluate(rtype, rid, after, todo)
+        removed: dict[str, list[tuple[Any, ...]]] = {}
+        added: dict[str, list[tuple[Any, ...]]] = {}
+        for kind in old_rows.keys() | new_rows.keys():
+            old_list, new_list = old_rows.get(kind, []), new_rows.get(kind, [])
+            if not (all(map(_finite, old_list)) and all(map(_finite, new_list))):
+                return None  # a NaN equals nothing, not even itself: no row can be matched to delete it
+            old_set, new_set = set(old_list), set(new_list)
+            if gone := [r for r in dict.fromkeys(old_list) if r not in new_set]:
+                removed[kind] = gone
+            if new := [r for r in dict.fromkeys(new_list) if r not in old_set]:
+                added[kind] = new
+        return removed, added
+
+    def _touched(self, rtype: str, keys: Iterable[str]) -> list[tuple[str, str, ParamExtractor]]:
+        """The extractors of ``rtype``'s own rows that read any of these top-level properties."""
+        touch = self._touch.get(rtype)
+        if touch is None:
+            entries = self.extractors(rtype)
+            by_name: dict[str, set[int]] = {}
+            always: set[int] = set()
+            for i, (_kind, _code, ex) in enumerate(entries):
+                # A composite on the resource itself reads each component's elements; others read below
+                # their own root only.
+                probes = ex.component_probes if ex.component_probes is not None else [ex.probes]
+                if any(p is None for p in probes):
+                    always.add(i)
+                    continue
+                for stems, names in probes:  # type: ignore[misc]
+                    for n in (*stems, *names):
+                        by_name.setdefault(n, set()).add(i)
+            touch = self._touch[rtype] = (entries, {k: frozenset(v) for k, v in by_name.items()},
+                                          frozenset(always))
+        entries, by_name, always = touch
+        picked = set(always)
+        for k in keys:
+            picked.update(by_name.get(k, ()))
+            st = stem(k)
+            if st is not None:
+                picked.update(by_name.get(st, ()))
+        return [entries[i] for i in sorted(picked)]
 
     async def unindex(self, tx: Any, rtype: str, rid: str) -> None:
         """Drop the resource's index rows (a delete). Every table, not only this type's current kinds: rows

@@ -56,6 +56,9 @@ class StoredResource(NamedTuple):
     last_updated: int  # microseconds since the epoch, UTC
     deleted: bool
     content: bytes
+    #: Which extraction wrote the resource's search index rows (``SearchEngine.index_key``); None: unknown.
+    #: Filled only where a write reads the current version.
+    index_key: int | None = None
 
 
 class ConflictError(Exception):
@@ -64,20 +67,22 @@ class ConflictError(Exception):
 
 # Statements of the write path, built once (SQLAlchemy then reuses their compiled form).
 _CURRENT_FOR_UPDATE = select(resources.c.type, resources.c.id, resources.c.version, resources.c.last_updated,
-                             resources.c.deleted, resources.c.content).where(
+                             resources.c.deleted, resources.c.content, resources.c.index_key).where(
     resources.c.type == bindparam("k_type"), resources.c.id == bindparam("k_id")).with_for_update()
 _PG_READ = ("SELECT type, id, version, last_updated, deleted, content FROM resources "
             "WHERE type = $1 AND id = $2")
+_PG_CURRENT = ("SELECT type, id, version, last_updated, deleted, content, index_key FROM resources "
+               "WHERE type = $1 AND id = $2")
 _PG_READ_MANY = ("SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.content "
                  "FROM unnest($1::text[], $2::text[]) AS k(type, id) "
                  "JOIN resources r ON r.type = k.type AND r.id = k.id")
 # The same on SQLite, through the driver (see SyncConn.raw).
-_SQLITE_CURRENT = ("SELECT type, id, version, last_updated, deleted, content FROM resources "
+_SQLITE_CURRENT = ("SELECT type, id, version, last_updated, deleted, content, index_key FROM resources "
                    "WHERE type = ? AND id = ?")
 _SQLITE_UPDATE = ("UPDATE resources SET version = ?, last_updated = ?, deleted = ?, patient = ?, package = ?, "
-                  "content = ? WHERE type = ? AND id = ?")
-_SQLITE_INSERT = ("INSERT INTO resources (type, id, version, last_updated, deleted, patient, package, content) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+                  "content = ?, index_key = ? WHERE type = ? AND id = ?")
+_SQLITE_INSERT = ("INSERT INTO resources (type, id, version, last_updated, deleted, patient, package, content, "
+                  "index_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _SQLITE_EXISTS = "SELECT 1 FROM resources WHERE type = ? AND id = ?"
 _SQLITE_VERSION_EXISTS = "SELECT 1 FROM history WHERE type = ? AND id = ? AND version = ?"
 _SQLITE_HISTORY = ("INSERT INTO history (type, id, version, last_updated, deleted, method, content) "
@@ -129,6 +134,8 @@ def _merge(items: Iterable[_Pending]) -> _Pending:
         out.index_keys |= p.index_keys
         for k, v in p.index_deletes.items():
             out.index_deletes.setdefault(k, []).extend(v)
+        for k, v in p.index_removed.items():
+            out.index_removed.setdefault(k, []).extend(v)
         for k, v in p.index_rows.items():
             out.index_rows.setdefault(k, []).extend(v)
     return out
@@ -214,6 +221,8 @@ class _Pending:
     keys: set[tuple[str, str]] = field(default_factory=set)
     index_keys: set[tuple[str, str]] = field(default_factory=set)
     index_deletes: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    #: Single index rows to delete (an update rewriting only what changed), per table kind.
+    index_removed: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     index_rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -359,7 +368,7 @@ class WriteTx:
             if (rtype, rid) in self._sq_keys:
                 self._isolate()
             r = self.conn._raw.execute(_SQLITE_CURRENT, (rtype, rid)).fetchone()
-            return StoredResource(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) if r else None
+            return StoredResource(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) if r else None
         if self._pending is not None and (rtype, rid) in self._pending.keys:
             await self.flush()
         if self._peek is not None and self._base is None:
@@ -378,10 +387,10 @@ class WriteTx:
             sq = self._sq
             if exists_before:
                 sq.append((_SQLITE_UPDATE, (rec.version, rec.last_updated, rec.deleted, patient, package,
-                                            rec.content, rec.type, rec.id), False))
+                                            rec.content, rec.index_key, rec.type, rec.id), False))
             else:
                 sq.append((_SQLITE_INSERT, (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted,
-                                            patient, package, rec.content), False))
+                                            patient, package, rec.content, rec.index_key), False))
             sq.append((_SQLITE_HISTORY, (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted,
                                          method, rec.content), False))
             self._sq_keys.add((rec.type, rec.id))
@@ -392,18 +401,21 @@ class WriteTx:
             await self.flush()  # a second write of one resource: the first goes out before it
         self._known.pop(key, None)
         p = self._pending
-        row = (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, patient, package, rec.content)
+        row = (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, patient, package, rec.content,
+               rec.index_key)
         (p.updates if exists_before else p.inserts).append(row)
         p.history.append((rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, method, rec.content))
         p.keys.add(key)
     async def replace_index(self, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
-                            kinds: Iterable[str], *, fresh: bool) -> None:
-        """Replace one resource's search index rows: per table kind, tuples of (type, id, code, *values).
-        ``kinds``: the tables its old rows may be in (ignored when ``fresh``: it has none yet)."""
+                            kinds: Iterable[str], *, fresh: bool,
+                            removed: dict[str, list[tuple[Any, ...]]] | None = None) -> None:
+        """Change one resource's search index rows: per table kind, tuples of (type, id, code, *values).
+        ``kinds``: the tables whose rows of it all go (ignored when ``fresh``: it has none yet); ``removed``:
+        single rows that go; then ``rows`` are added."""
         if self._pending is None:
             from dhp.store.search import sqlite_index_writes
 
-            self._sq += sqlite_index_writes(self.conn, rtype, rid, rows, kinds, fresh=fresh)
+            self._sq += sqlite_index_writes(self.conn, rtype, rid, rows, kinds, fresh=fresh, removed=removed)
             self._sq_keys.add((rtype, rid))
             return
         key = (rtype, rid)
@@ -414,6 +426,9 @@ class WriteTx:
         if not fresh:
             for k in kinds:
                 p.index_deletes.setdefault(k, []).append(key)
+        for k, lst in (removed or {}).items():
+            if lst:
+                p.index_removed.setdefault(k, []).extend(lst)
         for k, lst in rows.items():
             if lst:
                 p.index_rows.setdefault(k, []).extend(lst)
@@ -789,7 +804,7 @@ class Store:
     async def _pg_current(self, rtype: str, rid: str) -> StoredResource | None:
         """The current version as the primary has it now (no lock: see ``begin(optimistic=True)``)."""
         async with self._pg_write_pool.acquire() as c:
-            row = await c.fetchrow(_PG_READ, rtype, rid)
+            row = await c.fetchrow(_PG_CURRENT, rtype, rid)
         return StoredResource(*row) if row else None
 
     # ------------------------------------------------------------------ SQLite group commit

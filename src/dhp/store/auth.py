@@ -481,7 +481,7 @@ async def put_new_resources(tx: WriteTx, recs: list[tuple[StoredResource, str | 
         raw = tx.conn.raw
         try:
             raw.executemany(_SQLITE_INSERT, [(r.type, r.id, r.version, r.last_updated, False, patient, None,
-                                              r.content) for r, patient in recs])
+                                              r.content, r.index_key) for r, patient in recs])
             raw.executemany(_SQLITE_HISTORY, [(r.type, r.id, r.version, r.last_updated, False, "POST", r.content)
                                               for r, _ in recs])
         except sqlite3.IntegrityError as e:

@@ -33,6 +33,9 @@ resources = Table(
     # "id#version" of the package a resource was installed from; NULL for data written through the API.
     Column("package", String(200), nullable=True),
     Column("content", LargeBinary, nullable=False),
+    # Which extraction wrote the resource's search index rows (``dhp.search.engine.SearchEngine.index_key``):
+    # an update whose extraction is the same rewrites only the rows that changed. NULL: not known.
+    Column("index_key", BigInteger, nullable=True),
     Index("ix_resources_type_updated", "type", "last_updated"),
     Index("ix_resources_patient", "patient"),
 )

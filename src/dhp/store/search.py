@@ -161,6 +161,14 @@ def _compile(conn: AsyncConnection, key: Any, build: Any) -> tuple[str, tuple[st
     return got
 
 
+def _delete_row_stmt(kind: str) -> Any:
+    """Delete one index row by all its columns (NULLs equal: ``IS``), parameters in the order of a row."""
+    t = TABLES[kind]
+    cond = [t.c.type == bindparam("type"), t.c.id == bindparam("id"), t.c.code == bindparam("code")]
+    cond += [t.c[n].is_(bindparam(n)) if t.c[n].nullable else t.c[n] == bindparam(n) for n in COLUMNS[kind]]
+    return delete(t).where(*cond)
+
+
 def _insert_stmt(kind: str) -> Any:
     t = TABLES[kind]
     names = ("type", "id", "code", *COLUMNS[kind])
@@ -168,10 +176,12 @@ def _insert_stmt(kind: str) -> Any:
 
 
 def sqlite_index_writes(conn: Any, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
-                        kinds: Iterable[str], *, fresh: bool) -> list[tuple[str, Any, bool]]:
-    """The SQLite statements replacing one resource's index rows, as (SQL, parameters, executemany?) for the
-    write transaction's buffer (``WriteTx``). ``fresh``: it has none yet (a create), so nothing to delete;
-    with ``rtype`` empty, rows of many resources are only added.
+                        kinds: Iterable[str], *, fresh: bool,
+                        removed: dict[str, list[tuple[Any, ...]]] | None = None) -> list[tuple[str, Any, bool]]:
+    """The SQLite statements changing one resource's index rows, as (SQL, parameters, executemany?) for the
+    write transaction's buffer (``WriteTx``): all its rows in ``kinds`` go (unless ``fresh``: it has none
+    yet, a create), then the single rows in ``removed``, then ``rows`` are added. With ``rtype`` empty, rows
+    of many resources are only added.
 
     PostgreSQL queues the same rows in the transaction and sends them with its other writes as one statement
     (:func:`flush_statement`).
@@ -181,6 +191,10 @@ def sqlite_index_writes(conn: Any, rtype: str, rid: str, rows: dict[str, list[tu
         sql_text, _ = _compile(conn, ("del", k), lambda k=k: delete(TABLES[k]).where(
             TABLES[k].c.type == bindparam("type"), TABLES[k].c.id == bindparam("id")))
         out.append((sql_text, (rtype, rid), False))
+    for k, lst in (removed or {}).items():
+        if lst:
+            sql_text, _ = _compile(conn, ("del1", k), lambda k=k: _delete_row_stmt(k))
+            out.append((sql_text, lst, True))
     for k, lst in rows.items():
         if lst:
             sql_text, _ = _compile(conn, ("ins", k), lambda k=k: _insert_stmt(k))
@@ -195,11 +209,11 @@ async def lock_current(conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -
 
     ordered = sorted(set(keys))
     rows = (await conn.exec_driver_sql(
-        "SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.content FROM resources r "
+        "SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.content, r.index_key FROM resources r "
         "JOIN unnest($1::varchar[], $2::varchar[]) AS k(type, id) ON r.type = k.type AND r.id = k.id "
         "ORDER BY r.type, r.id FOR UPDATE OF r",
         ([k[0] for k in ordered], [k[1] for k in ordered]))).all()
-    return {(r[0], r[1]): StoredResource(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows}
+    return {(r[0], r[1]): StoredResource(*r) for r in rows}
 
 
 _flush_sql: dict[Any, str] = {}
@@ -221,8 +235,9 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
     from dhp.store.schema import history
 
     del_kinds = tuple(sorted(k for k, v in p.index_deletes.items() if v))
+    rm_kinds = tuple(sorted(k for k, v in p.index_removed.items() if v))
     ins_kinds = tuple(sorted(k for k, v in p.index_rows.items() if v))
-    shape = (bool(p.inserts), bool(p.updates), bool(p.history), del_kinds, ins_kinds)
+    shape = (bool(p.inserts), bool(p.updates), bool(p.history), del_kinds, rm_kinds, ins_kinds)
     params: list[Any] = []
 
     def arrays(rows: list[tuple[Any, ...]], n: int) -> None:
@@ -230,13 +245,15 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
         params.extend(list(c) for c in cols)
 
     if p.inserts:
-        arrays(p.inserts, 8)
+        arrays(p.inserts, 9)
     if p.updates:
-        arrays(p.updates, 8)
+        arrays(p.updates, 9)
     if p.history:
         arrays(p.history, 7)
     for k in del_kinds:
         arrays(p.index_deletes[k], 2)
+    for k in rm_kinds:
+        params.append(_json_rows(k, p.index_removed[k]))
     for k in ins_kinds:
         params.append(_json_rows(k, p.index_rows[k]))
     sql_text = _flush_sql.get(shape)
@@ -253,7 +270,7 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
             return f"unnest({', '.join(args)})"
 
         rcols = [resources.c[c] for c in ("type", "id", "version", "last_updated", "deleted", "patient",
-                                          "package", "content")]
+                                          "package", "content", "index_key")]
         names = ", ".join(c.name for c in rcols)
         if p.inserts:
             ctes.append(f"ri AS (INSERT INTO resources ({names}) SELECT * FROM {unnest(rcols)} RETURNING 1)")
@@ -270,6 +287,17 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
             t = TABLES[k]
             ctes.append(f"d_{k} AS (DELETE FROM {t.name} s USING {unnest([t.c.type, t.c.id])} AS k(type, id) "
                         "WHERE s.type = k.type AND s.id = k.id)")
+        for k in rm_kinds:
+            # Single rows, matched on every column (NULLs equal); they travel as JSON like inserted rows.
+            t = TABLES[k]
+            n += 1
+            conds = ["s.type = e->>0", "s.id = e->>1", "s.code = e->>2"]
+            for i, name in enumerate(COLUMNS[k], start=3):
+                c = t.c[name]
+                op = "IS NOT DISTINCT FROM" if c.nullable else "="
+                conds.append(f"s.{name} {op} (e->>{i})::{_pg_type(c)}")
+            ctes.append(f"r_{k} AS (DELETE FROM {t.name} s USING jsonb_array_elements(${n}::text::jsonb) AS e "
+                        f"WHERE {' AND '.join(conds)})")
         for k in ins_kinds:
             # Index rows travel as one JSON array of arrays per table: asyncpg encodes a Python list per
             # column element by element (with ABC isinstance checks on each), which cost more client CPU
