@@ -75,13 +75,17 @@ wrk.method = "POST"
 wrk.body = [[%s]]
 wrk.headers["Content-Type"] = "application/fhir+json"
 """
+# Each update changes the patient's phone number (a new random one), so every PUT changes index rows.
 _LUA_UPDATE = """
 local ids = {%s}
 local pre = [[%s]]
+local mid = [[%s]]
 local post = [[%s]]
 request = function()
   local id = ids[math.random(#ids)]
-  return wrk.format("PUT", "/fhir/Patient/" .. id, {["Content-Type"]="application/fhir+json"}, pre .. id .. post)
+  local phone = "+99890" .. math.random(1000000, 9999999)
+  return wrk.format("PUT", "/fhir/Patient/" .. id, {["Content-Type"]="application/fhir+json"},
+                    pre .. id .. mid .. phone .. post)
 end
 """
 
@@ -145,9 +149,10 @@ def run_backend(backend: str, duration: int, connections: int) -> dict[str, obje
             results["read"] = wrk(base, _LUA_READ % id_list, duration, connections)
             body = json.dumps(PATIENT)
             results["create"] = wrk(base + "/fhir/Patient", _LUA_CREATE % body, duration, connections)
-            upd = json.dumps({**PATIENT, "id": "@@ID@@"})
-            pre, post = upd.split("@@ID@@")
-            results["update"] = wrk(base, _LUA_UPDATE % (id_list, pre, post), duration, connections)
+            upd = json.dumps({**PATIENT, "id": "@@ID@@", "telecom": [{"system": "phone", "value": "@@PHONE@@"}]})
+            pre, rest = upd.split("@@ID@@")
+            mid, post = rest.split("@@PHONE@@")
+            results["update"] = wrk(base, _LUA_UPDATE % (id_list, pre, mid, post), duration, connections)
             results["ceiling_after"] = wrk(base + "/healthz", None, duration, connections)
         finally:
             stop(proc)

@@ -6,6 +6,7 @@ version check → validation → resource bytes + history + search index rows, a
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -26,15 +27,22 @@ _ETAG_RE = re.compile(r'^\s*(?:W/)?"?([0-9]+)"?\s*$')
 # ---------------------------------------------------------------- small helpers
 
 
+@functools.lru_cache(maxsize=64)
+def _second(s: int) -> tuple[str, str]:
+    """(instant prefix, HTTP date) of one whole second: every write formats its time twice, and strftime
+    cost more than the rest of stamping a resource. Writes close in time share the second."""
+    dt = datetime.fromtimestamp(s, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S."), dt.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
 def instant(us: int) -> str:
     """FHIR instant (UTC, milliseconds) from microseconds since the epoch."""
-    dt = datetime.fromtimestamp(us / 1_000_000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    s, rest = divmod(us, 1_000_000)
+    return f"{_second(s)[0]}{rest // 1000:03d}Z"
 
 
 def http_date(us: int) -> str:
-    dt = datetime.fromtimestamp(us / 1_000_000, tz=UTC)
-    return dt.strftime("%a, %d %b %Y %H:%M:%S GMT")
+    return _second(us // 1_000_000)[1]
 
 
 def etag(version: int) -> str:
