@@ -1,7 +1,8 @@
 """Search index tables and every SQL statement search needs (SQLAlchemy Core: SQLite and PostgreSQL).
 
 One table per value kind, each row keyed by (resource type, id, parameter code). Rows of a resource are
-replaced inside the write transaction that changes it, so a search right after a write sees it.
+replaced (or, on an update, changed row by row) inside the write transaction that changes it, so a search right
+after a write sees it.
 
 The planner in ``dhp.search`` hands over a :class:`dhp.search.query.SearchQuery`'s nodes; here they become
 ``id IN (SELECT id FROM search_x WHERE …)`` semi-joins, which both backends drive from the index side.
