@@ -539,6 +539,26 @@ def test_conditional_reference_in_transaction(fhir: httpx.Client) -> None:
     assert fhir.delete("/Observation/cref").status_code in (200, 204)
 
 
+def test_updates_inside_a_transaction_change_the_index(fhir: httpx.Client) -> None:
+    """Updates in a transaction read their current versions in one locked batch; each changes only its rows,
+    and a search afterwards sees exactly the new values."""
+    pats = [{"resourceType": "Patient", "id": f"txu{i}", "gender": "female",
+             "telecom": [{"system": "phone", "value": f"+99890700000{i}"}], "name": [{"family": f"Txuser{i}"}]}
+            for i in range(3)]
+    for p in pats:
+        assert fhir.put(f"/Patient/{p['id']}", json=p, headers=H).status_code in (200, 201)
+    entries = [{"resource": {**p, "telecom": [{"system": "phone", "value": f"+99890800000{i}"}]},
+                "request": {"method": "PUT", "url": f"Patient/{p['id']}"}} for i, p in enumerate(pats)]
+    r = fhir.post("", json={"resourceType": "Bundle", "type": "transaction", "entry": entries}, headers=H)
+    assert r.status_code == 200, r.text
+    for i in range(3):
+        assert ids(get(fhir, f"/Patient?phone=%2B99890700000{i}")) == []
+        assert ids(get(fhir, f"/Patient?phone=%2B99890800000{i}")) == [f"txu{i}"]
+        assert ids(get(fhir, f"/Patient?family=txuser{i}&gender=female")) == [f"txu{i}"]
+    for p in pats:
+        assert fhir.delete(f"/Patient/{p['id']}").status_code in (200, 204)
+
+
 def test_search_parameter_created_through_the_api(fhir: httpx.Client, search_server: LiveServer) -> None:
     ext = "http://dhp.test/StructureDefinition/nickname"
     old = {"resourceType": "Patient", "id": "nick-old", "extension": [{"url": ext, "valueString": "Bahodir"}]}
