@@ -234,6 +234,28 @@ def _fhirpath(expr: str) -> Evaluator:
     return run
 
 
+def _plain_path(names: list[str]) -> Callable[[Any], list[Any]]:
+    """``A.b.c`` without filters or types — most parameters — as one function: what :func:`_run_native`
+    does for it, without its per-step dispatch (this runs for every parameter of every resource written)."""
+    first, rest = names[0], names[1:]
+
+    def run(r: Any) -> list[Any]:
+        v = r.get(first) if isinstance(r, dict) else None
+        if v is None:
+            nodes = _child([r], first, None)  # a choice element (valueQuantity for "value"), or nothing
+        elif isinstance(v, list):
+            nodes = v[:] if None not in v else [x for x in v if x is not None]
+        else:
+            nodes = [v]
+        for name in rest:
+            if not nodes:
+                break
+            nodes = _child(nodes, name, None)
+        return nodes
+
+    return run
+
+
 def _probes(firsts: list[tuple[str, str]]) -> tuple[frozenset[str], frozenset[str]]:
     """(stems, keys): the expression finds something only if the resource has one of ``stems`` among its
     element names with choice suffixes removed, or one of ``keys`` among its JSON property names.
@@ -288,8 +310,11 @@ def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str])
         return None
     interp = _fhirpath(" | ".join(interpreted)) if interpreted else None
     if interp is None:
-        def run(r: Any) -> list[Any]:
-            return _run_native(native, r)
+        run = _plain_path([a for _k, a in native[0]]) if len(native) == 1 and all(
+            k == "child" for k, _a in native[0]) else None
+        if run is None:
+            def run(r: Any) -> list[Any]:
+                return _run_native(native, r)
 
         firsts = [steps[0] for steps in native]
         if native == [[("self", "")]]:
@@ -549,6 +574,7 @@ class ParamExtractor:
                     self.component_probes = need  # type: ignore[assignment]
         #: Extractors with equal keys give equal rows for one resource (same steps, same value kind).
         steps = getattr(self.root, "steps", None)
+        self._convert = self._converter()
         self.memo_key: tuple[Any, ...] | None = (
             (param.type, steps, skip) if steps is not None and param.type != "composite" and not self.embedded
             else None)
@@ -558,32 +584,28 @@ class ParamExtractor:
             return []
         return [v for v in self.root(resource) if isinstance(v, dict) and isinstance(v.get("resourceType"), str)]
 
-    def rows(self, resource: dict[str, Any]) -> list[tuple[Any, ...]]:
-        if self.root is None or self.embedded:
-            return []
-        values = self.root(resource)
-        if not values:
-            return []
+    def _converter(self) -> Callable[[list[Any]], list[tuple[Any, ...]]] | None:
+        """Values → rows for this parameter's type (None: it writes no rows of its own)."""
         t = self.param.type
-        if t == "token":
-            return token_rows(values)
+        if self.root is None or self.embedded:
+            return None
         if t == "string":
-            return string_rows(values, self.skip)
+            skip = self.skip
+            return lambda values: string_rows(values, skip)
         if t == "reference":
-            return reference_rows(values, self.type_names)
-        if t == "date":
-            return date_rows(values)
-        if t == "number":
-            return number_rows(values)
-        if t == "quantity":
-            return quantity_rows(values)
-        if t == "uri":
-            return uri_rows(values)
-        if t == "special":
-            return near_rows(values)
+            names = self.type_names
+            return lambda values: reference_rows(values, names)
         if t == "composite":
-            return self._composite(values)
-        return []
+            return self._composite
+        return {"token": token_rows, "date": date_rows, "number": number_rows, "quantity": quantity_rows,
+                "uri": uri_rows, "special": near_rows}.get(t)
+
+    def rows(self, resource: dict[str, Any]) -> list[tuple[Any, ...]]:
+        convert = self._convert
+        if convert is None:
+            return []
+        values = self.root(resource)  # type: ignore[misc]
+        return convert(values) if values else []
 
     def _composite(self, items: list[Any]) -> list[tuple[Any, ...]]:
         out: list[tuple[Any, ...]] = []
