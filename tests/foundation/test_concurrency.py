@@ -153,6 +153,44 @@ def test_failed_writers_leave_the_others_committed(backend: str, new_db_url: Cal
     assert present == [f"w{i}" for i in range(30) if i % 3 == 0]
 
 
+def test_sqlite_a_generated_id_found_taken_fails_its_group_which_is_retried(new_db_url: Callable[[str], str]) -> None:
+    """Creates with freshly generated ids skip the check that their rows are free; should one be taken after
+    all, the shared commit is undone whole and every member retried — nothing is lost or overwritten."""
+    from collections import Counter
+
+    from dhp.store import retry_conflicts
+
+    async def run() -> tuple[Counter[int], Any, list[str]]:
+        store = Store(new_db_url("sqlite"))
+        await store.open()
+        try:
+            async with store.begin() as tx:
+                await tx.put(basic("taken", b'{"keep":1}'), "POST", exists_before=False)
+            attempts: Counter[int] = Counter()
+
+            async def writer(i: int) -> None:
+                async def once() -> None:
+                    attempts[i] += 1
+                    rid = "taken" if i == 5 and attempts[i] == 1 else f"g{i}"
+                    async with store.begin() as tx:
+                        await tx.put(basic(rid), "POST", exists_before=False, generated=True)
+                        await asyncio.sleep(0)  # let the others queue into the same group
+
+                await retry_conflicts(once)
+
+            await asyncio.gather(*(writer(i) for i in range(12)))
+            present = [f"g{i}" for i in range(12) if await store.read("Basic", f"g{i}") is not None]
+            return attempts, await store.read("Basic", "taken"), present
+        finally:
+            await store.close()
+
+    attempts, taken, present = asyncio.run(run())
+    assert present == [f"g{i}" for i in range(12)]
+    assert taken is not None and taken.version == 1 and taken.content == b'{"keep":1}'
+    assert attempts[5] == 2
+    assert sum(1 for i, n in attempts.items() if i != 5 and n == 2) >= 1  # its group-mates were retried
+
+
 def test_sqlite_wal_stays_bounded_under_continuous_writes(new_db_url: Callable[[str], str]) -> None:
     """Checkpoints run beside the writers; the WAL still restarts, so it does not grow with the data.
 

@@ -196,15 +196,18 @@ def _stamp(resource: dict[str, Any], rid: str, version: int, ts: int) -> dict[st
 
 
 async def _store(server: Server, tx: WriteTx, rtype: str, rid: str, resource: dict[str, Any],
-                 version: int, method: str, cur: StoredResource | None, ts: int) -> StoredResource:
-    """Write ``resource`` as the next version; ``cur``: the version it replaces (None: a create)."""
+                 version: int, method: str, cur: StoredResource | None, ts: int,
+                 generated: bool = False) -> StoredResource:
+    """Write ``resource`` as the next version; ``cur``: the version it replaces (None: a create);
+    ``generated``: ``rid`` was just made by ``new_id()``."""
     if rtype == "Provenance" and server.documents is not None:
         # A signature over a stored document must verify, however it arrives.
         await server.documents.check_provenance(resource, tx)
     content = fhirjson.dumps(resource)
     key = server.search.index_key(rtype) if server.search is not None else None
     rec = StoredResource(rtype, rid, version, ts, False, content, key)
-    await tx.put(rec, method, exists_before=cur is not None, patient=patient_key(rtype, rid, resource))
+    await tx.put(rec, method, exists_before=cur is not None, patient=patient_key(rtype, rid, resource),
+                 generated=generated)
     if server.search is not None:
         await server.search.index(tx, rtype, rid, resource, old=cur)
     if rtype in CANONICAL_TYPES:
@@ -247,6 +250,7 @@ async def create(server: Server, ctx: RequestContext, rtype: str, resource: dict
     if rtype == "Bundle" and resource.get("type") == "document" and server.documents is not None:
         # Clinical documents have their own path: profile checks, immutability, index, split, signatures.
         return await server.documents.create(server, ctx, resource, source, tx=tx, rid=rid)
+    generated = rid is None
     rid = rid or new_id()
     ts = now_us()
     stamped = _stamp(resource, rid, 1, ts)
@@ -261,7 +265,7 @@ async def create(server: Server, ctx: RequestContext, rtype: str, resource: dict
             if existing:
                 cur = await t.current(rtype, existing[0])
                 return WriteResult(cur, 200, fhirjson.loads(cur.content) if cur else None)
-        rec = await _store(server, t, rtype, rid, stamped, 1, "POST", None, ts)
+        rec = await _store(server, t, rtype, rid, stamped, 1, "POST", None, ts, generated)
         return WriteResult(rec, 201, stamped, issues)
 
     return await _in_tx(server, tx, work)

@@ -247,6 +247,8 @@ class WriteTx:
         #: resources they write. They run at its end, or before its first other statement (``_isolate``).
         self._sq: list[tuple[str, Any, bool]] = []
         self._sq_keys: set[tuple[str, str]] = set()
+        #: SQLite: resources whose ids were just generated (:func:`new_id`): no row can hold them yet.
+        self._generated: set[tuple[str, str]] = set()
         #: SQLite: the transaction runs inside its own savepoint (it ran statements besides its own writes).
         self.savepoint = False
         self.after_commit: list[Callable[[], Awaitable[None] | None]] = []
@@ -332,7 +334,13 @@ class WriteTx:
 
     def _free(self, raw: sqlite3.Connection) -> bool:
         taken: set[tuple[Any, ...]] = set()
+        generated = self._generated
         for sql_text, params, _many in self._sq:
+            if generated and (sql_text is _SQLITE_INSERT or sql_text is _SQLITE_HISTORY) and (
+                    params[0], params[1]) in generated:
+                # 74 random bits: taken only by a bug, and then the insert fails the whole group, which is
+                # retried (correct, only slower) — not worth two lookups on every create.
+                continue
             if sql_text is _SQLITE_INSERT:
                 key: tuple[Any, ...] = ("r", params[0], params[1])
                 if key in taken or raw.execute(_SQLITE_EXISTS, params[:2]).fetchone() is not None:
@@ -381,9 +389,12 @@ class WriteTx:
         return StoredResource(*row) if row else None
 
     async def put(self, rec: StoredResource, method: str, *, exists_before: bool,
-                  patient: str | None = None, package: str | None = None) -> None:
-        """Write ``rec`` as the current version and append it to the history."""
+                  patient: str | None = None, package: str | None = None, generated: bool = False) -> None:
+        """Write ``rec`` as the current version and append it to the history. ``generated``: its id was just
+        made by :func:`new_id` for this create."""
         if isinstance(self.conn, SyncConn):
+            if generated:
+                self._generated.add((rec.type, rec.id))
             sq = self._sq
             if exists_before:
                 sq.append((_SQLITE_UPDATE, (rec.version, rec.last_updated, rec.deleted, patient, package,
