@@ -50,9 +50,14 @@ PLAN_SHAPES = 512
 @cache
 def _code_key() -> bytes:
     """The extraction code itself: any change to it (an upgrade) makes every stored index key stale."""
-    h = hashlib.blake2b(digest_size=16)
+    from dhp import __version__
+
+    h = hashlib.blake2b(__version__.encode(), digest_size=16)
     for name in ("dhp.search.engine", "dhp.search.extract", "dhp.search.values", "dhp.search.shared"):
-        h.update(Path(sys.modules[name].__file__ or "").read_bytes())
+        try:
+            h.update(Path(sys.modules[name].__file__ or "").read_bytes())
+        except OSError:  # no source next to the module (a frozen build): the version above must do
+            pass
     h.update(importlib.metadata.version("fhirpathpy").encode())
     return h.digest()
 
