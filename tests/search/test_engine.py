@@ -419,3 +419,50 @@ async def test_updates_keep_index_rows_equal_to_a_full_extraction(live: Server) 
             stored = await _stored_rows(live, rtype, rid)
             expected = _as_sets(live.search.rows(rtype, rid, fhirjson.loads(rec.content)))
             assert {k: set(v) for k, v in stored.items()} == expected, res
+
+
+async def test_reindexing_while_updates_go_on_leaves_exact_rows(live: Server,
+                                                                request: pytest.FixtureRequest) -> None:
+    """A full reindex reads each batch in the transaction that rewrites its rows (locked on PostgreSQL), so an
+    update landing meanwhile never has its rows replaced by those of the version before it."""
+    import asyncio
+    import random
+
+    if not live.store.is_sqlite:
+        request.applymarker(pytest.mark.xfail(strict=False, reason=(
+            "open: a lock-free first attempt at an update is one statement whose snapshot is taken before it "
+            "waits for the reindex batch's row lock; its index deletes then miss the rows the batch inserted")))
+
+    from dhp.interactions import crud
+
+    rnd = random.Random(7)
+    rids = []
+    for i in range(12):
+        res = {"resourceType": "Patient", "gender": "male", "name": [{"family": f"Reidx{i}"}],
+               "telecom": [{"system": "phone", "value": f"+9989000{i:05d}"}]}
+        rids.append((await crud.create(live, ctx(), "Patient", res)).rec.id)
+    done = False
+
+    async def updater(k: int) -> None:
+        for n in range(25):
+            rid = rnd.choice(rids)
+            res = {"resourceType": "Patient", "id": rid, "gender": rnd.choice(["male", "female", "other"]),
+                   "name": [{"family": f"Reidx{k}x{n}"}],
+                   "telecom": [{"system": "phone", "value": f"+99891{k}{n:06d}"}]}
+            await crud.update(live, ctx(), "Patient", rid, res)
+            await asyncio.sleep(0)
+
+    async def reindexer() -> None:
+        while not done:
+            await live.search.reindex(live.store, ["Patient"], batch=4)
+
+    task = asyncio.ensure_future(reindexer())
+    await asyncio.gather(*(updater(k) for k in range(3)))
+    done = True
+    await task
+    for rid in rids:
+        rec = await live.store.read("Patient", rid)
+        assert rec is not None
+        stored = await _stored_rows(live, "Patient", rid)
+        expected = _as_sets(live.search.rows("Patient", rid, fhirjson.loads(rec.content)))
+        assert {k: set(v) for k, v in stored.items()} == expected, rid

@@ -350,10 +350,13 @@ async def delete_code_for(conn: AsyncConnection, kind: str, rtype: str, code: st
 
 
 async def scan_resources(conn: AsyncConnection, rtype: str, after_id: str, limit: int) -> list[tuple[str, bytes]]:
-    """Live resources of a type in id order, for reindexing in batches."""
+    """Live resources of a type in id order, for reindexing in batches. Locked until the batch's rows are
+    written (PostgreSQL; SQLite's writer is alone anyway): an update committed in between would otherwise
+    have its new rows replaced by rows of the version read here — and updates only change the rows that
+    differ, so such rows would outlive it."""
     r = resources
     q = (select(r.c.id, r.c.content).where(r.c.type == rtype, r.c.deleted == false(), r.c.id > after_id)
-         .order_by(r.c.id).limit(limit))
+         .order_by(r.c.id).limit(limit).with_for_update())
     return [(row[0], row[1]) for row in (await conn.execute(q)).all()]
 
 

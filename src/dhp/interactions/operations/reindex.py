@@ -45,11 +45,13 @@ async def reindex(call: OperationCall) -> dict[str, Any] | OperationResult:
                                 message_id="search-param-unknown")
     if call.id is not None:
         assert call.resource_type is not None
-        rec = await call.server.store.read(call.resource_type, call.id)
-        if rec is None or rec.deleted:
-            raise FHIRError(404, f"{call.resource_type}/{call.id} is not known", "not-found",
-                            message_id="not-found")
         async with call.server.store.begin() as tx:
+            # Read (and on PostgreSQL lock) the current version in the transaction that writes its rows: an
+            # update landing in between would otherwise get rows of the version before it.
+            rec = await tx.current(call.resource_type, call.id)
+            if rec is None or rec.deleted:
+                raise FHIRError(404, f"{call.resource_type}/{call.id} is not known", "not-found",
+                                message_id="not-found")
             await eng.index(tx, call.resource_type, call.id, fhirjson.loads(rec.content), fresh=False)
         return {"resourceType": "Parameters", "parameter": [
             {"name": "status", "valueCode": "completed"}, {"name": "processed", "valueInteger": 1}]}
