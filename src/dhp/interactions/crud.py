@@ -207,7 +207,7 @@ async def _store(server: Server, tx: WriteTx, rtype: str, rid: str, resource: di
     key = server.search.index_key(rtype) if server.search is not None else None
     rec = StoredResource(rtype, rid, version, ts, False, content, key)
     await tx.put(rec, method, exists_before=cur is not None, patient=patient_key(rtype, rid, resource),
-                 generated=generated)
+                 generated=generated, prev=cur)
     if server.search is not None:
         await server.search.index(tx, rtype, rid, resource, old=cur)
     if rtype in CANONICAL_TYPES:
@@ -379,7 +379,7 @@ async def delete(server: Server, ctx: RequestContext, rtype: str, rid: str, *, i
             authorize(server, ctx, "d", rtype, fhirjson.loads(cur.content))
         ts = now_us()
         rec = StoredResource(rtype, rid, cur.version + 1, ts, True, b"")
-        await t.put(rec, "DELETE", exists_before=True)
+        await t.put(rec, "DELETE", exists_before=True, prev=cur)
         if server.search is not None:
             await server.search.unindex(t, rtype, rid)
         if rtype in CANONICAL_TYPES:

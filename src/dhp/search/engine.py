@@ -587,6 +587,7 @@ class SearchEngine:
                 for k in ([kind] if kind else list(sql.TABLES)):
                     await sql.delete_code_for(tx.conn, k, rtype, code, [i for _t, i in keys])
         await tx.insert_index(rows)
+        await sql.mark_rewritten(tx.conn, rtype, [i for _t, i in keys])
 
     # ------------------------------------------------------------------ restrictions
 

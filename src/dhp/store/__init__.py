@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 CONFORMANCE_EPOCH = "conformance_epoch"
+#: SQLSTATE of the write statement refusing itself: a resource row it updates changed since it was read
+#: (division by zero, raised on purpose: see ``dhp.store.search.flush_statement``).
+ROWS_REWRITTEN = "22012"
 
 
 class StoredResource(NamedTuple):
@@ -331,6 +334,10 @@ class WriteTx:
             await conn.exec_driver_sql(sql_text, params)
         except IntegrityError as e:
             raise ConflictError("a resource in this transaction was written concurrently") from e
+        except DBAPIError as e:
+            if str(getattr(e.orig, "sqlstate", "")) == ROWS_REWRITTEN:
+                raise ConflictError("a reindex rewrote a resource's index rows meanwhile") from e
+            raise
 
     def _free(self, raw: sqlite3.Connection) -> bool:
         taken: set[tuple[Any, ...]] = set()
@@ -389,9 +396,11 @@ class WriteTx:
         return StoredResource(*row) if row else None
 
     async def put(self, rec: StoredResource, method: str, *, exists_before: bool,
-                  patient: str | None = None, package: str | None = None, generated: bool = False) -> None:
+                  patient: str | None = None, package: str | None = None, generated: bool = False,
+                  prev: StoredResource | None = None) -> None:
         """Write ``rec`` as the current version and append it to the history. ``generated``: its id was just
-        made by :func:`new_id` for this create."""
+        made by :func:`new_id` for this create. ``prev``: the version read for this write (PostgreSQL: the write
+        fails as a conflict if a reindex rewrote the resource's rows since — see ``flush_statement``)."""
         if isinstance(self.conn, SyncConn):
             if generated:
                 self._generated.add((rec.type, rec.id))
@@ -414,7 +423,10 @@ class WriteTx:
         p = self._pending
         row = (rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, patient, package, rec.content,
                rec.index_key)
-        (p.updates if exists_before else p.inserts).append(row)
+        if exists_before:
+            p.updates.append((*row, prev.index_key if prev is not None else None, prev is not None))
+        else:
+            p.inserts.append(row)
         p.history.append((rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, method, rec.content))
         p.keys.add(key)
     async def replace_index(self, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
@@ -811,6 +823,10 @@ class Store:
                 raise ConflictError("a resource in this transaction was written concurrently") from e
             except asyncpg.TransactionRollbackError as e:  # deadlock, serialization failure: PostgreSQL
                 raise ConflictError("concurrent writers got in each other's way") from e  # undid it all
+            except asyncpg.PostgresError as e:
+                if getattr(e, "sqlstate", "") == ROWS_REWRITTEN:
+                    raise ConflictError("a reindex rewrote a resource's index rows meanwhile") from e
+                raise
 
     async def _pg_current(self, rtype: str, rid: str) -> StoredResource | None:
         """The current version as the primary has it now (no lock: see ``begin(optimistic=True)``)."""

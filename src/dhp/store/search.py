@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Float,
     Index,
@@ -39,6 +40,7 @@ from sqlalchemy import (
     text,
     true,
     tuple_,
+    update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ColumnElement, Select
@@ -248,7 +250,7 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
     if p.inserts:
         arrays(p.inserts, 9)
     if p.updates:
-        arrays(p.updates, 9)
+        arrays(p.updates, 11)
     if p.history:
         arrays(p.history, 7)
     for k in del_kinds:
@@ -257,6 +259,8 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
         params.append(_json_rows(k, p.index_removed[k]))
     for k in ins_kinds:
         params.append(_json_rows(k, p.index_rows[k]))
+    if p.updates:
+        params.append(len(p.updates))
     sql_text = _flush_sql.get(shape)
     if sql_text is None:
         n = 0
@@ -276,9 +280,15 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
         if p.inserts:
             ctes.append(f"ri AS (INSERT INTO resources ({names}) SELECT * FROM {unnest(rcols)} RETURNING 1)")
         if p.updates:
+            # A row read for this write (u.checked) must still carry the index key it was read with: a reindex
+            # batch marks the rows it rewrites. This statement's snapshot may predate that batch's commit (it
+            # waited for the row lock), so its index deletes would miss the batch's rows; it refuses itself
+            # instead (below) and is retried with the lock.
             sets = ", ".join(f"{c.name} = u.{c.name}" for c in rcols[2:])
-            ctes.append(f"ru AS (UPDATE resources r SET {sets} FROM {unnest(rcols)} AS u({names}) "
-                        "WHERE r.type = u.type AND r.id = u.id RETURNING 1)")
+            extra = [Column("prev_key", BigInteger), Column("checked", Boolean)]
+            ctes.append(f"ru AS (UPDATE resources r SET {sets} FROM {unnest([*rcols, *extra])} "
+                        f"AS u({names}, prev_key, checked) WHERE r.type = u.type AND r.id = u.id "
+                        "AND (NOT u.checked OR r.index_key IS NOT DISTINCT FROM u.prev_key) RETURNING 1)")
         if p.history:
             hcols = [history.c[c] for c in ("type", "id", "version", "last_updated", "deleted", "method",
                                             "content")]
@@ -312,7 +322,12 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
         # The main query reads the resources rows' CTEs, so they run first and every writer takes the
         # resource's row (or key) lock before its history and index rows: unreferenced CTEs run afterwards,
         # so two writers of one resource queue on that lock instead of deadlocking on history's unique key.
-        first = [f"(SELECT count(*) FROM {c})" for c, on in (("ri", p.inserts), ("ru", p.updates)) if on]
+        first = ["(SELECT count(*) FROM ri)"] if p.inserts else []
+        if p.updates:
+            # Fewer rows updated than sent: division by zero (SQLSTATE 22012, dhp.store.ROWS_REWRITTEN) undoes
+            # the whole statement. Not a constant expression, so the planner cannot fold it.
+            n += 1
+            first.append(f"1 / ((SELECT count(*) FROM ru) = ${n}::bigint)::int")
         sql_text = "WITH " + ",\n".join(ctes) + "\nSELECT " + (" + ".join(first) or "1")
         _flush_sql[shape] = sql_text
     return sql_text, tuple(params)
@@ -358,6 +373,17 @@ async def scan_resources(conn: AsyncConnection, rtype: str, after_id: str, limit
     q = (select(r.c.id, r.c.content).where(r.c.type == rtype, r.c.deleted == false(), r.c.id > after_id)
          .order_by(r.c.id).limit(limit).with_for_update())
     return [(row[0], row[1]) for row in (await conn.execute(q)).all()]
+
+
+async def mark_rewritten(conn: AsyncConnection, rtype: str, ids: Sequence[str]) -> None:
+    """Give resources whose index rows a reindex just rewrote a fresh index key (random, negative: no extraction
+    has it). A write that read one of them before fails instead of changing rows it never saw (see
+    :func:`flush_statement`); the next update replaces all its rows and stores the real key."""
+    import secrets
+
+    r = resources
+    await conn.execute(update(r).where(r.c.type == rtype, r.c.id.in_(list(ids)))
+                       .values(index_key=-1 - secrets.randbits(62)))
 
 
 async def count_type(conn: AsyncConnection, rtype: str) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 from dhp import fhirjson
 from dhp.errors import FHIRError
 from dhp.interactions.operations import OperationCall, OperationResult, operation
+from dhp.store import search as sql
 
 _background: set[asyncio.Task[Any]] = set()
 
@@ -53,6 +54,7 @@ async def reindex(call: OperationCall) -> dict[str, Any] | OperationResult:
                 raise FHIRError(404, f"{call.resource_type}/{call.id} is not known", "not-found",
                                 message_id="not-found")
             await eng.index(tx, call.resource_type, call.id, fhirjson.loads(rec.content), fresh=False)
+            await sql.mark_rewritten(tx.conn, call.resource_type, [call.id])
         return {"resourceType": "Parameters", "parameter": [
             {"name": "status", "valueCode": "completed"}, {"name": "processed", "valueInteger": 1}]}
     if call.resource_type:
