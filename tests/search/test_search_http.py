@@ -583,6 +583,11 @@ def test_search_parameter_created_through_the_api(fhir: httpx.Client, search_ser
     assert r.status_code == 200, r.text
     assert ids(get(fhir, "/Patient?nickname=bahod")) == ["nick-old"]
     assert ids(get(fhir, "/Patient?nickname=ba&_sort=nickname")) == ["nick-old", "nick-new"]
+    r = fhir.post("/Patient/nick-new/$reindex", json={"resourceType": "Parameters"}, headers=H)
+    assert r.status_code == 200, r.text
+    assert ids(get(fhir, "/Patient?nickname=bahr")) == ["nick-new"]
+    assert fhir.post("/Patient/no-such-one/$reindex", json={"resourceType": "Parameters"},
+                     headers=H).status_code == 404
     r = fhir.post("/$reindex", json={"resourceType": "Parameters",
                                      "parameter": [{"name": "mode", "valueString": "status"}]}, headers=H)
     assert r.status_code == 200, r.text

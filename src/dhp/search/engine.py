@@ -513,6 +513,11 @@ class SearchEngine:
         of a parameter since removed must go too. On PostgreSQL they join the transaction's one statement."""
         await tx.replace_index(rtype, rid, {}, tuple(sql.TABLES), fresh=False)
 
+    async def reindex_one(self, tx: Any, rtype: str, rid: str, resource: dict[str, Any]) -> None:
+        """Rewrite all of one resource's rows (instance ``$reindex``), marked as rewritten like a batch's."""
+        await self.index(tx, rtype, rid, resource, fresh=False)
+        await sql.mark_rewritten(tx.conn, rtype, [rid])
+
     async def index_many(self, tx: Any, items: list[tuple[str, str, bytes | dict[str, Any]]], *,
                          fresh: bool = True) -> None:
         """Index many resources at once (package install, reindex, audit events): their stored JSON, or the

@@ -15,7 +15,6 @@ from typing import Any
 from dhp import fhirjson
 from dhp.errors import FHIRError
 from dhp.interactions.operations import OperationCall, OperationResult, operation
-from dhp.store import search as sql
 
 _background: set[asyncio.Task[Any]] = set()
 
@@ -53,8 +52,7 @@ async def reindex(call: OperationCall) -> dict[str, Any] | OperationResult:
             if rec is None or rec.deleted:
                 raise FHIRError(404, f"{call.resource_type}/{call.id} is not known", "not-found",
                                 message_id="not-found")
-            await eng.index(tx, call.resource_type, call.id, fhirjson.loads(rec.content), fresh=False)
-            await sql.mark_rewritten(tx.conn, call.resource_type, [call.id])
+            await eng.reindex_one(tx, call.resource_type, call.id, fhirjson.loads(rec.content))
         return {"resourceType": "Parameters", "parameter": [
             {"name": "status", "valueCode": "completed"}, {"name": "processed", "valueInteger": 1}]}
     if call.resource_type:
