@@ -52,6 +52,13 @@ CONFORMANCE_EPOCH = "conformance_epoch"
 ROWS_REWRITTEN = "22012"
 
 
+def _rewritten(sqlstate: Any) -> ConflictError | None:
+    """The conflict a PostgreSQL write statement reports by refusing itself (``ROWS_REWRITTEN``), else None."""
+    if str(sqlstate or "") == ROWS_REWRITTEN:
+        return ConflictError("a reindex rewrote a resource's index rows meanwhile")
+    return None
+
+
 class StoredResource(NamedTuple):
     type: str
     id: str
@@ -335,8 +342,8 @@ class WriteTx:
         except IntegrityError as e:
             raise ConflictError("a resource in this transaction was written concurrently") from e
         except DBAPIError as e:
-            if str(getattr(e.orig, "sqlstate", "")) == ROWS_REWRITTEN:
-                raise ConflictError("a reindex rewrote a resource's index rows meanwhile") from e
+            if (err := _rewritten(getattr(e.orig, "sqlstate", None))) is not None:
+                raise err from e
             raise
 
     def _free(self, raw: sqlite3.Connection) -> bool:
@@ -824,8 +831,8 @@ class Store:
             except asyncpg.TransactionRollbackError as e:  # deadlock, serialization failure: PostgreSQL
                 raise ConflictError("concurrent writers got in each other's way") from e  # undid it all
             except asyncpg.PostgresError as e:
-                if getattr(e, "sqlstate", "") == ROWS_REWRITTEN:
-                    raise ConflictError("a reindex rewrote a resource's index rows meanwhile") from e
+                if (err := _rewritten(getattr(e, "sqlstate", None))) is not None:
+                    raise err from e
                 raise
 
     async def _pg_current(self, rtype: str, rid: str) -> StoredResource | None:
