@@ -66,12 +66,13 @@ def serve(
     console.print(f"[green]ready in {time.perf_counter() - started:.1f}s[/] — FHIR base "
                   f"{settings.base_url or f'http://{host}:{port}/fhir'}")
     if workers > 1:
-        uvicorn.run("dhp.api.app:create_app", factory=True, host=host, port=port, workers=workers,
+        uvicorn.run("dhp.api.app:create_process_app", factory=True, host=host, port=port, workers=workers,
                     log_level=settings.log_level, proxy_headers=True)
     else:
         from dhp.api import create_app
 
-        uvicorn.run(create_app(settings, registry), host=host, port=port, log_level=settings.log_level, proxy_headers=True)
+        uvicorn.run(create_app(settings, registry, own_process=True), host=host, port=port,
+                    log_level=settings.log_level, proxy_headers=True)
 
 
 async def _prepare(settings: Settings) -> Any:

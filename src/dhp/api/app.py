@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import logging
 from collections.abc import AsyncIterator
@@ -73,7 +74,31 @@ def _auth_module(settings: Settings) -> Any:
     return auth
 
 
-def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastPath:
+#: Net new objects between two collections of the youngest generation (CPython's default: 700). Under load
+#: the objects alive at any moment are mostly the requests in flight (parsed bodies, index rows, statements),
+#: and each collection walks all of them: with 700 a busy server collected every few requests.
+GC_THRESHOLD = (20_000, 20, 20)
+
+
+def settle_heap() -> None:
+    """For a process that serves one app for its life, once start-up is done: what start-up built (package
+    definitions, compiled expressions, caches) is frozen out of the collector's sight (``gc.freeze``), so
+    that full collections stop walking it — they took ~80 ms each, every few seconds under load — and the
+    youngest generation is collected less often. Not for processes that build many apps (tests): frozen
+    objects are never freed."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
+def create_process_app() -> FastPath:
+    """The app of a server process (``dhp serve --workers N`` starts each worker with this factory)."""
+    return create_app(own_process=True)
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None, *,
+               own_process: bool = False) -> FastPath:
+    """``own_process``: this app is the process's only one, for its whole life (see :func:`settle_heap`)."""
     settings = settings or Settings.from_env()
     fhir = FHIRApp()
     auth = _auth_module(settings)
@@ -100,6 +125,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         else:
             log.warning("DHP_AUTH=off: the FHIR API is open to anyone who can reach it")
         fhir.server = server
+        if own_process:
+            settle_heap()
         try:
             yield
         finally:
