@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
 
 from tests.pgserver import free_port
+from tests.serving import wait_serving
 
 _PROBE = textwrap.dedent("""
     import asyncio, gc, sys
@@ -72,16 +72,7 @@ def test_serve_with_several_workers(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "dhp.cli", "serve", "--port", str(port), "--workers", "2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "dhp serve --workers 2 did not start"
-            time.sleep(0.2)
+        wait_serving(proc, port)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}/fhir", timeout=30) as c:
             ids = []
             for i in range(20):  # a new connection each: either worker may answer; both write one database

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from tests.pgserver import free_port
+from tests.serving import wait_serving
 
 
 def test_dhp_serve_starts_prints_admin_client_and_serves(tmp_path: Path) -> None:
@@ -21,16 +21,7 @@ def test_dhp_serve_starts_prints_admin_client_and_serves(tmp_path: Path) -> None
     proc = subprocess.Popen([sys.executable, "-m", "dhp.cli", "serve", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "dhp serve did not start"
-            time.sleep(0.2)
+        wait_serving(proc, port)
         cs = httpx.get(f"http://127.0.0.1:{port}/fhir/metadata", timeout=30)
         assert cs.status_code == 200 and cs.json()["fhirVersion"] == "5.0.0"
         # auth is on by default: the API wants a token, and the admin client was printed once
@@ -45,16 +36,7 @@ def test_dhp_serve_starts_prints_admin_client_and_serves(tmp_path: Path) -> None
     proc2 = subprocess.Popen([sys.executable, "-m", "dhp.cli", "serve", "--port", str(port)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc2.poll() is None
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.2)
+        wait_serving(proc2, port)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             t = c.post("/oauth/token", data={"grant_type": "client_credentials",
                                              "client_id": lines["client_id"].strip(),

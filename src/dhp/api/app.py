@@ -85,7 +85,7 @@ def settle_heap() -> None:
     definitions, compiled expressions, caches) is frozen out of the collector's sight (``gc.freeze``), so
     that full collections stop walking it — they took ~80 ms each, every few seconds under load — and the
     youngest generation is collected less often. Not for processes that build many apps (tests): frozen
-    objects are never freed."""
+    objects are freed by reference counting only, never by the collector."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
