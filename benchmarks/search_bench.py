@@ -9,9 +9,12 @@ What it does, in one run:
 2. loads organizations, practitioners, patients (PINFL, Latin + Cyrillic names, mahalla-coded addresses),
    encounters and observations (LOINC, UCUM) as transaction Bundles, with a progress bar: the load rate;
 3. times each query kind over HTTP (p50/p95, ms) against the issue's targets;
-4. measures create throughput with search indexing and without (same process, same database kind, the
-   interaction layer without HTTP), with one writer and with eight at once — the ratio is what the issue
-   bounds at >= 50%.
+4. measures create throughput with search indexing and without — the ratio is what the issue bounds at
+   >= 50% — two ways: over HTTP (how clients create: ``wrk`` against a server process with indexing and one
+   with the search engine detached, ``benchmarks/noindex_app.py``, rounds alternating), and in-process (the
+   interaction layer without HTTP, one writer and eight at once), where indexing is a larger share.
+
+``--creates-only`` skips the load and the queries (step 4 alone, on fresh databases).
 
 Profile validation is off for the load (it measures search and storage, not validation).
 """
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,12 +60,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(db_url: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(db_url: str, log: Path, app: str = "dhp.api:create_app") -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "DHP_DATABASE_URL": db_url, "DHP_AUTH": "off", "DHP_VALIDATION": "off",
-           "DHP_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT / "src")}
+           "DHP_LOG_LEVEL": "warning", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'benchmarks'}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "dhp.api:create_app", "--factory", "--host", "127.0.0.1",
+        [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning", "--no-access-log"],
         env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/fhir"
@@ -300,7 +304,85 @@ async def create_throughput(db_url: str, n: int, rounds: int, concurrency: int) 
     return statistics.median(with_idx), statistics.median(without)
 
 
+_LUA_CREATES = """
+local bodies = {%s}
+local paths = {%s}
+local i = 0
+request = function()
+  i = i %% #bodies + 1
+  return wrk.format("POST", paths[i], {["Content-Type"] = "application/fhir+json"}, bodies[i])
+end
+"""
+
+
+def http_create_throughput(new_db: Any, tmp: Path, n: int, rounds: int, duration: int, connections: int,
+                           ) -> tuple[float, float, int]:
+    """Creates/s over HTTP with indexing and without (median of ``rounds`` alternating wrk runs), and the
+    number of failed requests. Two server processes, each on its own fresh database, run side by side; only
+    one is loaded at a time. Both are server processes as ``dhp serve --workers N`` starts them."""
+    import orjson
+    from rest_bench import wrk
+
+    gen = Generator(Sizes(patients=max(n // 10, 1)), seed=99)
+    items = []
+    for i in range(max(n // 10, 1)):
+        items.append(gen.patient(i))
+        items.extend(list(gen.clinical(i))[:9])
+    bodies, paths = [], []
+    for r in items:
+        r = {k: v for k, v in r.items() if k != "id"}
+        bodies.append("[==[" + orjson.dumps(r).decode() + "]==]")
+        paths.append(f'"/fhir/{r["resourceType"]}"')
+    script = _LUA_CREATES % (",\n".join(bodies), ", ".join(paths))
+    servers = {}
+    try:
+        for name, app in (("with", "dhp.api.app:create_process_app"), ("without", "noindex_app:create_app")):
+            proc, base = start_server(new_db(f"http_{name}"), tmp / f"server_{name}.log", app)
+            servers[name] = (proc, base.removesuffix("/fhir"))
+        got: dict[str, list[float]] = {"with": [], "without": []}
+        errors = 0
+        for _p, base in servers.values():
+            wrk(base + "/fhir", script, 3, connections)  # warm-up
+        for _ in range(rounds):
+            for name, (_p, base) in servers.items():
+                r = wrk(base + "/fhir", script, duration, connections)
+                got[name].append(r["rps"])
+                errors += int(r["errors"])
+    finally:
+        for proc, _b in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    return statistics.median(got["with"]), statistics.median(got["without"]), errors
+
+
 # ------------------------------------------------------------------ main
+
+def run_data_set(args: argparse.Namespace, new_db: Any, tmp: Path, get_pg: Any) -> tuple[int, float, list[dict[str, Any]]]:
+    """Load the data set (unless ``--skip-load``) and time the queries over HTTP."""
+    db_url = args.db_url or new_db("bench")
+    pg = get_pg()
+    console.print(f"[bold]DHP search benchmark[/] — {args.patients:,} patients on {args.backend}")
+    t0 = time.perf_counter()
+    proc, base = start_server(db_url, tmp / "server.log")
+    console.print(f"server up in {time.perf_counter() - t0:.1f}s (package install and indexing included)")
+    try:
+        gen = Generator(Sizes(args.patients, args.encounters_per_patient, args.observations_per_patient),
+                        args.seed)
+        if args.skip_load:
+            total, secs = replay(gen), float("nan")
+        else:
+            total, secs = asyncio.run(load(base, gen, args.batch, args.workers))
+            console.print(f"loaded {total:,} resources in {secs:.0f}s: "
+                          f"[bold]{total / secs:,.0f} resources/s[/]")
+        if args.backend == "pg":
+            # Fresh tables: statistics and a merged GIN pending list, as autovacuum gives shortly after a load.
+            subprocess.run([str(pg.bindir / "psql") if pg else "psql", db_url.replace("+asyncpg", ""),
+                            "-q", "-c", "VACUUM ANALYZE"], check=False, capture_output=True)
+        return total, secs, run_queries(base, gen, args.reps, args.pages, args.seed)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,6 +401,9 @@ def main() -> None:
     ap.add_argument("--skip-load", action="store_true",
                     help="the database (--db-url) already holds this data set: only time the queries")
     ap.add_argument("--skip-creates", action="store_true", help="leave out the create-throughput comparison")
+    ap.add_argument("--creates-only", action="store_true", help="only the create-throughput comparison")
+    ap.add_argument("--http-duration", type=int, default=8, help="seconds per HTTP create round")
+    ap.add_argument("--connections", type=int, default=32, help="concurrent HTTP connections for creates")
     args = ap.parse_args()
 
     pg = None
@@ -335,31 +420,19 @@ def main() -> None:
             pg.start()
         return pg.create_db(f"{name}_{uuid.uuid4().hex[:6]}")
 
+    results: list[dict[str, Any]] = []
+    total, secs = 0, float("nan")
+    creates: dict[int, tuple[float, float]] = {}
+    http: tuple[float, float, int] | None = None
     try:
-        db_url = args.db_url or new_db("bench")
-        console.print(f"[bold]DHP search benchmark[/] — {args.patients:,} patients on {args.backend}")
-        t0 = time.perf_counter()
-        proc, base = start_server(db_url, tmp / "server.log")
-        console.print(f"server up in {time.perf_counter() - t0:.1f}s (package install and indexing included)")
-        try:
-            gen = Generator(Sizes(args.patients, args.encounters_per_patient, args.observations_per_patient),
-                            args.seed)
-            if args.skip_load:
-                total, secs = replay(gen), float("nan")
-            else:
-                total, secs = asyncio.run(load(base, gen, args.batch, args.workers))
-                console.print(f"loaded {total:,} resources in {secs:.0f}s: "
-                              f"[bold]{total / secs:,.0f} resources/s[/]")
-            if args.backend == "pg":
-                # Fresh tables: statistics and a merged GIN pending list, as autovacuum gives shortly after a load.
-                subprocess.run([str(pg.bindir / "psql") if pg else "psql", db_url.replace("+asyncpg", ""),
-                                "-q", "-c", "VACUUM ANALYZE"], check=False, capture_output=True)
-            results = run_queries(base, gen, args.reps, args.pages, args.seed)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        creates: dict[int, tuple[float, float]] = {}
+        if not args.creates_only:
+            total, secs, results = run_data_set(args, new_db, tmp, lambda: pg)
         if not args.skip_creates:
+            if shutil.which("wrk"):
+                http = http_create_throughput(new_db, tmp, args.creates, args.rounds, args.http_duration,
+                                              args.connections)
+            else:
+                console.print("[yellow]wrk not found (apt-get install wrk): no HTTP create measurement[/]")
             for conc in (1, 8):
                 creates[conc] = asyncio.run(create_throughput(new_db(f"creates{conc}"), args.creates, args.rounds,
                                                               conc))
@@ -367,28 +440,37 @@ def main() -> None:
         if pg is not None:
             pg.stop()
 
-    table = Table(title=f"Search latency over HTTP — {args.patients:,} patients, {total:,} resources, "
-                        f"{args.backend}")
-    for col in ("query", "n", "p50 ms", "p95 ms", "target p95", "ok", "entries/page"):
-        table.add_column(col)
     lines = ["| query | n | p50 ms | p95 ms | target p95 ms | met |", "|---|---|---|---|---|---|"]
-    for r in results:
-        target = COMPLEX_TARGET_MS if r["complex"] else SINGLE_TARGET_MS
-        ok = r["p95"] <= target
-        table.add_row(r["kind"], str(r["n"]), f"{r['p50']:.1f}", f"{r['p95']:.1f}", f"{target:.0f}",
-                      "yes" if ok else "NO", f"{r['avg_entries']:.1f}")
-        lines.append(f"| {r['kind']} | {r['n']} | {r['p50']:.1f} | {r['p95']:.1f} | {target:.0f} | "
-                     f"{'yes' if ok else 'no'} |")
-    console.print(table)
+    if results:
+        table = Table(title=f"Search latency over HTTP — {args.patients:,} patients, {total:,} resources, "
+                            f"{args.backend}")
+        for col in ("query", "n", "p50 ms", "p95 ms", "target p95", "ok", "entries/page"):
+            table.add_column(col)
+        for r in results:
+            target = COMPLEX_TARGET_MS if r["complex"] else SINGLE_TARGET_MS
+            ok = r["p95"] <= target
+            table.add_row(r["kind"], str(r["n"]), f"{r['p50']:.1f}", f"{r['p95']:.1f}", f"{target:.0f}",
+                          "yes" if ok else "NO", f"{r['avg_entries']:.1f}")
+            lines.append(f"| {r['kind']} | {r['n']} | {r['p50']:.1f} | {r['p95']:.1f} | {target:.0f} | "
+                         f"{'yes' if ok else 'no'} |")
+        console.print(table)
+    if http is not None:
+        w, wo, errs = http
+        console.print(f"create throughput over HTTP ({args.connections} connections): {w:,.0f}/s with indexing, "
+                      f"{wo:,.0f}/s without (ceiling) → [bold]{w / wo:.0%}[/] (target >= 50%), {errs} errors")
     for conc, (with_idx, without) in creates.items():
         ratio = with_idx / without if without else float("nan")
-        console.print(f"create throughput, {conc} writer(s): {with_idx:,.0f}/s with indexing, {without:,.0f}/s "
-                      f"without (ceiling) → [bold]{ratio:.0%}[/] (target >= 50%)")
-    console.print(f"load rate: {total / secs:,.0f} resources/s ({total:,} in {secs:.0f}s, "
-                  f"{args.batch}-resource transactions, {args.workers} concurrent)")
-    print("\n".join(lines))
+        console.print(f"create throughput in-process, {conc} writer(s): {with_idx:,.0f}/s with indexing, "
+                      f"{without:,.0f}/s without (ceiling) → [bold]{ratio:.0%}[/] (target >= 50%)")
+    if results:
+        console.print(f"load rate: {total / secs:,.0f} resources/s ({total:,} in {secs:.0f}s, "
+                      f"{args.batch}-resource transactions, {args.workers} concurrent)")
+        print("\n".join(lines))
+    if http is not None:
+        print(f"create over HTTP: with indexing {http[0]:.0f}/s, without {http[1]:.0f}/s, "
+              f"ratio {http[0] / http[1]:.2f}, errors {http[2]}")
     for conc, (with_idx, without) in creates.items():
-        print(f"create, {conc} writer(s): with indexing {with_idx:.0f}/s, without {without:.0f}/s, "
+        print(f"create in-process, {conc} writer(s): with indexing {with_idx:.0f}/s, without {without:.0f}/s, "
               f"ratio {with_idx / without:.2f}")
 
 
