@@ -153,6 +153,39 @@ def test_failed_writers_leave_the_others_committed(backend: str, new_db_url: Cal
     assert present == [f"w{i}" for i in range(30) if i % 3 == 0]
 
 
+def test_sqlite_writers_arriving_over_several_passes_share_one_commit(new_db_url: Callable[[str], str]) -> None:
+    """A group commit stays open while writers keep joining it (over HTTP a request reaches its write a pass of
+    the event loop after it is read): twenty writers starting over four passes are committed together, and
+    one writer at a time still gets its own commit."""
+
+    async def run() -> tuple[tuple[int, int], int, list[str]]:
+        store = Store(new_db_url("sqlite"))
+        await store.open()
+        try:
+            async def writer(i: int) -> None:
+                for _ in range(i % 4):
+                    await asyncio.sleep(0)
+                async with store.begin() as tx:
+                    await tx.put(basic(f"s{i}"), "POST", exists_before=False)
+
+            c0, m0 = store.group_commits.commits, store.group_commits.members
+            await asyncio.gather(*(writer(i) for i in range(20)))
+            c1, m1 = store.group_commits.commits, store.group_commits.members
+            for i in range(3):
+                async with store.begin() as tx:
+                    await tx.put(basic(f"one{i}"), "POST", exists_before=False)
+            ids = [f"s{i}" for i in range(20)] + [f"one{i}" for i in range(3)]
+            present = [i for i in ids if await store.read("Basic", i) is not None]
+            return (c1 - c0, m1 - m0), store.group_commits.commits - c1, present
+        finally:
+            await store.close()
+
+    together, alone, present = asyncio.run(run())
+    assert together == (1, 20)
+    assert alone == 3
+    assert len(present) == 23
+
+
 def test_sqlite_a_generated_id_found_taken_fails_its_group_which_is_retried(new_db_url: Callable[[str], str]) -> None:
     """Creates with freshly generated ids skip the check that their rows are free; should one be taken after
     all, the shared commit is undone whole and every member retried — nothing is lost or overwritten."""
