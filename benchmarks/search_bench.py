@@ -348,6 +348,8 @@ def http_create_throughput(new_db: Any, tmp: Path, n: int, rounds: int, duration
                 r = wrk(base + "/fhir", script, duration, connections)
                 got[name].append(r["rps"])
                 errors += int(r["errors"])
+                console.print(f"  HTTP creates, {name} indexing: {r['rps']:,.0f}/s (p50 {r['p50_ms']:.1f} ms, "
+                              f"p99 {r['p99_ms']:.1f} ms, {int(r['errors'])} errors)")
     finally:
         for proc, _b in servers.values():
             proc.terminate()
