@@ -256,6 +256,11 @@ def run_queries(base: str, gen: Generator, reps: int, pages: int, seed: int) -> 
 
 # ------------------------------------------------------------------ create throughput with / without indexing
 
+def create_mix(gen: Generator, i: int) -> list[dict[str, Any]]:
+    """The resources the create measurements post per patient: the Patient and nine of its clinical ones."""
+    return [gen.patient(i), *list(gen.clinical(i))[:9]]
+
+
 async def create_throughput(db_url: str, n: int, rounds: int, concurrency: int) -> tuple[float, float]:
     """Creates/s with the search engine attached and detached, ``concurrency`` writers at once (a server has
     many clients; one at a time shows the latency-bound case). Rounds alternate so both see the same load."""
@@ -279,10 +284,8 @@ async def create_throughput(db_url: str, n: int, rounds: int, concurrency: int) 
         server.search = engine if indexing else None
         items = []
         for _ in range(n // 10):
-            i = counter
+            items.extend(create_mix(gen, counter))
             counter += 1
-            items.append(gen.patient(i))
-            items.extend(list(gen.clinical(i))[:9])
         queue = list(reversed(items))
 
         async def writer() -> None:
@@ -324,10 +327,7 @@ def http_create_throughput(new_db: Any, tmp: Path, n: int, rounds: int, duration
     from rest_bench import wrk
 
     gen = Generator(Sizes(patients=max(n // 10, 1)), seed=99)
-    items = []
-    for i in range(max(n // 10, 1)):
-        items.append(gen.patient(i))
-        items.extend(list(gen.clinical(i))[:9])
+    items = [r for i in range(max(n // 10, 1)) for r in create_mix(gen, i)]
     bodies, paths = [], []
     for r in items:
         r = {k: v for k, v in r.items() if k != "id"}
@@ -359,10 +359,10 @@ def http_create_throughput(new_db: Any, tmp: Path, n: int, rounds: int, duration
 
 # ------------------------------------------------------------------ main
 
-def run_data_set(args: argparse.Namespace, new_db: Any, tmp: Path, get_pg: Any) -> tuple[int, float, list[dict[str, Any]]]:
+def run_data_set(args: argparse.Namespace, new_db: Any, tmp: Path, vacuum: Any,
+                 ) -> tuple[int, float, list[dict[str, Any]]]:
     """Load the data set (unless ``--skip-load``) and time the queries over HTTP."""
     db_url = args.db_url or new_db("bench")
-    pg = get_pg()
     console.print(f"[bold]DHP search benchmark[/] — {args.patients:,} patients on {args.backend}")
     t0 = time.perf_counter()
     proc, base = start_server(db_url, tmp / "server.log")
@@ -377,9 +377,7 @@ def run_data_set(args: argparse.Namespace, new_db: Any, tmp: Path, get_pg: Any) 
             console.print(f"loaded {total:,} resources in {secs:.0f}s: "
                           f"[bold]{total / secs:,.0f} resources/s[/]")
         if args.backend == "pg":
-            # Fresh tables: statistics and a merged GIN pending list, as autovacuum gives shortly after a load.
-            subprocess.run([str(pg.bindir / "psql") if pg else "psql", db_url.replace("+asyncpg", ""),
-                            "-q", "-c", "VACUUM ANALYZE"], check=False, capture_output=True)
+            vacuum(db_url)
         return total, secs, run_queries(base, gen, args.reps, args.pages, args.seed)
     finally:
         proc.terminate()
@@ -422,13 +420,18 @@ def main() -> None:
             pg.start()
         return pg.create_db(f"{name}_{uuid.uuid4().hex[:6]}")
 
+    def vacuum(db_url: str) -> None:
+        # Fresh tables: statistics and a merged GIN pending list, as autovacuum gives shortly after a load.
+        subprocess.run([str(pg.bindir / "psql") if pg else "psql", db_url.replace("+asyncpg", ""),
+                        "-q", "-c", "VACUUM ANALYZE"], check=False, capture_output=True)
+
     results: list[dict[str, Any]] = []
     total, secs = 0, float("nan")
     creates: dict[int, tuple[float, float]] = {}
     http: tuple[float, float, int] | None = None
     try:
         if not args.creates_only:
-            total, secs, results = run_data_set(args, new_db, tmp, lambda: pg)
+            total, secs, results = run_data_set(args, new_db, tmp, vacuum)
         if not args.skip_creates:
             if shutil.which("wrk"):
                 http = http_create_throughput(new_db, tmp, args.creates, args.rounds, args.http_duration,
