@@ -6,7 +6,9 @@ machine, so client cost is in both numbers alike.
 
     python benchmarks/rest_bench.py [--backend sqlite|pg|both] [--duration 10] [--connections 32]
 
-Prints absolute requests/s, p50/p99 latency, errors and the ratio to the ceiling, plus start-up time.
+Prints absolute requests/s, p50/p99 latency, errors and the ratio to the ceiling, plus start-up time, and
+the CPU each request cost the server process and (PostgreSQL) the database server: where the time goes, in
+numbers that a busy machine distorts less than requests/s.
 """
 
 from __future__ import annotations
@@ -90,6 +92,34 @@ end
 """
 
 
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """CPU time (user + system) used so far by process ``pid``; ``children``: also by its live children and
+    the ones it has reaped (PostgreSQL's backends are the postmaster's children)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def stat(p: int) -> list[str]:
+        # Fields after the command name, which may contain spaces: state is [0], utime [11], cutime [13].
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+
+    try:
+        st = stat(pid)
+    except OSError:
+        return 0.0
+    total = int(st[11]) + int(st[12])
+    if children:
+        total += int(st[13]) + int(st[14])
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    cst = stat(int(entry))
+                except OSError:
+                    continue
+                if int(cst[1]) == pid:
+                    total += int(cst[11]) + int(cst[12])
+    return total / ticks
+
+
 def _ms(text: str) -> float:
     m = re.match(r"([\d.]+)(us|ms|s)", text)
     if not m:
@@ -119,6 +149,18 @@ def wrk(url: str, script: str | None, duration: int, connections: int) -> dict[s
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors, "requests": total}
 
 
+def measured(url: str, script: str | None, duration: int, connections: int, server_pid: int,
+             db_pid: int | None) -> dict[str, float]:
+    """A wrk run, plus the server's (and the database server's) CPU per request over it."""
+    s0, d0 = cpu_seconds(server_pid), cpu_seconds(db_pid, children=True) if db_pid else 0.0
+    r = wrk(url, script, duration, connections)
+    s1, d1 = cpu_seconds(server_pid), cpu_seconds(db_pid, children=True) if db_pid else 0.0
+    n = max(r["requests"], 1)
+    r["server_cpu_us"] = (s1 - s0) / n * 1e6
+    r["db_cpu_us"] = (d1 - d0) / n * 1e6 if db_pid else float("nan")
+    return r
+
+
 def run_backend(backend: str, duration: int, connections: int) -> dict[str, object]:
     pg = None
     tmpdir = Path(tempfile.mkdtemp(prefix="dhp-bench-"))
@@ -135,6 +177,11 @@ def run_backend(backend: str, duration: int, connections: int) -> dict[str, obje
         stop(proc)
         proc, warm = start_server(db_url, port)
         base = f"http://127.0.0.1:{port}"
+        db_pid = int((pg.dir / "data" / "postmaster.pid").read_text().split()[0]) if pg else None
+
+        def run(url: str, script: str | None) -> dict[str, float]:
+            return measured(url, script, duration, connections, proc.pid, db_pid)
+
         try:
             ids = []
             with httpx.Client(base_url=base + "/fhir", headers={"Content-Type": "application/fhir+json"}) as c:
@@ -145,15 +192,15 @@ def run_backend(backend: str, duration: int, connections: int) -> dict[str, obje
             id_list = ",".join(f'"{i}"' for i in ids)
             results: dict[str, dict[str, float]] = {}
             wrk(base + "/healthz", None, 2, connections)  # warm-up
-            results["ceiling"] = wrk(base + "/healthz", None, duration, connections)
-            results["read"] = wrk(base, _LUA_READ % id_list, duration, connections)
+            results["ceiling"] = run(base + "/healthz", None)
+            results["read"] = run(base, _LUA_READ % id_list)
             body = json.dumps(PATIENT)
-            results["create"] = wrk(base + "/fhir/Patient", _LUA_CREATE % body, duration, connections)
+            results["create"] = run(base + "/fhir/Patient", _LUA_CREATE % body)
             upd = json.dumps({**PATIENT, "id": "@@ID@@", "telecom": [{"system": "phone", "value": "@@PHONE@@"}]})
             pre, rest = upd.split("@@ID@@")
             mid, post = rest.split("@@PHONE@@")
-            results["update"] = wrk(base, _LUA_UPDATE % (id_list, pre, mid, post), duration, connections)
-            results["ceiling_after"] = wrk(base + "/healthz", None, duration, connections)
+            results["update"] = run(base, _LUA_UPDATE % (id_list, pre, mid, post))
+            results["ceiling_after"] = run(base + "/healthz", None)
         finally:
             stop(proc)
         return {"backend": backend, "first_start_s": first, "warm_start_s": warm, "results": results}
@@ -169,17 +216,25 @@ def report(run: dict[str, object]) -> str:
     lines = [f"### {run['backend']}",
              f"start-up: first run {run['first_start_s']:.1f} s (migrations + package install), "
              f"warm {run['warm_start_s']:.1f} s", "",
-             "| interaction | req/s | p50 ms | p99 ms | errors | ratio to ceiling | target |",
-             "|---|---|---|---|---|---|---|",
+             "| interaction | req/s | p50 ms | p99 ms | errors | ratio to ceiling | target "
+             "| server CPU µs/req | database CPU µs/req |",
+             "|---|---|---|---|---|---|---|---|---|",
              f"| empty endpoint (ceiling, mean of before/after) | {ceiling:,.0f} | {res['ceiling']['p50_ms']:.2f} | "
-             f"{res['ceiling']['p99_ms']:.2f} | {res['ceiling']['errors']:.0f} | 1.00 | |"]
+             f"{res['ceiling']['p99_ms']:.2f} | {res['ceiling']['errors']:.0f} | 1.00 | | "
+             f"{_cpu(res['ceiling'], 'server_cpu_us')} | {_cpu(res['ceiling'], 'db_cpu_us')} |"]
     for k in ("read", "create", "update"):
         r = res[k]
         ratio = r["rps"] / ceiling
         ok = "met" if ratio >= TARGETS[k] and r["errors"] == 0 else "NOT met"
         lines.append(f"| {k} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']:.0f} | "
-                     f"{ratio:.2f} | ≥ {TARGETS[k]:.2f} ({ok}) |")
+                     f"{ratio:.2f} | ≥ {TARGETS[k]:.2f} ({ok}) | {_cpu(r, 'server_cpu_us')} | "
+                     f"{_cpu(r, 'db_cpu_us')} |")
     return "\n".join(lines)
+
+
+def _cpu(r: dict[str, float], key: str) -> str:
+    v = r.get(key, float("nan"))
+    return "—" if v != v else f"{v:,.0f}"
 
 
 def main() -> None:
