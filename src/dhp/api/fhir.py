@@ -6,6 +6,7 @@ import logging
 from typing import Any
 from urllib.parse import parse_qsl
 
+from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -24,6 +25,20 @@ log = logging.getLogger("dhp.api")
 _COMMON = ("_format", "_pretty", "_summary", "_elements")
 _PATCH_TYPES = ("application/json-patch+json", *http.JSON_TYPES)
 _FORM = "application/x-www-form-urlencoded"
+
+
+_NO_QUERY = QueryParams("")
+
+
+class _Request(Request):
+    """Most FHIR requests (read, create, update by id) carry no query string; Starlette parses even an empty
+    one into a new QueryParams (~8 µs, 5 % of an empty request here), which every handler then asks for."""
+
+    @property
+    def query_params(self) -> QueryParams:
+        if not self.scope.get("query_string"):
+            return _NO_QUERY
+        return super().query_params
 
 
 def _public(path: str) -> bool:
@@ -49,7 +64,7 @@ class FHIRApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        request = Request(scope, receive)
+        request = _Request(scope, receive)
         pretty = request.query_params.get("_pretty") == "true"
         try:
             if self.authenticate is not None and not _public(scope.get("path", "")):
