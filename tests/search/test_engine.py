@@ -221,6 +221,11 @@ async def test_parameters_sharing_rows_write_none_of_their_own(live: Server) -> 
     assert not codes & {"combo-code", "patient"}
     assert live.search.sources("Observation", "combo-code") == (("code", None), ("component-code", None))
     assert live.search.sources("Observation", "patient") == (("subject", "Patient"),)
+    # a union of unions: value-quantity (value as Quantity | SampledData) | component-value-quantity
+    assert set(live.search.sources("Observation", "combo-value-quantity") or ()) == {
+        ("value-quantity", None), ("component-value-quantity", None)}
+    q = {**obs, "valueQuantity": {"value": 5, "unit": "mg"}}
+    assert "combo-value-quantity" not in {r[2] for r in live.search.rows("Observation", "o", q)["quantity"]}
     full = live.search.rows("Observation", "o", obs, full=True)
     assert {"combo-code", "patient"} <= {r[2] for lst in full.values() for r in lst}
     pat = {"resourceType": "Patient", "name": [{"family": "Aliyeva", "given": ["Aliya"], "prefix": ["Dr"]}]}

@@ -140,6 +140,10 @@ CASES: list[tuple[str, set[str]]] = [
     ("Observation?value-quantity=le100||beats/minute", {"obs1", "obs3"}),
     ("Observation?value-quantity=lt100|http://unitsofmeasure.org|mm[Hg]", set()),
     ("Observation?component-value-quantity=gt125", {"obs4"}),
+    ("Observation?combo-value-quantity=gt80", {"obs2", "obs3", "obs4"}),
+    ("Observation?combo-value-quantity=lt80", {"obs1"}),
+    ("Observation?combo-value-quantity=85||mm[Hg]", {"obs4"}),
+    ("Observation?combo-value-quantity:missing=true", {"obs5", "obs6"}),
     # uri
     ("Questionnaire?url=http://dhp.test/fhir/Questionnaire/form-096", {"q1"}),
     ("Questionnaire?url:below=http://dhp.test/fhir/Questionnaire/form-096", {"q1", "q2"}),

@@ -289,7 +289,7 @@ class SearchEngine:
                   todo: Iterable[tuple[str, str, ParamExtractor]],
                   codes: set[str] | None = None) -> dict[str, list[tuple[Any, ...]]]:
         out: dict[str, list[tuple[Any, ...]]] = {}
-        memo: dict[Any, list[tuple[Any, ...]]] = {}
+        memo: dict[int, list[tuple[Any, ...]]] = {}
         for kind, code, ex in todo:
             if codes is not None and code not in codes:
                 continue

@@ -132,9 +132,14 @@ def stem(key: str) -> str | None:
     return got
 
 
+# Tuples, not ``dict | list``: a union in an isinstance call is built anew on every call.
+_CONTAINERS = (dict, list)
+_NUMBERS = (int, Decimal, float)
+
+
 def _shape_is(v: Any, t: str) -> bool:
     if t in _PRIMITIVE_TYPES:
-        return not isinstance(v, dict | list)
+        return not isinstance(v, _CONTAINERS)
     return isinstance(v, dict)
 
 
@@ -382,7 +387,7 @@ def token_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
             out.append((None, "true" if v else "false", None, None, None))
         elif isinstance(v, str):
             out.append((None, _k(v), None, None, None))
-        elif isinstance(v, int | Decimal | float):
+        elif isinstance(v, _NUMBERS):
             out.append((None, str(v), None, None, None))
         elif isinstance(v, dict):
             if "concept" in v and isinstance(v["concept"], dict):  # CodeableReference
@@ -543,6 +548,10 @@ def component_cells(ptype: str, values: list[Any], type_names: frozenset[str]) -
     return []
 
 
+_MEMO_KEYS: dict[tuple[Any, ...], int] = {}
+_MEMO_IDS = itertools.count()  # next() is atomic: ids stay distinct if extractors are built on threads
+
+
 class ParamExtractor:
     """Compiled extraction of one parameter on one resource type."""
 
@@ -572,12 +581,13 @@ class ParamExtractor:
                 need = [getattr(ev, "probes", None) for _t, ev in self.components]
                 if need and all(n is not None for n in need):
                     self.component_probes = need  # type: ignore[assignment]
-        #: Extractors with equal keys give equal rows for one resource (same steps, same value kind).
+        #: Extractors with equal keys give equal rows for one resource (same steps, same value kind). A small
+        #: int standing for (type, steps, skip): a tuple of steps is hashed anew on every lookup.
         steps = getattr(self.root, "steps", None)
         self._convert = self._converter()
-        self.memo_key: tuple[Any, ...] | None = (
-            (param.type, steps, skip) if steps is not None and param.type != "composite" and not self.embedded
-            else None)
+        self.memo_key: int | None = (
+            _MEMO_KEYS.setdefault((param.type, steps, skip), next(_MEMO_IDS))
+            if steps is not None and param.type != "composite" and not self.embedded else None)
 
     def embedded_resources(self, resource: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.embedded or self.root is None:

@@ -63,10 +63,17 @@ def plan(entries: list[tuple[str, str, Any]]) -> Plan:
         paths[code] = (p.type, steps, comps)
     # One owner per single-path expression: the first code in order (``name`` before ``phonetic``).
     owner: dict[tuple[Any, ...], str] = {}
+    # And per union of several paths (``value-quantity`` = value as Quantity | as SampledData), which a wider
+    # union may be made of (``combo-value-quantity`` = ``value-quantity`` | ``component-value-quantity``).
+    unions: dict[tuple[Any, ...], str] = {}
     for code in sorted(paths):
         ptype, steps, comps = paths[code]
         if len(steps) == 1:
             owner.setdefault((ptype, steps[0], comps), code)
+        elif len(set(steps)) == len(steps):
+            unions.setdefault((ptype, frozenset(steps), comps), code)
+    # Widest first: a union is covered by as few others as possible.
+    by_width = sorted(unions.items(), key=lambda kv: (-len(kv[0][1]), kv[1]))
     out = Plan()
     for code, (ptype, steps, comps) in paths.items():
         if ptype != "string" or len(steps) != 1 or owner.get((ptype, steps[0], comps)) != code:
@@ -87,7 +94,15 @@ def plan(entries: list[tuple[str, str, Any]]) -> Plan:
             return done[code]
         ptype, steps, comps = paths[code]
         srcs: list[Source] = []
-        for part in steps:
+        left = list(steps)
+        if len(steps) > 1:
+            mine = frozenset(steps)
+            for (utype, uparts, ucomps), o in by_width:
+                if (o != code and utype == ptype and ucomps == comps and uparts <= mine
+                        and uparts.issubset(left)):
+                    srcs += whole(o)
+                    left = [p for p in left if p not in uparts]
+        for part in left:
             o = owner.get((ptype, part, comps))
             if o is not None and o != code:
                 srcs += whole(o)

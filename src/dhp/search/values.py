@@ -110,10 +110,13 @@ def number_range(text: str) -> tuple[float, float, Decimal]:
     return float(d - half), float(d + half), d
 
 
+_NUMBERS = (int, float, Decimal)  # a tuple: ``int | float | Decimal`` is built anew on every call
+
+
 def to_float(v: object) -> float | None:
     if isinstance(v, bool):
         return None
-    if isinstance(v, int | float | Decimal):
+    if isinstance(v, _NUMBERS):
         return float(v)
     if isinstance(v, str):
         try:

@@ -28,7 +28,8 @@ resources = Table(
     Column("version", Integer, nullable=False),
     Column("last_updated", BigInteger, nullable=False),  # microseconds since the epoch, UTC
     Column("deleted", Boolean, nullable=False, default=False),
-    # Patient compartment key: lets a later sharding by patient keep a patient's rows together.
+    # Patient compartment key: lets a later sharding by patient keep a patient's rows together. Not indexed:
+    # no query reads it (compartment search reads the search index rows).
     Column("patient", String(64), nullable=True),
     # "id#version" of the package a resource was installed from; NULL for data written through the API.
     Column("package", String(200), nullable=True),
@@ -37,7 +38,6 @@ resources = Table(
     # an update whose extraction is the same rewrites only the rows that changed. NULL: not known.
     Column("index_key", BigInteger, nullable=True),
     Index("ix_resources_type_updated", "type", "last_updated"),
-    Index("ix_resources_patient", "patient"),
 )
 
 #: Every version of every resource, in write order (seq).
@@ -51,10 +51,10 @@ history = Table(
     Column("deleted", Boolean, nullable=False, default=False),
     Column("method", String(8), nullable=False),  # POST, PUT, PATCH, DELETE
     Column("content", LargeBinary, nullable=False),
+    # Also the index of instance history (newest version first).
     UniqueConstraint("type", "id", "version", name="uq_history_version"),
     Index("ix_history_updated", "last_updated"),
     Index("ix_history_type_seq", "type", "seq"),
-    Index("ix_history_type_id_seq", "type", "id", "seq"),
 )
 
 #: Small named counters; ``conformance_epoch`` tells every process that conformance resources changed.
