@@ -59,6 +59,9 @@ class Settings:
     packages: str = DEFAULT_PACKAGES
     #: Largest request body accepted, in bytes.
     max_body_bytes: int = 16 * 1024 * 1024
+    #: Seconds between a process's checks for conformance resources (profiles, SearchParameters, ValueSets…)
+    #: that another process wrote; a process's own writes take effect at once.
+    conformance_poll: float = 1.0
     #: Require If-Match on every update (the national platform does).
     require_if_match: bool = False
     #: Require meta.profile on every resource written.
@@ -110,18 +113,25 @@ class Settings:
                 continue
             raw = env[key]
             default = f.default if f.default is not field else None  # type: ignore[comparison-overlap]
-            if isinstance(default, bool):
-                values[f.name] = _bool(raw)
-            elif isinstance(default, int):
-                values[f.name] = int(raw)
-            else:
-                values[f.name] = raw
+            try:
+                if isinstance(default, bool):
+                    values[f.name] = _bool(raw)
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                elif isinstance(default, float):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError:
+                raise ValueError(f"{key}={raw!r}: expected {type(default).__name__}") from None
         values.update(overrides)
         s = cls(**values)  # type: ignore[arg-type]
         if s.validation not in {"strict", "lenient", "off"}:
             raise ValueError("DHP_VALIDATION must be strict, lenient or off")
         if s.auth not in {"on", "off"}:
             raise ValueError("DHP_AUTH must be on or off")
+        if not s.conformance_poll >= 0:  # NaN too
+            raise ValueError("DHP_CONFORMANCE_POLL must be a number of seconds >= 0")
         return s
 
     @property

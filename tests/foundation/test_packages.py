@@ -226,3 +226,32 @@ def test_conformance_change_reaches_other_processes(start_server: Callable[..., 
     sid = r.json()["id"]
     assert httpx.delete(f"{a.fhir}/StructureDefinition/{sid}", timeout=60).status_code == 204
     assert profile_url not in supported(a)
+
+
+def test_conformance_poll_zero_checks_on_every_request(start_server: Callable[..., Any],
+                                                       new_db_url: Callable[[str], str]) -> None:
+    """DHP_CONFORMANCE_POLL=0: server B looks at the conformance epoch on every request, so the first request
+    after A's write already sees the new profile. Bad values stop start-up with a clear message."""
+    url = new_db_url("pg")
+    a = start_server(DHP_DATABASE_URL=url, DHP_AUTH="off", DHP_VALIDATION="off", DHP_PACKAGE_IMPORT="none")
+    b = start_server(DHP_DATABASE_URL=url, DHP_AUTH="off", DHP_VALIDATION="off", DHP_PACKAGE_IMPORT="none",
+                     DHP_CONFORMANCE_POLL="0")
+    vs_url = "https://example.uz/fhir/ValueSet/poll-" + str(time.time_ns())
+    vs = {"resourceType": "ValueSet", "url": vs_url, "name": "Poll", "status": "draft",
+          "compose": {"include": [{"system": "http://example.uz/cs", "concept": [{"code": "a"}]}]}}
+
+    def write_on_b() -> None:  # a write checks the epoch first (when the poll interval has passed)
+        w = httpx.post(b.fhir + "/Basic", content=b'{"resourceType":"Basic","code":{"text":"x"}}',
+                       headers={"Content-Type": "application/fhir+json"}, timeout=60)
+        assert w.status_code == 201
+
+    write_on_b()  # B has just checked: with the default interval it would not look again for a second
+    r = httpx.post(a.fhir + "/ValueSet", content=orjson.dumps(vs), headers={"Content-Type": "application/fhir+json"},
+                   timeout=60)
+    assert r.status_code == 201, r.text
+    write_on_b()
+    assert b.server.registry.resolve(vs_url) is not None
+    for bad in ("-1", "soon", "nan"):
+        with pytest.raises(ValueError, match="DHP_CONFORMANCE_POLL"):
+            Settings.from_env({"DHP_CONFORMANCE_POLL": bad})
+    assert Settings.from_env({"DHP_CONFORMANCE_POLL": "2.5"}).conformance_poll == 2.5

@@ -51,8 +51,11 @@ class Server:
         self._epoch_seen = -1
         self._epoch_checked = 0.0
 
-    async def maybe_sync_conformance(self, max_age: float = 1.0) -> None:
-        """Notice conformance changes made by other processes, checking the database at most every max_age s."""
+    async def maybe_sync_conformance(self, max_age: float | None = None) -> None:
+        """Notice conformance changes made by other processes, checking the database at most every ``max_age``
+        seconds (default: ``DHP_CONFORMANCE_POLL``)."""
+        if max_age is None:
+            max_age = self.settings.conformance_poll
         now = time.monotonic()
         if now - self._epoch_checked < max_age:
             return

@@ -562,6 +562,8 @@ class Store:
         self.engine: AsyncEngine
         self.read_engine: AsyncEngine
         self._sqlite_reader: sqlite3.Connection | None = None
+        #: The background checkpoints' connection, kept: a new one would read (parse) the schema every time.
+        self._checkpointer: sqlite3.Connection | None = None
         self._sqlite_writer: Engine | None = None
         self._write_lock: asyncio.Lock | None = None
         self._writer_conn: Connection | None = None
@@ -636,6 +638,9 @@ class Store:
         if self._sqlite_reader is not None:
             self._sqlite_reader.close()
             self._sqlite_reader = None
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         if self._pg_write_pool is not None and self._pg_write_pool is not self._pg_pool:
             await self._pg_write_pool.close()
         self._pg_write_pool = None
@@ -963,11 +968,11 @@ class Store:
         assert path is not None
 
         def run() -> None:
-            c = sqlite3.connect(path, timeout=30, isolation_level=None)
-            try:
-                c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            finally:
-                c.close()
+            # One checkpoint at a time (``_checkpointing``), so the connection is never shared between threads.
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                                     check_same_thread=False)
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
         try:
             await asyncio.to_thread(run)
