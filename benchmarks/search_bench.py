@@ -264,7 +264,7 @@ def create_mix(gen: Generator, i: int) -> list[dict[str, Any]]:
 async def create_throughput(db_url: str, n: int, rounds: int, concurrency: int) -> tuple[float, float]:
     """Creates/s with the search engine attached and detached, ``concurrency`` writers at once (a server has
     many clients; one at a time shows the latency-bound case). Rounds alternate so both see the same load."""
-    from dhp.api.app import build_server
+    from dhp.api.app import build_server, settle_heap
     from dhp.interactions import crud
     from dhp.interactions.context import RequestContext
     from dhp.settings import Settings
@@ -272,6 +272,7 @@ async def create_throughput(db_url: str, n: int, rounds: int, concurrency: int) 
     settings = Settings.from_env({**os.environ, "DHP_DATABASE_URL": db_url, "DHP_AUTH": "off",
                                   "DHP_VALIDATION": "off"})
     server = await build_server(settings)
+    settle_heap()  # as a server process does once start-up is done (dhp.api.app.create_process_app)
     ctx = RequestContext(base_url="http://bench/fhir")
     gen = Generator(Sizes(patients=n), seed=7 + concurrency)
     engine = server.search
