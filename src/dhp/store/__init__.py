@@ -600,7 +600,10 @@ class Store:
             _sqlite_setup(self.engine, immediate=True)
             _sqlite_setup(self.read_engine, immediate=False)
             self._sqlite_writer = create_engine(f"sqlite:///{self.sqlite_path}", pool_size=1, max_overflow=0,
-                                                connect_args={"timeout": 60, "check_same_thread": False})
+                                                # Index inserts are one statement per table and row count
+                                                # (dhp.store.search.sqlite_index_writes): keep more prepared.
+                                                connect_args={"timeout": 60, "check_same_thread": False,
+                                                              "cached_statements": 512})
             _sqlite_setup(self._sqlite_writer, immediate=True)
             self._write_lock = asyncio.Lock()
         else:

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -201,8 +202,28 @@ def sqlite_index_writes(conn: Any, rtype: str, rid: str, rows: dict[str, list[tu
     for k, lst in rows.items():
         if lst:
             sql_text, _ = _compile(conn, ("ins", k), lambda k=k: _insert_stmt(k))
-            out.append((sql_text, lst, True))
+            # One statement per table with all the rows in its VALUES: executemany runs the statement once
+            # per row, and its per-run overhead (reset, halt) was ~15 % of SQLite's work on a create's rows.
+            per = max(1, SQLITE_MAX_PARAMS // len(lst[0]))
+            for i in range(0, len(lst), per):
+                chunk = lst[i:i + per]
+                out.append((_multi_row(sql_text, len(chunk)), tuple(chain.from_iterable(chunk)), False))
     return out
+
+
+#: Bound parameters per statement: SQLite's limit before 3.32 (later ones allow 32,766).
+SQLITE_MAX_PARAMS = 999
+_multi_sql: dict[tuple[str, int], str] = {}
+
+
+def _multi_row(sql_text: str, n: int) -> str:
+    """``INSERT … VALUES (?, …)`` with ``n`` rows of placeholders."""
+    got = _multi_sql.get((sql_text, n))
+    if got is None:
+        head, sep, values = sql_text.partition(" VALUES ")
+        assert sep, sql_text
+        got = _multi_sql[(sql_text, n)] = head + sep + ", ".join([values] * n)
+    return got
 
 
 async def lock_current(conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Any]:
