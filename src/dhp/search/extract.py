@@ -12,11 +12,10 @@ import itertools
 import logging
 import re
 from collections.abc import Callable, Iterable
-from decimal import Decimal
 from typing import Any
 
 from dhp.search.params import ParamDef
-from dhp.search.values import MAX_US, MIN_US, DateError, date_range, norm, to_float
+from dhp.search.values import MAX_US, MIN_US, NUMBER_TYPES, DateError, date_range, norm, to_float
 
 log = logging.getLogger("dhp.search")
 
@@ -134,7 +133,6 @@ def stem(key: str) -> str | None:
 
 # Tuples, not ``dict | list``: a union in an isinstance call is built anew on every call.
 _CONTAINERS = (dict, list)
-_NUMBERS = (int, Decimal, float)
 
 
 def _shape_is(v: Any, t: str) -> bool:
@@ -387,7 +385,7 @@ def token_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
             out.append((None, "true" if v else "false", None, None, None))
         elif isinstance(v, str):
             out.append((None, _k(v), None, None, None))
-        elif isinstance(v, _NUMBERS):
+        elif isinstance(v, NUMBER_TYPES):
             out.append((None, str(v), None, None, None))
         elif isinstance(v, dict):
             if "concept" in v and isinstance(v["concept"], dict):  # CodeableReference

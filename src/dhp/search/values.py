@@ -110,13 +110,14 @@ def number_range(text: str) -> tuple[float, float, Decimal]:
     return float(d - half), float(d + half), d
 
 
-_NUMBERS = (int, float, Decimal)  # a tuple: ``int | float | Decimal`` is built anew on every call
+#: Python types of FHIR numbers; a tuple, since ``int | float | Decimal`` in isinstance is built on every call.
+NUMBER_TYPES = (int, float, Decimal)
 
 
 def to_float(v: object) -> float | None:
     if isinstance(v, bool):
         return None
-    if isinstance(v, _NUMBERS):
+    if isinstance(v, NUMBER_TYPES):
         return float(v)
     if isinstance(v, str):
         try:
