@@ -543,3 +543,85 @@ def test_pg_stale_update_fails_alone_before_it_is_sent(new_db_url: Callable[[str
     # No statement failed in the database, and none was split up: each transaction went out at most once.
     assert failed == 0, (sent, failed, outcomes)
     assert sent <= 32 - outcomes.count("conflict"), (sent, outcomes)
+
+
+def test_pg_update_read_before_a_commit_is_refused_without_a_round_trip(new_db_url: Callable[[str], str]) -> None:
+    """An optimistic update whose read crossed another writer's commit (it read version 1, the other wrote 2)
+    fails in the process, before a statement is sent, and the resource keeps the other writer's version."""
+
+    async def run() -> tuple[bool, int, int]:
+        store = Store(new_db_url("pg"))
+        await store.open()
+        try:
+            async with store.begin() as tx:
+                await tx.put(basic("raced"), "POST", exists_before=False)
+            sent = 0
+            send = store._pg_send
+
+            async def counting(p: Any) -> None:
+                nonlocal sent
+                sent += 1
+                await send(p)
+
+            store._pg_send = counting  # type: ignore[method-assign]
+            refused = False
+            try:
+                async with store.begin(optimistic=True) as slow:
+                    cur = await slow.current("Basic", "raced")
+                    assert cur is not None and cur.version == 1
+                    async with store.begin(optimistic=True) as fast:
+                        other = await fast.current("Basic", "raced")
+                        assert other is not None
+                        await fast.put(basic("raced", b'{"by":"fast"}', 2), "PUT", exists_before=True,
+                                       prev=other)
+                    await slow.put(basic("raced", b'{"by":"slow"}', 2), "PUT", exists_before=True, prev=cur)
+            except ConflictError:
+                refused = True
+            stored = await store.read("Basic", "raced")
+            assert stored is not None and stored.content == b'{"by":"fast"}'
+            return refused, sent, stored.version
+        finally:
+            await store.close()
+
+    refused, sent, version = asyncio.run(run())
+    assert refused
+    assert sent == 1  # only the fast writer's statement went out
+    assert version == 2
+
+
+def test_pg_write_connection_lost_is_replaced(new_db_url: Callable[[str], str]) -> None:
+    """Write-only statements run on connections the store owns. When PostgreSQL drops one (here: its backend is
+    terminated), the write on it fails as an outage (503 over HTTP, never a lost or half-written resource) and
+    the next write gets a new connection."""
+    from dhp.store import unavailable
+
+    async def run() -> tuple[list[bool], list[str]]:
+        store = Store(new_db_url("pg"))
+        await store.open()
+        try:
+            async with store.begin() as tx:
+                await tx.put(basic("w0"), "POST", exists_before=False)
+            assert len(store._pg_writers) == 1
+            writer_pid = store._pg_writers[0].get_server_pid()
+            async with store._pg_pool.acquire() as c:
+                assert await c.fetchval("SELECT pg_terminate_backend($1)", writer_pid)
+            outcomes = []
+            for rid in ("w1", "w2"):
+                try:
+                    async with store.begin() as tx:
+                        await tx.put(basic(rid), "POST", exists_before=False)
+                    outcomes.append(True)
+                except Exception as e:
+                    assert unavailable(e), repr(e)
+                    outcomes.append(False)
+            assert store._pg_writers and store._pg_writers[0].get_server_pid() != writer_pid
+            async with store.read_conn() as conn:
+                ids = [r[0] for r in (await conn.exec_driver_sql(
+                    "SELECT id FROM history WHERE type = 'Basic' ORDER BY id")).all()]
+            return outcomes, ids
+        finally:
+            await store.close()
+
+    outcomes, ids = asyncio.run(run())
+    assert outcomes[1] is True  # the write after the failure has a fresh connection
+    assert ids == ["w0", *(f"w{i + 1}" for i, ok in enumerate(outcomes) if ok)]

@@ -82,3 +82,5 @@ def test_json_rejects_non_json_numbers() -> None:
     for bad in ('{"a": NaN}', '{"a": Infinity}', '{"a": -Infinity}', '{"a": 01}', "{'a': 1}"):
         with pytest.raises(fhirjson.JSONError):
             fhirjson.loads(bad)
+        with pytest.raises(fhirjson.JSONError):
+            fhirjson.loads(bad.encode())

@@ -323,6 +323,9 @@ def test_media_type_errors(client: httpx.Client) -> None:
     assert_outcome(client.get(url, params={"_format": "xml"}), 406)
     assert client.get(url, headers={"Accept": "application/json"}).status_code == 200
     assert client.get(url, headers={"Accept": "*/*"}).status_code == 200
+    # A header sent twice: the first one counts, as in Starlette's own lookups.
+    assert_outcome(client.get(url, headers=[("Accept", "application/fhir+xml"), ("Accept", FJ)]), 406)
+    assert client.get(url, headers=[("Accept", FJ), ("Accept", "application/fhir+xml")]).status_code == 200
     assert_outcome(client.post("/Patient", content=b"<Patient/>", headers={"Content-Type": "application/xml"}), 415)
     assert_outcome(client.post("/Patient", content=orjson.dumps(patient()),
                                headers={"Content-Type": "application/fhir+json; charset=latin-1"}), 415)

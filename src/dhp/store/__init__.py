@@ -138,6 +138,11 @@ def new_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def _pg_connect_args(url: str) -> dict[str, Any]:
+    u = make_url(url)
+    return {"user": u.username, "password": u.password, "host": u.host, "port": u.port, "database": u.database}
+
+
 async def _pg_reset(conn: Any) -> None:
     """Before a driver connection goes back to its pool, after asyncpg's own cleanup (which rolls back a
     transaction left open, e.g. by a cancelled statement). These pools run single autocommitted statements,
@@ -525,8 +530,10 @@ SQLITE_WRITER_CACHE_KIB = 65536
 PG_READS_IN_FLIGHT = 4
 PG_READ_BATCH = 256
 #: PostgreSQL write-only statements on the wire at once per process; transactions that finish meanwhile are
-#: merged into the next statement (group commit), at most PG_WRITE_GROUP of them.
-PG_WRITES_IN_FLIGHT = 2
+#: merged into the next statement (group commit), at most PG_WRITE_GROUP of them. One: each statement costs
+#: both processes a fixed price (driver, protocol, PostgreSQL's per-table work) that a group shares; with two on
+#: the wire, groups stayed near one transaction and creates cost ~10 % more CPU on both sides (docs/benchmarks.md).
+PG_WRITES_IN_FLIGHT = 1
 PG_WRITE_GROUP = 64
 #: Most write transactions that share one SQLite commit (group commit).
 GROUP_MAX = 64
@@ -576,12 +583,16 @@ class Store:
         self._last_checkpoint = 0.0
         self._pg_pool: Any = None
         self._pg_write_pool: Any = None
+        #: Idle connections for write-only statements, owned outright (see _pg_send).
+        self._pg_writers: list[Any] = []
         self._reads_in_flight = 0
         self._read_queue: list[tuple[str, str, asyncio.Future[StoredResource | None]]] = []
         self._writes_in_flight = 0
         self._write_queue: list[tuple[_Pending, asyncio.Future[None]]] = []
         #: Resources written by statements on the wire (how many statements each): see _drain_writes.
         self._keys_in_flight: dict[tuple[str, str], int] = {}
+        #: Version each resource last got from an update statement of this process (see _outdated_by).
+        self._updated: dict[tuple[str, str], int] = {}
         self._opened = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -616,9 +627,7 @@ class Store:
             import asyncpg
 
             def pool(url: str) -> Any:
-                u = make_url(url)
-                return asyncpg.create_pool(user=u.username, password=u.password, host=u.host, port=u.port,
-                                           database=u.database, min_size=1, max_size=10, reset=_pg_reset)
+                return asyncpg.create_pool(**_pg_connect_args(url), min_size=1, max_size=10, reset=_pg_reset)
 
             self._pg_pool = await pool(self.read_url)
             # Write-only transactions go straight to the driver (WriteTx): on the primary.
@@ -644,6 +653,10 @@ class Store:
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
+        writers, self._pg_writers = self._pg_writers, []
+        for c in writers:
+            with contextlib.suppress(Exception):
+                await c.close(timeout=5)
         if self._pg_write_pool is not None and self._pg_write_pool is not self._pg_pool:
             await self._pg_write_pool.close()
         self._pg_write_pool = None
@@ -740,6 +753,8 @@ class Store:
         rows do not outweigh; a group shares it. A group that fails on a conflict is sent again member by
         member, so one writer's conflict never fails another's write.
         """
+        if p.updates and self._updated and self._stale(p.updates, self._updated):
+            raise ConflictError("a resource in this transaction was written concurrently")
         if (self._writes_in_flight < PG_WRITES_IN_FLIGHT and not self._write_queue
                 and self._keys_in_flight.keys().isdisjoint(p.keys | p.index_keys)):
             self._writes_in_flight += 1
@@ -769,23 +784,33 @@ class Store:
                 self._keys_in_flight.pop(k, None)
 
     def _outdated_by(self, *sent: _Pending) -> None:
-        """``sent`` is committed: a queued transaction writing one of its resources at a version not above
-        the one just written read it before this commit, and would fail in the database (history's unique
-        version) — taking every transaction merged with it down to one-by-one re-sends. It fails here
-        instead, without a round trip, and is retried (``interactions.crud._in_tx``)."""
+        """``sent`` is committed: a transaction writing one of its resources at a version not above the one just
+        written read it before this commit, and would fail in the database (history's unique version) — taking
+        every transaction merged with it down to one-by-one re-sends. It fails here instead, without a round
+        trip, and is retried (``interactions.crud._in_tx``): now if it is queued; an update also when it is
+        handed to :meth:`_pg_solo` later (its read may have crossed this commit on the wire)."""
+        updated = {(r[0], r[1]): r[2] for q in sent for r in q.updates}
+        if updated:
+            if len(self._updated) > 10_000:  # forgetting only leaves the refusal to the database
+                self._updated.clear()
+            self._updated.update(updated)
         if not self._write_queue:
             return
-        written = {(r[0], r[1]): r[2] for q in sent for r in (*q.inserts, *q.updates)}
+        written = {(r[0], r[1]): r[2] for q in sent for r in q.inserts}
+        written.update(updated)
         if not written:
             return
         for p, fut in self._write_queue:
-            if fut.done():
-                continue
-            for r in (*p.inserts, *p.updates):
-                v = written.get((r[0], r[1]))
-                if v is not None and r[2] <= v:
-                    _settle(fut, ConflictError(f"{r[0]}/{r[1]} was written concurrently"))
-                    break
+            if not fut.done() and self._stale((*p.inserts, *p.updates), written):
+                _settle(fut, ConflictError("a resource in this transaction was written concurrently"))
+
+    @staticmethod
+    def _stale(rows: Iterable[tuple[Any, ...]], written: dict[tuple[str, str], int]) -> bool:
+        for r in rows:
+            v = written.get((r[0], r[1]))
+            if v is not None and r[2] <= v:
+                return True
+        return False
 
     def _drain_writes(self) -> None:
         while self._write_queue and self._writes_in_flight < PG_WRITES_IN_FLIGHT:
@@ -848,22 +873,34 @@ class Store:
             self._outdated_by(p)
 
     async def _pg_send(self, p: _Pending) -> None:
+        """Send write-only statements on connections of their own, not borrowed from the pool: at most
+        PG_WRITES_IN_FLIGHT are busy at once, and the pool's acquire and release (a shielded task each) cost more
+        than a create's statement. A connection whose state is in doubt (it failed under the statement, or the
+        statement was cancelled) is closed rather than reused; the next statement connects anew."""
         import asyncpg
 
         from dhp.store.search import flush_statement
 
         sql_text, params = flush_statement(p)
-        async with self._pg_write_pool.acquire() as c:
-            try:
-                await c.execute(sql_text, *params)
-            except asyncpg.IntegrityConstraintViolationError as e:
+        c = self._pg_writers.pop() if self._pg_writers else await asyncpg.connect(**_pg_connect_args(self.url))
+        reusable = False
+        try:
+            await c.execute(sql_text, *params)
+            reusable = True
+        except asyncpg.PostgresError as e:
+            reusable = True  # PostgreSQL refused the statement (and undid it): the connection is fine
+            if isinstance(e, asyncpg.IntegrityConstraintViolationError):
                 raise ConflictError("a resource in this transaction was written concurrently") from e
-            except asyncpg.TransactionRollbackError as e:  # deadlock, serialization failure: PostgreSQL
-                raise ConflictError("concurrent writers got in each other's way") from e  # undid it all
-            except asyncpg.PostgresError as e:
-                if (err := _rewritten(getattr(e, "sqlstate", None))) is not None:
-                    raise err from e
-                raise
+            if isinstance(e, asyncpg.TransactionRollbackError):  # deadlock, serialization failure:
+                raise ConflictError("concurrent writers got in each other's way") from e  # all undone
+            if (err := _rewritten(getattr(e, "sqlstate", None))) is not None:
+                raise err from e
+            raise
+        finally:
+            if reusable and self._opened and not c.is_closed() and len(self._pg_writers) < PG_WRITES_IN_FLIGHT:
+                self._pg_writers.append(c)
+            else:
+                c.terminate()
 
     async def _pg_current(self, rtype: str, rid: str) -> StoredResource | None:
         """The current version as the primary has it now (no lock: see ``begin(optimistic=True)``)."""
@@ -1178,6 +1215,7 @@ class Store:
 
     async def wipe(self) -> None:
         """Delete all data (tests and `dhp db reset`)."""
+        self._updated.clear()
         async with self.begin() as tx:
             for t in reversed(metadata.sorted_tables):
                 await tx.conn.execute(delete(t))
