@@ -589,22 +589,36 @@ def test_pg_update_read_before_a_commit_is_refused_without_a_round_trip(new_db_u
     assert version == 2
 
 
-def test_pg_write_connection_lost_is_replaced(new_db_url: Callable[[str], str]) -> None:
-    """Write-only statements run on connections the store owns. When PostgreSQL drops one (here: its backend is
-    terminated), the write on it fails as an outage (503 over HTTP, never a lost or half-written resource) and
-    the next write gets a new connection."""
+def test_pg_lost_connections_are_replaced(new_db_url: Callable[[str], str]) -> None:
+    """Write-only statements and reads by id run on connections the store owns. When PostgreSQL drops one
+    (here: its backend is terminated), the statement on it fails as an outage (503 over HTTP, never a lost or
+    half-written resource) and the next one gets a new connection."""
     from dhp.store import unavailable
 
-    async def run() -> tuple[list[bool], list[str]]:
+    async def run() -> tuple[list[bool], list[str], list[bool]]:
         store = Store(new_db_url("pg"))
         await store.open()
         try:
             async with store.begin() as tx:
                 await tx.put(basic("w0"), "POST", exists_before=False)
-            assert len(store._pg_writers) == 1
-            writer_pid = store._pg_writers[0].get_server_pid()
+            assert await store.read("Basic", "w0") is not None
+            assert store._pg_readers is not None and len(store._pg_readers.idle) == 1
+            reader_pid = store._pg_readers.idle[0].get_server_pid()
+            assert store._pg_writers is not None and len(store._pg_writers.idle) == 1
+            writer_pid = store._pg_writers.idle[0].get_server_pid()
             async with store._pg_pool.acquire() as c:
                 assert await c.fetchval("SELECT pg_terminate_backend($1)", writer_pid)
+                assert await c.fetchval("SELECT pg_terminate_backend($1)", reader_pid)
+            reads = []
+            for _ in range(2):
+                try:
+                    got = await store.read("Basic", "w0")
+                    assert got is not None and got.version == 1
+                    reads.append(True)
+                except Exception as e:
+                    assert unavailable(e), repr(e)
+                    reads.append(False)
+            assert store._pg_readers.idle[0].get_server_pid() != reader_pid
             outcomes = []
             for rid in ("w1", "w2"):
                 try:
@@ -614,14 +628,15 @@ def test_pg_write_connection_lost_is_replaced(new_db_url: Callable[[str], str]) 
                 except Exception as e:
                     assert unavailable(e), repr(e)
                     outcomes.append(False)
-            assert store._pg_writers and store._pg_writers[0].get_server_pid() != writer_pid
+            assert store._pg_writers.idle and store._pg_writers.idle[0].get_server_pid() != writer_pid
             async with store.read_conn() as conn:
                 ids = [r[0] for r in (await conn.exec_driver_sql(
                     "SELECT id FROM history WHERE type = 'Basic' ORDER BY id")).all()]
-            return outcomes, ids
+            return outcomes, ids, reads
         finally:
             await store.close()
 
-    outcomes, ids = asyncio.run(run())
+    outcomes, ids, reads = asyncio.run(run())
+    assert reads[1] is True
     assert outcomes[1] is True  # the write after the failure has a fresh connection
     assert ids == ["w0", *(f"w{i + 1}" for i, ok in enumerate(outcomes) if ok)]

@@ -135,6 +135,18 @@ def stem(key: str) -> str | None:
 _CONTAINERS = (dict, list)
 
 
+def _choice_names() -> frozenset[str]:
+    from fhirpathpy.models import models
+
+    return frozenset(path.rsplit(".", 1)[-1] for path in models["r5"]["choiceTypePaths"])
+
+
+#: Names of FHIR R5's choice elements (``value`` of ``value[x]``, ``onset``, ``deceased`` …). Profiles only
+#: constrain elements, so no package adds one. An absent element whose name is not among them cannot be
+#: there under a typed name either: :func:`_child` then skips the search through the node's keys.
+CHOICE_NAMES = _choice_names()
+
+
 def _shape_is(v: Any, t: str) -> bool:
     if t in _PRIMITIVE_TYPES:
         return not isinstance(v, _CONTAINERS)
@@ -155,7 +167,7 @@ def _child(nodes: list[Any], name: str, typ: str | None) -> list[Any]:
                     v = None
         else:
             v = n.get(name)
-            if v is None:  # a choice element: valueQuantity for "value"
+            if v is None and name in CHOICE_NAMES:  # a choice element: valueQuantity for "value"
                 for k in n:
                     if stem(k) == name:
                         v = n[k]

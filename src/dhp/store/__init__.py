@@ -90,11 +90,9 @@ class ConflictError(Exception):
 _CURRENT_FOR_UPDATE = select(resources.c.type, resources.c.id, resources.c.version, resources.c.last_updated,
                              resources.c.deleted, resources.c.content, resources.c.index_key).where(
     resources.c.type == bindparam("k_type"), resources.c.id == bindparam("k_id")).with_for_update()
-_PG_READ = ("SELECT type, id, version, last_updated, deleted, content FROM resources "
+_PG_READ = ("SELECT type, id, version, last_updated, deleted, content, index_key FROM resources "
             "WHERE type = $1 AND id = $2")
-_PG_CURRENT = ("SELECT type, id, version, last_updated, deleted, content, index_key FROM resources "
-               "WHERE type = $1 AND id = $2")
-_PG_READ_MANY = ("SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.content "
+_PG_READ_MANY = ("SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.content, r.index_key "
                  "FROM unnest($1::text[], $2::text[]) AS k(type, id) "
                  "JOIN resources r ON r.type = k.type AND r.id = k.id")
 # The same on SQLite, through the driver (see SyncConn.raw).
@@ -141,6 +139,44 @@ def new_id() -> str:
 def _pg_connect_args(url: str) -> dict[str, Any]:
     u = make_url(url)
     return {"user": u.username, "password": u.password, "host": u.host, "port": u.port, "database": u.database}
+
+
+class _OwnedConnections:
+    """Driver connections a store owns outright for one kind of single statement (reads by id, write-only
+    transactions), at most ``limit`` busy at once by the caller's own bookkeeping. A pool's acquire and release
+    (the release is a shielded task) cost more than such a statement. A connection whose state is in doubt —
+    it failed under the statement, or the statement was cancelled — is closed, not reused; the next statement
+    connects anew."""
+
+    def __init__(self, url: str, limit: int) -> None:
+        self.url = url
+        self.limit = limit
+        self.idle: list[Any] = []
+
+    async def run(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        import asyncpg
+
+        c = self.idle.pop() if self.idle else await asyncpg.connect(**_pg_connect_args(self.url))
+        reusable = False
+        try:
+            result = await fn(c)
+            reusable = True
+            return result
+        except asyncpg.PostgresError:
+            reusable = True  # PostgreSQL refused the statement (and undid it): the connection is fine
+            raise
+        finally:
+            if reusable and not c.is_closed() and len(self.idle) < self.limit:
+                self.idle.append(c)
+            else:
+                c.terminate()
+
+    async def close(self) -> None:
+        self.limit = 0  # a statement finishing later closes its connection
+        idle, self.idle = self.idle, []
+        for c in idle:
+            with contextlib.suppress(Exception):
+                await c.close(timeout=5)
 
 
 async def _pg_reset(conn: Any) -> None:
@@ -583,8 +619,9 @@ class Store:
         self._last_checkpoint = 0.0
         self._pg_pool: Any = None
         self._pg_write_pool: Any = None
-        #: Idle connections for write-only statements, owned outright (see _pg_send).
-        self._pg_writers: list[Any] = []
+        #: Connections for write-only statements and for reads by id (see _OwnedConnections).
+        self._pg_writers: _OwnedConnections | None = None
+        self._pg_readers: _OwnedConnections | None = None
         self._reads_in_flight = 0
         self._read_queue: list[tuple[str, str, asyncio.Future[StoredResource | None]]] = []
         self._writes_in_flight = 0
@@ -632,6 +669,8 @@ class Store:
             self._pg_pool = await pool(self.read_url)
             # Write-only transactions go straight to the driver (WriteTx): on the primary.
             self._pg_write_pool = self._pg_pool if self.read_url == self.url else await pool(self.url)
+            self._pg_writers = _OwnedConnections(self.url, PG_WRITES_IN_FLIGHT)
+            self._pg_readers = _OwnedConnections(self.read_url, PG_READS_IN_FLIGHT)
         self._opened = True
 
     async def close(self) -> None:
@@ -653,10 +692,9 @@ class Store:
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
-        writers, self._pg_writers = self._pg_writers, []
-        for c in writers:
-            with contextlib.suppress(Exception):
-                await c.close(timeout=5)
+        for owned in (self._pg_writers, self._pg_readers):
+            if owned is not None:
+                await owned.close()
         if self._pg_write_pool is not None and self._pg_write_pool is not self._pg_pool:
             await self._pg_write_pool.close()
         self._pg_write_pool = None
@@ -873,39 +911,30 @@ class Store:
             self._outdated_by(p)
 
     async def _pg_send(self, p: _Pending) -> None:
-        """Send write-only statements on connections of their own, not borrowed from the pool: at most
-        PG_WRITES_IN_FLIGHT are busy at once, and the pool's acquire and release (a shielded task each) cost more
-        than a create's statement. A connection whose state is in doubt (it failed under the statement, or the
-        statement was cancelled) is closed rather than reused; the next statement connects anew."""
         import asyncpg
 
         from dhp.store.search import flush_statement
 
         sql_text, params = flush_statement(p)
-        c = self._pg_writers.pop() if self._pg_writers else await asyncpg.connect(**_pg_connect_args(self.url))
-        reusable = False
+        assert self._pg_writers is not None
         try:
-            await c.execute(sql_text, *params)
-            reusable = True
+            await self._pg_writers.run(lambda c: c.execute(sql_text, *params))
+        except asyncpg.IntegrityConstraintViolationError as e:
+            raise ConflictError("a resource in this transaction was written concurrently") from e
+        except asyncpg.TransactionRollbackError as e:  # deadlock, serialization failure: PostgreSQL
+            raise ConflictError("concurrent writers got in each other's way") from e  # undid it all
         except asyncpg.PostgresError as e:
-            reusable = True  # PostgreSQL refused the statement (and undid it): the connection is fine
-            if isinstance(e, asyncpg.IntegrityConstraintViolationError):
-                raise ConflictError("a resource in this transaction was written concurrently") from e
-            if isinstance(e, asyncpg.TransactionRollbackError):  # deadlock, serialization failure:
-                raise ConflictError("concurrent writers got in each other's way") from e  # all undone
             if (err := _rewritten(getattr(e, "sqlstate", None))) is not None:
                 raise err from e
             raise
-        finally:
-            if reusable and self._opened and not c.is_closed() and len(self._pg_writers) < PG_WRITES_IN_FLIGHT:
-                self._pg_writers.append(c)
-            else:
-                c.terminate()
 
     async def _pg_current(self, rtype: str, rid: str) -> StoredResource | None:
-        """The current version as the primary has it now (no lock: see ``begin(optimistic=True)``)."""
+        """The current version as the primary has it now (no lock: see ``begin(optimistic=True)``). Without a
+        replica that is an ordinary read, batched with the others (a queued read goes out in a later query)."""
+        if self.read_url == self.url:
+            return await self.read(rtype, rid)
         async with self._pg_write_pool.acquire() as c:
-            row = await c.fetchrow(_PG_CURRENT, rtype, rid)
+            row = await c.fetchrow(_PG_READ, rtype, rid)
         return StoredResource(*row) if row else None
 
     # ------------------------------------------------------------------ SQLite group commit
@@ -1052,8 +1081,8 @@ class Store:
         if self._reads_in_flight < PG_READS_IN_FLIGHT and not self._read_queue:
             self._reads_in_flight += 1
             try:
-                async with self._pg_pool.acquire() as c:
-                    row = await c.fetchrow(_PG_READ, rtype, rid)
+                assert self._pg_readers is not None
+                row = await self._pg_readers.run(lambda c: c.fetchrow(_PG_READ, rtype, rid))
             finally:
                 self._reads_in_flight -= 1
                 self._flush_reads()
@@ -1072,8 +1101,9 @@ class Store:
 
     async def _read_batch(self, batch: list[tuple[str, str, asyncio.Future[StoredResource | None]]]) -> None:
         try:
-            async with self._pg_pool.acquire() as c:
-                rows = await c.fetch(_PG_READ_MANY, [b[0] for b in batch], [b[1] for b in batch])
+            assert self._pg_readers is not None
+            rows = await self._pg_readers.run(
+                lambda c: c.fetch(_PG_READ_MANY, [b[0] for b in batch], [b[1] for b in batch]))
         except BaseException as e:
             for _t, _i, f in batch:
                 if not f.done():
