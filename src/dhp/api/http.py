@@ -37,6 +37,19 @@ def negotiate(request: Request, html_ok: bool = False) -> str:
     accept = request.headers.get("accept", "")
     if not accept:
         return FHIR_JSON
+    best = _accepted.get((accept, html_ok))
+    if best is None:
+        best = _best_of(accept, html_ok)
+        if len(_accepted) < 512:  # Accept is client-controlled: keep it bounded
+            _accepted[(accept, html_ok)] = best
+    return best
+
+
+#: negotiate's answers by (Accept, html_ok): clients send the same few Accept values on every request.
+_accepted: dict[tuple[str, bool], str] = {}
+
+
+def _best_of(accept: str, html_ok: bool) -> str:
     best: str | None = None
     for mt in weighted_values(accept):
         if mt in (FHIR_JSON, "*/*", "application/*"):
