@@ -352,12 +352,23 @@ def test_concurrent_reads_each_get_their_own_row(backend: str, new_db_url: Calla
             results = await asyncio.gather(*(one(rid, i) for rid, i in wanted))
             failed_everywhere = True
             if backend == "pg":
-                # Close the pool under the callers: each one sees an error, none hangs.
-                pending = [asyncio.ensure_future(store.read("Basic", f"r{i}")) for i in range(40)]
-                await store._pg_pool.close()
-                outcomes = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
+                # Cut the connections under the callers: each one gets an error or its row, none hangs or
+                # gets None for a row that exists.
+                import asyncpg
+
+                from dhp.store import _pg_connect_args
+
+                killer = await asyncpg.connect(**_pg_connect_args(store.url))
+                try:
+                    pending = [asyncio.ensure_future(store.read("Basic", f"r{i}")) for i in range(1, 41)]
+                    await asyncio.sleep(0)
+                    await killer.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                         "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                    outcomes = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
+                finally:
+                    await killer.close()
                 failed_everywhere = all(isinstance(o, BaseException) or o is not None for o in outcomes)
-                store._pg_pool = None
+                assert await store.read("Basic", "r1") is not None  # and reads work again
             return results, failed_everywhere
         finally:
             await store.close()
@@ -367,35 +378,36 @@ def test_concurrent_reads_each_get_their_own_row(backend: str, new_db_url: Calla
     assert failed_everywhere
 
 
-def test_pg_pooled_connections_come_back_clean(new_db_url: Callable[[str], str]) -> None:
-    """The driver pools skip asyncpg's reset query (a round trip per read or write-only transaction); a
-    connection returned inside a transaction (a cancelled statement) is still rolled back before reuse."""
+def test_pg_owned_connections_are_reused_only_when_sound(new_db_url: Callable[[str], str]) -> None:
+    """The store's own driver connections: one on which PostgreSQL refused a statement is kept (nothing is left
+    open on it); one whose statement was cancelled mid-flight is closed, not handed to the next statement."""
+    import asyncpg
 
-    async def run() -> tuple[bool, Any, Any]:
+    async def run() -> tuple[int, int, bool, int]:
         store = Store(new_db_url("pg"))
         await store.open()
         try:
-            c = await store._pg_pool.acquire()
-            await c.execute("BEGIN")
-            await c.execute("INSERT INTO counters (name, value) VALUES ('left-open', 1)")
-            await store._pg_pool.release(c)
-            c2 = await store._pg_pool.acquire()
-            try:
-                in_tx = c2.is_in_transaction()
-                seen = await c2.fetchval("SELECT count(*) FROM counters WHERE name = 'left-open'")
-            finally:
-                await store._pg_pool.release(c2)
-            # the pool still serves reads and write-only transactions
-            async with store.begin() as tx:
-                await tx.put(basic("after"), "POST", exists_before=False)
-            return in_tx, seen, await store.read("Basic", "after")
+            owned = store._pg_writers
+            assert owned is not None
+            first = await owned.run(lambda c: c.fetchval("SELECT pg_backend_pid()"))
+            with pytest.raises(asyncpg.UndefinedTableError):
+                await owned.run(lambda c: c.execute("SELECT * FROM no_such_table"))
+            after_refusal = await owned.run(lambda c: c.fetchval("SELECT pg_backend_pid()"))
+            slow = asyncio.ensure_future(owned.run(lambda c: c.execute("SELECT pg_sleep(10)")))
+            await asyncio.sleep(0.3)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            kept_after_cancel = bool(owned.idle)
+            fresh = await owned.run(lambda c: c.fetchval("SELECT pg_backend_pid()"))
+            return first, after_refusal, kept_after_cancel, fresh
         finally:
             await store.close()
 
-    in_tx, seen, after = asyncio.run(run())
-    assert in_tx is False
-    assert seen == 0
-    assert after is not None and after.version == 1
+    first, after_refusal, kept_after_cancel, fresh = asyncio.run(run())
+    assert after_refusal == first  # a refused statement leaves the connection usable
+    assert not kept_after_cancel  # the cancelled one was closed
+    assert fresh != first  # the next statement got a new connection
 
 
 def test_pg_optimistic_write_fails_whole_when_the_row_moved(new_db_url: Callable[[str], str]) -> None:
@@ -593,7 +605,9 @@ def test_pg_lost_connections_are_replaced(new_db_url: Callable[[str], str]) -> N
     """Write-only statements and reads by id run on connections the store owns. When PostgreSQL drops one
     (here: its backend is terminated), the statement on it fails as an outage (503 over HTTP, never a lost or
     half-written resource) and the next one gets a new connection."""
-    from dhp.store import unavailable
+    import asyncpg
+
+    from dhp.store import _pg_connect_args, unavailable
 
     async def run() -> tuple[list[bool], list[str], list[bool]]:
         store = Store(new_db_url("pg"))
@@ -602,13 +616,16 @@ def test_pg_lost_connections_are_replaced(new_db_url: Callable[[str], str]) -> N
             async with store.begin() as tx:
                 await tx.put(basic("w0"), "POST", exists_before=False)
             assert await store.read("Basic", "w0") is not None
-            assert store._pg_readers is not None and len(store._pg_readers.idle) == 1
-            reader_pid = store._pg_readers.idle[0].get_server_pid()
+            assert store._pg_reads is not None and len(store._pg_reads.conns.idle) == 1
+            reader_pid = store._pg_reads.conns.idle[0].get_server_pid()
             assert store._pg_writers is not None and len(store._pg_writers.idle) == 1
             writer_pid = store._pg_writers.idle[0].get_server_pid()
-            async with store._pg_pool.acquire() as c:
-                assert await c.fetchval("SELECT pg_terminate_backend($1)", writer_pid)
-                assert await c.fetchval("SELECT pg_terminate_backend($1)", reader_pid)
+            killer = await asyncpg.connect(**_pg_connect_args(store.url))
+            try:
+                assert await killer.fetchval("SELECT pg_terminate_backend($1)", writer_pid)
+                assert await killer.fetchval("SELECT pg_terminate_backend($1)", reader_pid)
+            finally:
+                await killer.close()
             reads = []
             for _ in range(2):
                 try:
@@ -618,7 +635,7 @@ def test_pg_lost_connections_are_replaced(new_db_url: Callable[[str], str]) -> N
                 except Exception as e:
                     assert unavailable(e), repr(e)
                     reads.append(False)
-            assert store._pg_readers.idle[0].get_server_pid() != reader_pid
+            assert store._pg_reads.conns.idle[0].get_server_pid() != reader_pid
             outcomes = []
             for rid in ("w1", "w2"):
                 try:

@@ -153,17 +153,39 @@ class _OwnedConnections:
         self.limit = limit
         self.idle: list[Any] = []
 
-    async def run(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def run(self, fn: Callable[[Any], Awaitable[Any]], *, idempotent: bool = False) -> Any:
+        """``await fn(connection)``. ``idempotent`` (a read): when an idle connection turns out dead under it
+        (the database restarted, or ended the session, while it sat idle), it runs once more on a new one."""
         import asyncpg
 
-        c = self.idle.pop() if self.idle else await asyncpg.connect(**_pg_connect_args(self.url))
+        c = None
+        while self.idle:
+            c = self.idle.pop()
+            if not c.is_closed():
+                break
+            c = None
+        reused = c is not None
+        if c is None:
+            c = await asyncpg.connect(**_pg_connect_args(self.url))
         reusable = False
         try:
             result = await fn(c)
             reusable = True
             return result
-        except asyncpg.PostgresError:
-            reusable = True  # PostgreSQL refused the statement (and undid it): the connection is fine
+        except Exception as e:
+            if isinstance(e, asyncpg.PostgresError) and not unavailable(e):
+                reusable = not c.is_closed()  # PostgreSQL refused the statement (and undid it): still sound
+                raise
+            # The session ended (an administrator, a shutdown, a cut connection). Sessions end together: the
+            # idle ones go too. A read runs again on a new connection if this one had sat idle — it may have
+            # died before the statement was sent.
+            if unavailable(e):
+                idle, self.idle = self.idle, []
+                for other in idle:
+                    other.terminate()
+                if idempotent and reused:
+                    c.terminate()
+                    return await self.run(fn)
             raise
         finally:
             if reusable and not c.is_closed() and len(self.idle) < self.limit:
@@ -179,11 +201,56 @@ class _OwnedConnections:
                 await c.close(timeout=5)
 
 
-async def _pg_reset(conn: Any) -> None:
-    """Before a driver connection goes back to its pool, after asyncpg's own cleanup (which rolls back a
-    transaction left open, e.g. by a cancelled statement). These pools run single autocommitted statements,
-    which change no session state, so asyncpg's reset query (RESET ALL, UNLISTEN *, CLOSE ALL …) is skipped:
-    it cost a round trip per read and per write-only transaction."""
+class _BatchedReads:
+    """PostgreSQL primary-key reads on one server (the primary, or the replica that serves reads): up to
+    PG_READS_IN_FLIGHT on the wire at once; reads arriving meanwhile go together in the next query, one
+    ``unnest`` join (a queued read is answered by a query sent after it arrived, never by an older one)."""
+
+    def __init__(self, url: str, spawn: Callable[[Any], None]) -> None:
+        self.conns = _OwnedConnections(url, PG_READS_IN_FLIGHT)
+        self._spawn = spawn
+        self._in_flight = 0
+        self._queue: list[tuple[str, str, asyncio.Future[StoredResource | None]]] = []
+
+    async def read(self, rtype: str, rid: str) -> StoredResource | None:
+        if self._in_flight < PG_READS_IN_FLIGHT and not self._queue:
+            self._in_flight += 1
+            try:
+                row = await self.conns.run(lambda c: c.fetchrow(_PG_READ, rtype, rid), idempotent=True)
+            finally:
+                self._in_flight -= 1
+                self._flush()
+            return StoredResource(*row) if row else None
+        fut: asyncio.Future[StoredResource | None] = asyncio.get_running_loop().create_future()
+        self._queue.append((rtype, rid, fut))
+        self._flush()
+        return await fut
+
+    def _flush(self) -> None:
+        while self._queue and self._in_flight < PG_READS_IN_FLIGHT:
+            batch, self._queue = self._queue[:PG_READ_BATCH], self._queue[PG_READ_BATCH:]
+            self._in_flight += 1
+            self._spawn(self._batch(batch))
+
+    async def _batch(self, batch: list[tuple[str, str, asyncio.Future[StoredResource | None]]]) -> None:
+        try:
+            rows = await self.conns.run(
+                lambda c: c.fetch(_PG_READ_MANY, [b[0] for b in batch], [b[1] for b in batch]), idempotent=True)
+        except BaseException as e:
+            for _t, _i, f in batch:
+                if not f.done():
+                    f.set_exception(e if isinstance(e, Exception) else ConnectionError("read cancelled"))
+            if not isinstance(e, Exception):
+                raise
+            return
+        finally:
+            self._in_flight -= 1
+            self._flush()
+        found = {(r[0], r[1]): r for r in rows}
+        for t, i, f in batch:
+            if not f.done():
+                row = found.get((t, i))
+                f.set_result(StoredResource(*row) if row else None)
 
 
 def _merge(items: Iterable[_Pending]) -> _Pending:
@@ -296,8 +363,8 @@ class WriteTx:
     """One write transaction. Other modules add their own rows through :attr:`conn`.
 
     On PostgreSQL nothing is sent until something needs the database: a transaction that only writes (a
-    create, an audit event, a Bundle of creates) goes out at its end as one statement on a pooled driver
-    connection — one statement is atomic by itself, so it needs no BEGIN/COMMIT round trips. The first read,
+    create, an audit event, a Bundle of creates) goes out at its end as one statement on a driver connection
+    of the store's own — one statement is atomic by itself, so it needs no BEGIN/COMMIT round trips. The first read,
     lock or statement of another module opens a real transaction (SQLAlchemy, BEGIN … COMMIT) instead.
     """
 
@@ -617,13 +684,11 @@ class Store:
         self._checkpointing = False
         self._checkpoint_tail = False
         self._last_checkpoint = 0.0
-        self._pg_pool: Any = None
-        self._pg_write_pool: Any = None
-        #: Connections for write-only statements and for reads by id (see _OwnedConnections).
+        #: Connections for write-only statements (see _OwnedConnections); reads by id, on the server that
+        #: serves reads and on the primary (the same object without a replica).
         self._pg_writers: _OwnedConnections | None = None
-        self._pg_readers: _OwnedConnections | None = None
-        self._reads_in_flight = 0
-        self._read_queue: list[tuple[str, str, asyncio.Future[StoredResource | None]]] = []
+        self._pg_reads: _BatchedReads | None = None
+        self._pg_primary_reads: _BatchedReads | None = None
         self._writes_in_flight = 0
         self._write_queue: list[tuple[_Pending, asyncio.Future[None]]] = []
         #: Resources written by statements on the wire (how many statements each): see _drain_writes.
@@ -661,16 +726,11 @@ class Store:
         if migrate:
             await self.migrate()
         if not self.is_sqlite:
-            import asyncpg
-
-            def pool(url: str) -> Any:
-                return asyncpg.create_pool(**_pg_connect_args(url), min_size=1, max_size=10, reset=_pg_reset)
-
-            self._pg_pool = await pool(self.read_url)
             # Write-only transactions go straight to the driver (WriteTx): on the primary.
-            self._pg_write_pool = self._pg_pool if self.read_url == self.url else await pool(self.url)
             self._pg_writers = _OwnedConnections(self.url, PG_WRITES_IN_FLIGHT)
-            self._pg_readers = _OwnedConnections(self.read_url, PG_READS_IN_FLIGHT)
+            self._pg_reads = _BatchedReads(self.read_url, self._spawn)
+            self._pg_primary_reads = (self._pg_reads if self.read_url == self.url
+                                      else _BatchedReads(self.url, self._spawn))
         self._opened = True
 
     async def close(self) -> None:
@@ -692,15 +752,10 @@ class Store:
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
-        for owned in (self._pg_writers, self._pg_readers):
+        for owned in (self._pg_writers, self._pg_reads and self._pg_reads.conns,
+                      self._pg_primary_reads and self._pg_primary_reads.conns):
             if owned is not None:
                 await owned.close()
-        if self._pg_write_pool is not None and self._pg_write_pool is not self._pg_pool:
-            await self._pg_write_pool.close()
-        self._pg_write_pool = None
-        if self._pg_pool is not None:
-            await self._pg_pool.close()
-            self._pg_pool = None
         if self._sqlite_writer is not None:
             self._sqlite_writer.dispose()
             self._sqlite_writer = None
@@ -929,13 +984,10 @@ class Store:
             raise
 
     async def _pg_current(self, rtype: str, rid: str) -> StoredResource | None:
-        """The current version as the primary has it now (no lock: see ``begin(optimistic=True)``). Without a
-        replica that is an ordinary read, batched with the others (a queued read goes out in a later query)."""
-        if self.read_url == self.url:
-            return await self.read(rtype, rid)
-        async with self._pg_write_pool.acquire() as c:
-            row = await c.fetchrow(_PG_READ, rtype, rid)
-        return StoredResource(*row) if row else None
+        """The current version as the primary has it now (no lock: see ``begin(optimistic=True)``), read with
+        the primary's other reads by id (the same reads as :meth:`read` without a replica)."""
+        assert self._pg_primary_reads is not None
+        return await self._pg_primary_reads.read(rtype, rid)
 
     # ------------------------------------------------------------------ SQLite group commit
 
@@ -1078,47 +1130,8 @@ class Store:
                 "SELECT type, id, version, last_updated, deleted, content FROM resources "
                 "WHERE type = ? AND id = ?", (rtype, rid)).fetchone()
             return StoredResource(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) if row else None
-        if self._reads_in_flight < PG_READS_IN_FLIGHT and not self._read_queue:
-            self._reads_in_flight += 1
-            try:
-                assert self._pg_readers is not None
-                row = await self._pg_readers.run(lambda c: c.fetchrow(_PG_READ, rtype, rid))
-            finally:
-                self._reads_in_flight -= 1
-                self._flush_reads()
-            return StoredResource(*row) if row else None
-        # Busy: reads that arrive while others are on the wire go together in the next query.
-        fut: asyncio.Future[StoredResource | None] = asyncio.get_running_loop().create_future()
-        self._read_queue.append((rtype, rid, fut))
-        self._flush_reads()
-        return await fut
-
-    def _flush_reads(self) -> None:
-        while self._read_queue and self._reads_in_flight < PG_READS_IN_FLIGHT:
-            batch, self._read_queue = self._read_queue[:PG_READ_BATCH], self._read_queue[PG_READ_BATCH:]
-            self._reads_in_flight += 1
-            self._spawn(self._read_batch(batch))
-
-    async def _read_batch(self, batch: list[tuple[str, str, asyncio.Future[StoredResource | None]]]) -> None:
-        try:
-            assert self._pg_readers is not None
-            rows = await self._pg_readers.run(
-                lambda c: c.fetch(_PG_READ_MANY, [b[0] for b in batch], [b[1] for b in batch]))
-        except BaseException as e:
-            for _t, _i, f in batch:
-                if not f.done():
-                    f.set_exception(e if isinstance(e, Exception) else ConnectionError("read cancelled"))
-            if not isinstance(e, Exception):
-                raise
-            return
-        finally:
-            self._reads_in_flight -= 1
-            self._flush_reads()
-        found = {(r[0], r[1]): r for r in rows}
-        for t, i, f in batch:
-            if not f.done():
-                row = found.get((t, i))
-                f.set_result(StoredResource(*row) if row else None)
+        assert self._pg_reads is not None
+        return await self._pg_reads.read(rtype, rid)
 
     async def vread(self, rtype: str, rid: str, version: int) -> tuple[StoredResource, str] | None:
         q = select(history.c.type, history.c.id, history.c.version, history.c.last_updated,
