@@ -657,3 +657,35 @@ def test_pg_lost_connections_are_replaced(new_db_url: Callable[[str], str]) -> N
     assert reads[1] is True
     assert outcomes[1] is True  # the write after the failure has a fresh connection
     assert ids == ["w0", *(f"w{i + 1}" for i, ok in enumerate(outcomes) if ok)]
+
+
+def test_pg_reads_on_a_read_server_and_updates_on_the_primary(new_db_url: Callable[[str], str]) -> None:
+    """With a read URL (a replica), reads by id go to it and an update's lock-free read of the current version
+    to the primary, each with its own connections. Here both URLs name one database (``localhost`` and
+    ``127.0.0.1``): what is checked is that each path works and which connections each one used."""
+
+    async def run() -> tuple[int, int, int, str]:
+        url = new_db_url("pg")
+        store = Store(url, url.replace("@127.0.0.1:", "@localhost:"))
+        await store.open()
+        try:
+            assert store._pg_reads is not None and store._pg_primary_reads is not None
+            assert store._pg_reads is not store._pg_primary_reads
+            async with store.begin() as tx:
+                await tx.put(basic("rep"), "POST", exists_before=False)
+            got = await store.read("Basic", "rep")
+            assert got is not None and got.version == 1
+            async with store.begin(optimistic=True) as tx:
+                cur = await tx.current("Basic", "rep")
+                assert cur is not None
+                await tx.put(basic("rep", b'{"n":2}', cur.version + 1), "PUT", exists_before=True, prev=cur)
+            got = await store.read("Basic", "rep")
+            assert got is not None
+            return (len(store._pg_reads.conns.idle), len(store._pg_primary_reads.conns.idle), got.version,
+                    got.content.decode())
+        finally:
+            await store.close()
+
+    replica_conns, primary_conns, version, content = asyncio.run(run())
+    assert replica_conns == 1 and primary_conns == 1
+    assert version == 2 and content == '{"n":2}'
