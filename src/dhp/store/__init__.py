@@ -180,9 +180,7 @@ class _OwnedConnections:
             # idle ones go too. A read runs again on a new connection if this one had sat idle — it may have
             # died before the statement was sent.
             if unavailable(e):
-                idle, self.idle = self.idle, []
-                for other in idle:
-                    other.terminate()
+                self.drop_idle()
                 if idempotent and reused:
                     c.terminate()
                     return await self.run(fn)
@@ -193,8 +191,15 @@ class _OwnedConnections:
             else:
                 c.terminate()
 
+    def drop_idle(self) -> None:
+        """Cut the idle connections (their sessions are presumed dead)."""
+        idle, self.idle = self.idle, []
+        for c in idle:
+            c.terminate()
+
     async def close(self) -> None:
-        self.limit = 0  # a statement finishing later closes its connection
+        """Say goodbye on the idle connections; a statement finishing later closes its own."""
+        self.limit = 0
         idle, self.idle = self.idle, []
         for c in idle:
             with contextlib.suppress(Exception):
@@ -752,10 +757,11 @@ class Store:
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
-        for owned in (self._pg_writers, self._pg_reads and self._pg_reads.conns,
-                      self._pg_primary_reads and self._pg_primary_reads.conns):
-            if owned is not None:
-                await owned.close()
+        if self._pg_writers is not None:
+            await self._pg_writers.close()
+        for reads in (self._pg_reads, self._pg_primary_reads):
+            if reads is not None:
+                await reads.conns.close()  # twice without a replica: the second finds nothing idle
         if self._sqlite_writer is not None:
             self._sqlite_writer.dispose()
             self._sqlite_writer = None
