@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import (
     Engine,
     and_,
@@ -92,9 +93,10 @@ _CURRENT_FOR_UPDATE = select(resources.c.type, resources.c.id, resources.c.versi
     resources.c.type == bindparam("k_type"), resources.c.id == bindparam("k_id")).with_for_update()
 _PG_READ = ("SELECT type, id, version, last_updated, deleted, content, index_key FROM resources "
             "WHERE type = $1 AND id = $2")
+# Keys travel as one JSON text: asyncpg encodes list parameters element by element (see flush_statement).
 _PG_READ_MANY = ("SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.content, r.index_key "
-                 "FROM unnest($1::text[], $2::text[]) AS k(type, id) "
-                 "JOIN resources r ON r.type = k.type AND r.id = k.id")
+                 "FROM jsonb_array_elements($1::text::jsonb) AS k "
+                 "JOIN resources r ON r.type = k->>0 AND r.id = k->>1")
 # The same on SQLite, through the driver (see SyncConn.raw).
 _SQLITE_CURRENT = ("SELECT type, id, version, last_updated, deleted, content, index_key FROM resources "
                    "WHERE type = ? AND id = ?")
@@ -206,10 +208,23 @@ class _OwnedConnections:
                 await c.close(timeout=5)
 
 
+def _storable(key: str) -> bool:
+    """Whether PostgreSQL text can hold ``key``: no U+0000, valid UTF-8 (no lone surrogates)."""
+    if "\x00" in key:
+        return False
+    if key.isascii():
+        return True
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _BatchedReads:
     """PostgreSQL primary-key reads on one server (the primary, or the replica that serves reads): up to
     PG_READS_IN_FLIGHT on the wire at once; reads arriving meanwhile go together in the next query, one
-    ``unnest`` join (a queued read is answered by a query sent after it arrived, never by an older one)."""
+    join (a queued read is answered by a query sent after it arrived, never by an older one)."""
 
     def __init__(self, url: str, spawn: Callable[[Any], None]) -> None:
         self.conns = _OwnedConnections(url, PG_READS_IN_FLIGHT)
@@ -218,6 +233,8 @@ class _BatchedReads:
         self._queue: list[tuple[str, str, asyncio.Future[StoredResource | None]]] = []
 
     async def read(self, rtype: str, rid: str) -> StoredResource | None:
+        if not (_storable(rtype) and _storable(rid)):
+            return None  # no row can hold it, and in a batch it would fail the other reads with it
         if self._in_flight < PG_READS_IN_FLIGHT and not self._queue:
             self._in_flight += 1
             try:
@@ -240,7 +257,7 @@ class _BatchedReads:
     async def _batch(self, batch: list[tuple[str, str, asyncio.Future[StoredResource | None]]]) -> None:
         try:
             rows = await self.conns.run(
-                lambda c: c.fetch(_PG_READ_MANY, [b[0] for b in batch], [b[1] for b in batch]), idempotent=True)
+                lambda c: c.fetch(_PG_READ_MANY, orjson.dumps([b[:2] for b in batch]).decode()), idempotent=True)
         except BaseException as e:
             for _t, _i, f in batch:
                 if not f.done():
@@ -614,7 +631,7 @@ class WriteTx:
     async def before_commit(self) -> None:
         if self._base is None and not self.conformance_changed:
             # Nothing was read or locked: the queued writes go out as one statement, no transaction needed.
-            p, self._pending = self._pending, _Pending()
+            p, self._pending = self._pending, None  # done: a later put would be lost, so it fails
             if p and self._solo is not None:
                 await self._solo(p)
             return
@@ -825,17 +842,29 @@ class Store:
             await asyncio.shield(group.done)
             await tx.committed()
             return
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                async def opener() -> AsyncConnection:
-                    conn = await stack.enter_async_context(self.engine.connect())
-                    await stack.enter_async_context(conn.begin())
-                    return conn
+        # Most transactions are write-only and never open a SQLAlchemy connection: the exit stack that
+        # closes one exists only once one is opened.
+        stacks: list[contextlib.AsyncExitStack] = []
 
-                tx = WriteTx(None, False, opener=opener, solo=self._pg_solo,
-                             peek=self._pg_current if optimistic else None)
+        async def opener() -> AsyncConnection:
+            stack = contextlib.AsyncExitStack()
+            stacks.append(stack)
+            conn = await stack.enter_async_context(self.engine.connect())
+            await stack.enter_async_context(conn.begin())
+            return conn
+
+        try:
+            tx = WriteTx(None, False, opener=opener, solo=self._pg_solo,
+                         peek=self._pg_current if optimistic else None)
+            try:
                 yield tx
                 await tx.before_commit()
+            except BaseException as e:
+                if stacks:
+                    await stacks[0].__aexit__(type(e), e, e.__traceback__)  # rolls back; never swallows
+                raise
+            if stacks:
+                await stacks[0].__aexit__(None, None, None)  # commits
         except DBAPIError as e:
             # PostgreSQL undid the transaction (deadlock, serialization failure: SQLSTATE class 40): retryable.
             if str(getattr(e.orig, "sqlstate", "")).startswith("40"):
