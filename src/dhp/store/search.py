@@ -234,9 +234,9 @@ async def lock_current(conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -
     ordered = sorted(set(keys))
     rows = (await conn.exec_driver_sql(
         "SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.content, r.index_key FROM resources r "
-        "JOIN unnest($1::varchar[], $2::varchar[]) AS k(type, id) ON r.type = k.type AND r.id = k.id "
+        "JOIN jsonb_array_elements($1::text::jsonb) AS k ON r.type = k->>0 AND r.id = k->>1 "
         "ORDER BY r.type, r.id FOR UPDATE OF r",
-        ([k[0] for k in ordered], [k[1] for k in ordered]))).all()
+        (orjson.dumps(ordered).decode(),))).all()
     return {(r[0], r[1]): StoredResource(*r) for r in rows}
 
 
@@ -253,8 +253,8 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
     """The one PostgreSQL statement that applies a transaction's queued writes (``dhp.store._Pending``).
 
     Data-modifying CTEs share one snapshot: the DELETEs see only the rows that were there before, so old index
-    rows go and new ones stay. Rows travel as JSON arrays (and ``unnest`` of arrays), so the SQL text stays the
-    same whatever the row counts, and each shape of statement is prepared once per connection.
+    rows go and new ones stay. Rows travel as JSON arrays, so the SQL text stays the same whatever the row
+    counts, and each shape of statement is prepared once per connection.
     """
     from dhp.store.schema import history
 
@@ -286,8 +286,7 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
         if p.history:
             params.append(orjson.dumps([(*r[:6], slot(r[6])) for r in p.history]).decode())
     for k in del_kinds:
-        rows = p.index_deletes[k]
-        params.extend(([r[0] for r in rows], [r[1] for r in rows]))
+        params.append(orjson.dumps(p.index_deletes[k]).decode())
     for k in rm_kinds:
         params.append(_json_rows(k, p.index_removed[k]))
     for k in ins_kinds:
@@ -298,14 +297,6 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
     if sql_text is None:
         n = 0
         ctes: list[str] = []
-
-        def unnest(cols: Sequence[Column[Any]]) -> str:
-            nonlocal n
-            args = []
-            for c in cols:
-                n += 1
-                args.append(f"${n}::{_pg_type(c)}[]")
-            return f"unnest({', '.join(args)})"
 
         def from_json(cols: Sequence[Column[Any]]) -> str:
             """SELECT of ``cols`` from the next parameter's JSON rows; ``content`` is a position in $1."""
@@ -338,8 +329,9 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
             ctes.append(f"h AS (INSERT INTO history ({', '.join(c.name for c in hcols)}) {from_json(hcols)})")
         for k in del_kinds:
             t = TABLES[k]
-            ctes.append(f"d_{k} AS (DELETE FROM {t.name} s USING {unnest([t.c.type, t.c.id])} AS k(type, id) "
-                        "WHERE s.type = k.type AND s.id = k.id)")
+            n += 1
+            ctes.append(f"d_{k} AS (DELETE FROM {t.name} s USING jsonb_array_elements(${n}::text::jsonb) AS k "
+                        "WHERE s.type = k->>0 AND s.id = k->>1)")
         for k in rm_kinds:
             # Single rows, matched on every column (NULLs equal); they travel as JSON like inserted rows.
             t = TABLES[k]
