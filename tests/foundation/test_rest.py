@@ -3,6 +3,7 @@ capabilities, conditional headers, Prefer, _format/_summary/_elements, and every
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -245,12 +246,14 @@ def test_history_levels_paging_since_at(client: httpx.Client) -> None:
     p = create(client, patient())
     url = f"/Patient/{p['id']}"
     for i in range(4):
+        time.sleep(0.002)  # lastUpdated has millisecond precision: _since/_at below need distinct instants
         client.put(url, content=orjson.dumps({**p, "birthDate": f"199{i}-01-01"}))
     h = client.get(f"{url}/_history", params={"_count": 2}).json()
     assert h["type"] == "history" and h["total"] == 5
     assert [e["resource"]["meta"]["versionId"] for e in h["entry"]] == ["5", "4"]
     nxt = next(link["url"] for link in h["link"] if link["relation"] == "next")
     # a concurrent write does not shift the pages of a running paging session
+    time.sleep(0.002)
     client.put(url, content=orjson.dumps({**p, "birthDate": "2001-01-01"}))
     page2 = client.get(nxt).json()
     assert [e["resource"]["meta"]["versionId"] for e in page2["entry"]] == ["3", "2"]
@@ -371,6 +374,15 @@ def test_capability_statement(client: httpx.Client) -> None:
     assert "https://dhp.uz/fhir/core/StructureDefinition/uz-core-patient" in types["Patient"]["supportedProfile"]
     assert {i["code"] for i in cs["rest"][0]["interaction"]} >= {"transaction", "batch", "history-system"}
     assert cs["instantiates"] == ["https://dhp.uz/fhir/core/CapabilityStatement/DHPCapabilityStatement"]
+    # The search parameters a search can use, with their definitions; none the server reports as unsupported.
+    params = {p["name"]: p for p in types["Patient"]["searchParam"]}
+    assert params["identifier"] == {"name": "identifier", "type": "token",
+                                    "definition": "http://hl7.org/fhir/SearchParameter/Patient-identifier"}
+    assert params["birthdate"]["type"] == "date" and params["general-practitioner"]["type"] == "reference"
+    assert {"_id", "_lastUpdated", "_tag", "_profile", "_has", "_list"} <= params.keys()
+    assert not {"_text", "_content", "_filter", "_query", "_in", "_type", "age"} & params.keys()
+    near = {p["name"]: p for p in types["Location"]["searchParam"]}["near"]
+    assert near["type"] == "special"
 
 
 def test_package_conformance_resources_are_readable(client: httpx.Client) -> None:

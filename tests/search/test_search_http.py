@@ -263,6 +263,22 @@ def test_unknown_parameter_is_reported_or_strict_400(fhir: httpx.Client) -> None
     get(fhir, "/Patient?_text=karimov", status=400, headers={"Prefer": "handling=strict"})
 
 
+def test_a_number_parameter_over_dates_is_reported_not_answered_empty(fhir: httpx.Client) -> None:
+    """The extensions package's Patient ``age`` is a number over ``Patient.birthDate`` (an age from today's
+    date): no number can be indexed for it. It used to find nothing, silently; now it is reported as
+    unsupported like ``_text``, and refused where ignoring it would widen the result (chains, sorting)."""
+    b = get(fhir, "/Patient?age=gt1&gender=female")
+    assert ids(b) == ["pat2"]
+    outcomes = [e["resource"] for e in b["entry"] if e["search"]["mode"] == "outcome"]
+    assert outcomes and "'age'" in outcomes[0]["issue"][0]["diagnostics"]
+    assert "birthDate" in outcomes[0]["issue"][0]["diagnostics"]
+    oo = get(fhir, "/Patient?age=30", status=400, headers={"Prefer": "handling=strict"})
+    assert oo["issue"][0]["code"] == "not-supported"
+    for query in ("/Observation?subject:Patient.age=30", "/Patient?_has:Patient:link:age=30", "/Patient?_sort=age"):
+        oo = get(fhir, query, status=400)
+        assert "'age'" in oo["issue"][0]["diagnostics"], (query, oo)
+
+
 # ---------------------------------------------------------------- sorting and paging
 
 SORTS = [

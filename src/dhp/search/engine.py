@@ -23,10 +23,13 @@ from dhp.conformance import Registry
 from dhp.errors import FHIRError
 from dhp.search import shared
 from dhp.search.extract import TABLE_OF, ParamExtractor, stem
-from dhp.search.params import ParamRegistry
+from dhp.search.params import UNSUPPORTED, ParamRegistry
 from dhp.search.parse import Parser
 from dhp.search.query import AnyOf, Compartment, Node, Nothing, RowCode
 from dhp.store import search as sql
+
+#: Special parameters the query planner answers itself.
+_PLANNED_SPECIALS = frozenset({"_has", "_list"})
 
 log = logging.getLogger("dhp.search")
 
@@ -394,6 +397,27 @@ class SearchEngine:
     def kinds(self, rtype: str) -> tuple[str, ...]:
         self.extractors(rtype)
         return self._kinds[rtype]
+
+    def capability_params(self) -> dict[str, list[dict[str, Any]]]:
+        """Per resource type, the search parameters a search there can use, as CapabilityStatement
+        ``rest.resource.searchParam`` entries: the ones the server evaluates, never the ones it reports as
+        unsupported (``_text``, ``_filter``, a number parameter over dates …)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for rtype in sorted(self.params.resource_types):
+            entries = []
+            for code, p in sorted(self.params.for_type(rtype).items()):
+                if code not in _PLANNED_SPECIALS and (
+                        p.unevaluable or code in UNSUPPORTED or code in ("_in", "_type")
+                        or (p.type == "special" and code != "near")):
+                    continue
+                e: dict[str, Any] = {"name": code}
+                if p.url:
+                    e["definition"] = p.url
+                e["type"] = p.type
+                entries.append(e)
+            if entries:
+                out[rtype] = entries
+        return out
 
     # ------------------------------------------------------------------ write hooks
 

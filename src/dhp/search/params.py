@@ -46,12 +46,16 @@ class ParamDef:
     modifiers: tuple[str, ...] = ()
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Why its values cannot be indexed as its type says, if they cannot (see ``ParamRegistry._unevaluable``).
+    unevaluable: str = ""
 
     @property
     def indexed(self) -> bool:
         return self.code not in PLANNER_PARAMS and self.code not in UNSUPPORTED and (
-            self.type != "special" or self.code == "near") and bool(self.expression)
+            self.type != "special" or self.code == "near") and bool(self.expression) and not self.unevaluable
 
+
+_DATE_TYPES = frozenset({"date", "dateTime", "instant"})
 
 _OFTYPE_KIND = {"string": "string", "markdown": "string", "Quantity": "quantity", "CodeableConcept": "token",
                 "Coding": "token", "code": "token", "boolean": "token", "dateTime": "date", "Period": "date",
@@ -91,6 +95,7 @@ class ParamRegistry:
                 continue
             if p.url and p.url not in self._by_url:
                 self._by_url[p.url] = p
+            p.unevaluable = self._unevaluable(p)
             for b in p.base:
                 # First definition wins: overlay (API-written) comes before packages.
                 self._by_base.setdefault(b, {}).setdefault(p.code, p)
@@ -102,6 +107,27 @@ class ParamRegistry:
                 codes = tuple(p for p in r.get("param") or [] if isinstance(p, str))
                 if codes and isinstance(r.get("code"), str):
                     comp.setdefault(r["code"], codes)
+
+    def _unevaluable(self, p: ParamDef) -> str:
+        """Why ``p``'s values cannot be indexed as its type, or "". A number parameter over date elements (the
+        extensions package's Patient ``age`` is ``Patient.birthDate``: an age computed from today's date) would
+        index nothing, and a search on it would quietly find nothing; it is reported as unsupported instead."""
+        if p.type != "number" or not p.expression:
+            return ""
+        kinds: set[str] = set()
+        for part in p.expression.split("|"):
+            rtype, _, elem = part.strip().partition(".")
+            if not elem or not elem.isidentifier():
+                return ""  # not a plain path on the resource: leave it to extraction
+            sd = self.registry.structure_definition(rtype)
+            el = next((e for e in ((sd or {}).get("snapshot") or {}).get("element") or []
+                       if e.get("path") == f"{rtype}.{elem}"), None)
+            if el is None:
+                return ""
+            kinds.update(t.get("code") for t in el.get("type") or [] if isinstance(t, dict))
+        if kinds and kinds <= _DATE_TYPES:
+            return f"a number parameter over {'/'.join(sorted(kinds))} elements ({p.expression})"
+        return ""
 
     @staticmethod
     def _make(sp: dict[str, Any], urls: dict[str, dict[str, Any]]) -> ParamDef | None:

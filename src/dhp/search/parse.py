@@ -249,6 +249,10 @@ class Parser:
             if p is None:
                 self._ignored(issues, name, f"Unknown search parameter '{code}' for resource type {t}")
                 return None
+            if p.unevaluable:
+                self._ignored(issues, name, f"The search parameter '{code}' is not supported by this server: "
+                                            f"{p.unevaluable}")
+                return None
             defs.append(p)
         p = defs[0]
         if any(d.type != p.type for d in defs):
@@ -280,8 +284,9 @@ class Parser:
                depth: int) -> Node:
         if rest:
             return self._chain(rtype, p, name, modifier, rest, value, depth)
-        if p.type == "special" and p.code != "near":
-            raise FHIRError(400, f"The search parameter '{p.code}' is not supported by this server",
+        if (p.type == "special" and p.code != "near") or p.unevaluable:
+            why = f": {p.unevaluable}" if p.unevaluable else ""
+            raise FHIRError(400, f"The search parameter '{p.code}' is not supported by this server{why}",
                             "not-supported", expression=[name], message_id="search-param-unknown")
         table = TABLE_OF.get(p.type)
         if table is None:
@@ -605,6 +610,8 @@ class Parser:
                 raise bad(f"Unknown search parameter '{code}' in _sort", "_sort")
             if p.type in ("composite", "special"):
                 raise bad(f"Cannot sort on {p.type} parameter '{code}'", "_sort")
+            if p.unevaluable:
+                raise bad(f"Cannot sort on '{code}': {p.unevaluable}", "_sort")
             single = bool(self.single_valued and len(types) == 1 and self.single_valued(types[0], code))
             keys.append(SortKey(TABLE_OF[p.type], self.row_code(types, code), desc, single))
         return keys
