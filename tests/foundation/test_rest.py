@@ -380,7 +380,8 @@ def test_capability_statement(client: httpx.Client) -> None:
                                     "definition": "http://hl7.org/fhir/SearchParameter/Patient-identifier"}
     assert params["birthdate"]["type"] == "date" and params["general-practitioner"]["type"] == "reference"
     assert {"_id", "_lastUpdated", "_tag", "_profile", "_has", "_list"} <= params.keys()
-    assert not {"_text", "_content", "_filter", "_query", "_in", "_type", "age"} & params.keys()
+    assert not {"_text", "_content", "_filter", "_query", "_in", "_type"} & params.keys()
+    assert params["age"]["type"] == "number"  # whole years from birthDate (dhp.search.params, years_since)
     near = {p["name"]: p for p in types["Location"]["searchParam"]}["near"]
     assert near["type"] == "special"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -263,20 +264,30 @@ def test_unknown_parameter_is_reported_or_strict_400(fhir: httpx.Client) -> None
     get(fhir, "/Patient?_text=karimov", status=400, headers={"Prefer": "handling=strict"})
 
 
-def test_a_number_parameter_over_dates_is_reported_not_answered_empty(fhir: httpx.Client) -> None:
-    """The extensions package's Patient ``age`` is a number over ``Patient.birthDate`` (an age from today's
-    date): no number can be indexed for it. It used to find nothing, silently; now it is reported as
-    unsupported like ``_text``, and refused where ignoring it would widen the result (chains, sorting)."""
-    b = get(fhir, "/Patient?age=gt1&gender=female")
-    assert ids(b) == ["pat2"]
-    outcomes = [e["resource"] for e in b["entry"] if e["search"]["mode"] == "outcome"]
-    assert outcomes and "'age'" in outcomes[0]["issue"][0]["diagnostics"]
-    assert "birthDate" in outcomes[0]["issue"][0]["diagnostics"]
-    oo = get(fhir, "/Patient?age=30", status=400, headers={"Prefer": "handling=strict"})
-    assert oo["issue"][0]["code"] == "not-supported"
-    for query in ("/Observation?subject:Patient.age=30", "/Patient?_has:Patient:link:age=30", "/Patient?_sort=age"):
-        oo = get(fhir, query, status=400)
-        assert "'age'" in oo["issue"][0]["diagnostics"], (query, oo)
+def test_age_is_whole_years_from_the_birth_date_to_today(fhir: httpx.Client) -> None:
+    """The extensions package's Patient ``age`` is a number over ``Patient.birthDate``: no number can be
+    indexed for it (it used to find nothing, silently). It is searched as whole years from the birth date to
+    today, deceased patients left out as its definition says; pat1 was born 1980-05-06, pat2 is deceased."""
+    today = datetime.now(UTC).date()
+    a1 = today.year - 1980 - ((today.month, today.day) < (5, 6))
+
+    def found(query: str) -> set[str]:
+        return set(ids(get(fhir, "/Patient?" + query)))
+
+    assert found(f"age={a1}") == {"pat1"}
+    assert "pat1" in found(f"age=ge{a1}") and "pat1" in found(f"age=le{a1}") and "pat1" in found(f"age=ap{a1}")
+    for query in (f"age=gt{a1}", f"age=lt{a1}", f"age=ne{a1}", f"age={a1 + 1}", f"age={a1 - 1}"):
+        assert "pat1" not in found(query), query
+    assert "pat1" in found(f"age={a1 - 1},{a1}")
+    assert "pat2" not in found("age=ge0") and "pat1" in found("age=ge0")
+    obs = get(fhir, f"/Observation?subject:Patient.age={a1}")
+    assert obs["entry"] and {e["resource"]["subject"]["reference"] for e in obs["entry"]} == {"Patient/pat1"}
+    order = ids(get(fhir, "/Patient?_sort=age&_id=pat1,pat2"))
+    assert order == ["pat2", "pat1"]  # the younger first
+    assert ids(get(fhir, "/Patient?_sort=-age&_id=pat1,pat2")) == ["pat1", "pat2"]
+    for query in ("age=x", "age=30.5", "age:missing=true", "age=-3"):
+        oo = get(fhir, "/Patient?" + query, status=400)
+        assert "age" in oo["issue"][0]["diagnostics"], (query, oo)
 
 
 # ---------------------------------------------------------------- sorting and paging

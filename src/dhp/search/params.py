@@ -46,13 +46,17 @@ class ParamDef:
     modifiers: tuple[str, ...] = ()
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    #: Why its values cannot be indexed as its type says, if they cannot (see ``ParamRegistry._unevaluable``).
+    #: Why its values cannot be indexed as its type says, if they cannot (see ``ParamRegistry._classify``).
     unevaluable: str = ""
+    #: A number parameter over one date element (``Patient.birthDate`` for the extensions package's ``age``):
+    #: whole years from that date to today, searched through the date parameter indexing the element.
+    years_since: str = ""
 
     @property
     def indexed(self) -> bool:
         return self.code not in PLANNER_PARAMS and self.code not in UNSUPPORTED and (
-            self.type != "special" or self.code == "near") and bool(self.expression) and not self.unevaluable
+            self.type != "special" or self.code == "near") and bool(self.expression) and not self.unevaluable \
+            and not self.years_since
 
 
 _DATE_TYPES = frozenset({"date", "dateTime", "instant"})
@@ -95,7 +99,7 @@ class ParamRegistry:
                 continue
             if p.url and p.url not in self._by_url:
                 self._by_url[p.url] = p
-            p.unevaluable = self._unevaluable(p)
+            p.unevaluable, p.years_since = self._classify(p)
             for b in p.base:
                 # First definition wins: overlay (API-written) comes before packages.
                 self._by_base.setdefault(b, {}).setdefault(p.code, p)
@@ -108,26 +112,38 @@ class ParamRegistry:
                 if codes and isinstance(r.get("code"), str):
                     comp.setdefault(r["code"], codes)
 
-    def _unevaluable(self, p: ParamDef) -> str:
-        """Why ``p``'s values cannot be indexed as its type, or "". A number parameter over date elements (the
-        extensions package's Patient ``age`` is ``Patient.birthDate``: an age computed from today's date) would
-        index nothing, and a search on it would quietly find nothing; it is reported as unsupported instead."""
+    def _classify(self, p: ParamDef) -> tuple[str, str]:
+        """(why ``p``'s values cannot be indexed as its type, or ""; the date element it counts years from, or
+        ""). A number parameter over date elements indexes nothing: the extensions package's Patient ``age`` is
+        ``Patient.birthDate``, an age in years as of today. Over one element it is searched as such; over
+        several it is reported as unsupported (never answered empty)."""
         if p.type != "number" or not p.expression:
-            return ""
+            return "", ""
         kinds: set[str] = set()
+        paths = []
         for part in p.expression.split("|"):
             rtype, _, elem = part.strip().partition(".")
             if not elem or not elem.isidentifier():
-                return ""  # not a plain path on the resource: leave it to extraction
+                return "", ""  # not a plain path on the resource: leave it to extraction
             sd = self.registry.structure_definition(rtype)
             el = next((e for e in ((sd or {}).get("snapshot") or {}).get("element") or []
                        if e.get("path") == f"{rtype}.{elem}"), None)
             if el is None:
-                return ""
+                return "", ""
             kinds.update(t.get("code") for t in el.get("type") or [] if isinstance(t, dict))
-        if kinds and kinds <= _DATE_TYPES:
-            return f"a number parameter over {'/'.join(sorted(kinds))} elements ({p.expression})"
-        return ""
+            paths.append(f"{rtype}.{elem}")
+        if not kinds or not kinds <= _DATE_TYPES:
+            return "", ""
+        if len(paths) == 1:
+            return "", paths[0]
+        return f"a number parameter over {'/'.join(sorted(kinds))} elements ({p.expression})", ""
+
+    def date_param_of(self, rtype: str, path: str) -> ParamDef | None:
+        """The date parameter of ``rtype`` whose expression reads ``path`` (one of its ``|`` parts)."""
+        for q in self.for_type(rtype).values():
+            if q.type == "date" and path in (x.strip() for x in q.expression.split("|")):
+                return q
+        return None
 
     @staticmethod
     def _make(sp: dict[str, Any], urls: dict[str, dict[str, Any]]) -> ParamDef | None:

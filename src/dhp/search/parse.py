@@ -8,6 +8,7 @@ is always a 400, so no search ever answers with unfiltered results.
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from dhp.errors import FHIRError, Issue
@@ -23,6 +24,7 @@ from dhp.search.query import (
     Include,
     LastUpdated,
     ListClause,
+    Match,
     NearMatch,
     Node,
     RangeMatch,
@@ -54,6 +56,37 @@ EMBEDDED = frozenset({"composition", "message"})
 
 def bad(msg: str, param: str, message_id: str = "search-invalid") -> FHIRError:
     return FHIRError(400, msg, "invalid", expression=[param], message_id=message_id)
+
+
+def _years_before(day: date, years: int) -> date:
+    try:
+        return day.replace(year=day.year - years)
+    except ValueError:  # 29 February in a year without one
+        return day.replace(year=day.year - years, day=28)
+
+
+def _age_match(prefix: str, n: int, today: date) -> RangeMatch:
+    """The birth dates (as a date search range) of an age of ``n`` whole years today, under ``prefix``."""
+
+    def day(d: date) -> tuple[int, int]:
+        return date_range(d.isoformat())
+
+    def window(older: int, younger: int) -> RangeMatch:  # ages younger..older years
+        lo = day(_years_before(today, older + 1) + timedelta(days=1))[0]
+        return RangeMatch("ne" if prefix == "ne" else "eq", lo, day(_years_before(today, younger))[1], lo)
+
+    if prefix in ("gt", "sa"):  # older than n: born on or before today − (n + 1) years
+        return RangeMatch("le", *day(_years_before(today, n + 1)), 0)
+    if prefix == "ge":
+        return RangeMatch("le", *day(_years_before(today, n)), 0)
+    if prefix in ("lt", "eb"):  # younger than n: born after today − n years
+        return RangeMatch("gt", *day(_years_before(today, n)), 0)
+    if prefix == "le":
+        return RangeMatch("gt", *day(_years_before(today, n + 1)), 0)
+    if prefix == "ap":  # within 10 %, at least a year
+        m = max(1, round(n * 0.1))
+        return window(n + m, max(0, n - m))
+    return window(n, n)
 
 
 def refuse_nul(items: list[tuple[str, str]]) -> None:
@@ -282,6 +315,8 @@ class Parser:
 
     def _param(self, rtype: str | None, p: ParamDef, name: str, modifier: str, rest: str, value: str,
                depth: int) -> Node:
+        if p.years_since:
+            return self._years_since(rtype, p, name, modifier, rest, value, depth)
         if rest:
             return self._chain(rtype, p, name, modifier, rest, value, depth)
         if (p.type == "special" and p.code != "near") or p.unevaluable:
@@ -440,6 +475,34 @@ class Parser:
         if ptype == "quantity":
             return RangeMatch(prefix, lo, hi, float(d), system, code)
         return RangeMatch(prefix, lo, hi, float(d))
+
+    def _years_since(self, rtype: str | None, p: ParamDef, name: str, modifier: str, rest: str, value: str,
+                     depth: int) -> Node:
+        """``age=30``: whole years from a date element (``Patient.birthDate``) to today, searched on the date
+        parameter that indexes the element — age N is a date in (today − N − 1 years, today − N years].
+        Deceased patients are left out, as the extensions package's definition of ``age`` says."""
+        if rest:
+            raise bad(f"'{p.code}' cannot be chained", name, "search-bad-chain")
+        if modifier:
+            raise bad(f"Modifier ':{modifier}' is not allowed on '{p.code}'", name)
+        dp = self.params.date_param_of(rtype, p.years_since) if rtype else None
+        if dp is None or not dp.indexed:
+            raise FHIRError(400, f"The search parameter '{p.code}' is not supported by this server: no date "
+                            f"parameter indexes {p.years_since}", "not-supported", expression=[name],
+                            message_id="search-param-unknown")
+        today = datetime.now(UTC).date()
+        matches: list[Match] = []
+        for v in self._values(value):
+            prefix, num = ("eq", v) if v[:2] not in PREFIXES else (v[:2], v[2:])
+            if not (num.isascii() and num.isdigit()) or len(num) > 3:
+                raise bad(f"'{p.code}' takes whole years (0 to 999) with an optional prefix, not '{v}'", name,
+                          "search-bad-number")
+            matches.append(_age_match(prefix, int(num), today))
+        node: Node = Clause("date", dp.code, matches)
+        dead = self.params.get(rtype, "deceased") if rtype == "Patient" else None
+        if dead is not None and dead.type == "token" and dead.indexed:
+            node = AnyOf([[node, self._param(rtype, dead, name, "not", "", "true", depth)]])
+        return node
 
     def _composite(self, p: ParamDef, name: str, v: str) -> CompositeMatch:
         parts = split_escaped(v, "$")
@@ -612,6 +675,13 @@ class Parser:
                 raise bad(f"Cannot sort on {p.type} parameter '{code}'", "_sort")
             if p.unevaluable:
                 raise bad(f"Cannot sort on '{code}': {p.unevaluable}", "_sort")
+            if p.years_since:  # the older first is the earlier date first
+                dp = self.params.date_param_of(types[0], p.years_since)
+                if dp is None or not dp.indexed:
+                    raise bad(f"Cannot sort on '{code}': no date parameter indexes {p.years_since}", "_sort")
+                single = bool(self.single_valued and len(types) == 1 and self.single_valued(types[0], dp.code))
+                keys.append(SortKey("date", self.row_code(types, dp.code), not desc, single))
+                continue
             single = bool(self.single_valued and len(types) == 1 and self.single_valued(types[0], code))
             keys.append(SortKey(TABLE_OF[p.type], self.row_code(types, code), desc, single))
         return keys
