@@ -8,7 +8,7 @@ is always a 400, so no search ever answers with unfiltered results.
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from dhp.errors import FHIRError, Issue
@@ -490,7 +490,7 @@ class Parser:
             raise FHIRError(400, f"The search parameter '{p.code}' is not supported by this server: no date "
                             f"parameter indexes {p.years_since}", "not-supported", expression=[name],
                             message_id="search-param-unknown")
-        today = datetime.now(UTC).date()
+        today = date.today()  # the server's own time zone (TZ): where the platform's day turns
         matches: list[Match] = []
         for v in self._values(value):
             prefix, num = ("eq", v) if v[:2] not in PREFIXES else (v[:2], v[2:])
