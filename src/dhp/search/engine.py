@@ -23,13 +23,10 @@ from dhp.conformance import Registry
 from dhp.errors import FHIRError
 from dhp.search import shared
 from dhp.search.extract import TABLE_OF, ParamExtractor, stem
-from dhp.search.params import UNSUPPORTED, ParamRegistry
+from dhp.search.params import ParamRegistry
 from dhp.search.parse import Parser
 from dhp.search.query import AnyOf, Compartment, Node, Nothing, RowCode
 from dhp.store import search as sql
-
-#: Special parameters the query planner answers itself.
-_PLANNED_SPECIALS = frozenset({"_has", "_list"})
 
 log = logging.getLogger("dhp.search")
 
@@ -406,9 +403,7 @@ class SearchEngine:
         for rtype in sorted(self.params.resource_types):
             entries = []
             for code, p in sorted(self.params.for_type(rtype).items()):
-                if code not in _PLANNED_SPECIALS and (
-                        p.unevaluable or code in UNSUPPORTED or code in ("_in", "_type")
-                        or (p.type == "special" and code != "near")):
+                if not p.searchable:
                     continue
                 e: dict[str, Any] = {"name": code}
                 if p.url:

@@ -26,6 +26,9 @@ PLANNER_PARAMS = frozenset({"_id", "_lastUpdated", "_has", "_type", "_list", "_i
 #: Special parameters this server cannot evaluate; asking for them is reported, never silently ignored.
 UNSUPPORTED = frozenset({"_text", "_content", "_filter", "_query"})
 
+#: Special parameters the query planner answers itself.
+PLANNED_SPECIALS = frozenset({"_has", "_list"})
+
 
 @dataclass(frozen=True)
 class Component:
@@ -57,6 +60,15 @@ class ParamDef:
         return self.code not in PLANNER_PARAMS and self.code not in UNSUPPORTED and (
             self.type != "special" or self.code == "near") and bool(self.expression) and not self.unevaluable \
             and not self.years_since
+
+    @property
+    def searchable(self) -> bool:
+        """Whether a search on its own type can use it — what the CapabilityStatement lists. (``_type`` belongs
+        to system searches; ``_in`` and the unsupported ones are reported by the parser.)"""
+        if self.code in PLANNED_SPECIALS:
+            return True
+        return not (self.unevaluable or self.code in UNSUPPORTED or self.code in ("_in", "_type")
+                    or (self.type == "special" and self.code != "near"))
 
 
 _DATE_TYPES = frozenset({"date", "dateTime", "instant"})

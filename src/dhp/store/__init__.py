@@ -844,11 +844,11 @@ class Store:
             return
         # Most transactions are write-only and never open a SQLAlchemy connection: the exit stack that
         # closes one exists only once one is opened.
-        stacks: list[contextlib.AsyncExitStack] = []
+        stack: contextlib.AsyncExitStack | None = None
 
         async def opener() -> AsyncConnection:
+            nonlocal stack
             stack = contextlib.AsyncExitStack()
-            stacks.append(stack)
             conn = await stack.enter_async_context(self.engine.connect())
             await stack.enter_async_context(conn.begin())
             return conn
@@ -860,11 +860,11 @@ class Store:
                 yield tx
                 await tx.before_commit()
             except BaseException as e:
-                if stacks:
-                    await stacks[0].__aexit__(type(e), e, e.__traceback__)  # rolls back; never swallows
+                if stack is not None:
+                    await stack.__aexit__(type(e), e, e.__traceback__)  # rolls back; never swallows
                 raise
-            if stacks:
-                await stacks[0].__aexit__(None, None, None)  # commits
+            if stack is not None:
+                await stack.__aexit__(None, None, None)  # commits
         except DBAPIError as e:
             # PostgreSQL undid the transaction (deadlock, serialization failure: SQLSTATE class 40): retryable.
             if str(getattr(e.orig, "sqlstate", "")).startswith("40"):
