@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from dhp.store import ConflictError, Store, StoredResource, now_us
+from dhp.store import ConflictError, Store, StoredResource, now_us, retry_conflicts
 
 WRITERS, INCREMENTS = 8, 50
 
@@ -325,6 +325,118 @@ def test_writes_queued_in_a_transaction_are_seen_in_order(backend: str, new_db_u
     assert versions == 2
     assert values == ["two"]
     assert after is not None and after.version == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "pg"])
+def test_writers_sharing_a_commit_each_leave_their_own_rows(backend: str, new_db_url: Callable[[str], str]) -> None:
+    """Writers whose commit is shared (SQLite runs the group's index rows together, table by table, after its
+    updates and deletes) each leave exactly their own rows: creates, updates that replace or drop rows, and a
+    resource created and then updated by two writers of one group."""
+    from sqlalchemy import select
+
+    from dhp.store.search import string_t, token_t
+
+    def tok(rid: str, *values: str) -> list[tuple[Any, ...]]:
+        return [("Basic", rid, "code", "http://s", v, None, None, None) for v in values]
+
+    def strs(rid: str, *values: str) -> list[tuple[Any, ...]]:
+        return [("Basic", rid, "name", v, v) for v in values]
+
+    async def run() -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, int]]:
+        store = Store(new_db_url(backend))
+        await store.open()
+        try:
+            for i in range(6):  # resources the updates below change
+                async with store.begin() as tx:
+                    await tx.put(basic(f"u{i}"), "POST", exists_before=False)
+                    await tx.replace_index("Basic", f"u{i}", {"token": tok(f"u{i}", "old", "keep"),
+                                                              "string": strs(f"u{i}", "old")}, (), fresh=True)
+
+            async def create(i: int) -> None:
+                async with store.begin() as tx:
+                    await tx.put(basic(f"c{i}"), "POST", exists_before=False, generated=True)
+                    await tx.replace_index("Basic", f"c{i}", {"token": tok(f"c{i}", f"t{i}", "shared"),
+                                                              "string": strs(f"c{i}", f"s{i}")}, (), fresh=True)
+
+            async def update(i: int) -> None:
+                await asyncio.sleep(0)
+                async with store.begin() as tx:
+                    cur = await tx.current("Basic", f"u{i}")
+                    assert cur is not None
+                    await tx.put(basic(f"u{i}", version=cur.version + 1), "PUT", exists_before=True, prev=cur)
+                    if i % 2:  # every row replaced
+                        await tx.replace_index("Basic", f"u{i}", {"token": tok(f"u{i}", f"new{i}")},
+                                               ["token", "string"], fresh=False)
+                    else:  # one row dropped, one added, the rest kept
+                        await tx.replace_index("Basic", f"u{i}", {"token": tok(f"u{i}", f"new{i}")}, [],
+                                               fresh=False, removed={"token": tok(f"u{i}", "old")})
+
+            async def put_twice(step: int) -> None:
+                for _ in range(step):
+                    await asyncio.sleep(0)
+
+                async def once() -> None:  # both may first find it missing: the loser retries, as crud does
+                    async with store.begin() as tx:
+                        cur = await tx.current("Basic", "twice")
+                        version = cur.version + 1 if cur else 1
+                        await tx.put(basic("twice", version=version), "PUT", exists_before=cur is not None,
+                                     prev=cur)
+                        await tx.replace_index("Basic", "twice", {"token": tok("twice", f"v{version}")},
+                                               ["token", "string"], fresh=cur is None)
+
+                await retry_conflicts(once)
+
+            await asyncio.gather(*(create(i) for i in range(8)), *(update(i) for i in range(6)),
+                                 put_twice(0), put_twice(2))
+            async with store.read_conn() as conn:
+                tokens: dict[str, list[str]] = {}
+                for rid, value in (await conn.execute(select(token_t.c.id, token_t.c.value))).all():
+                    tokens.setdefault(rid, []).append(value)
+                strings: dict[str, list[str]] = {}
+                for rid, value in (await conn.execute(select(string_t.c.id, string_t.c.value))).all():
+                    strings.setdefault(rid, []).append(value)
+            versions = {}
+            for rid in ["twice", *(f"u{i}" for i in range(6))]:
+                rec = await store.read("Basic", rid)
+                assert rec is not None
+                versions[rid] = rec.version
+            return ({k: sorted(v) for k, v in tokens.items()}, {k: sorted(v) for k, v in strings.items()},
+                    versions)
+        finally:
+            await store.close()
+
+    tokens, strings, versions = asyncio.run(run())
+    for i in range(8):
+        assert tokens[f"c{i}"] == sorted([f"t{i}", "shared"]) and strings[f"c{i}"] == [f"s{i}"]
+    for i in range(6):
+        if i % 2:
+            assert tokens[f"u{i}"] == [f"new{i}"] and f"u{i}" not in strings
+        else:
+            assert tokens[f"u{i}"] == ["keep", f"new{i}"] and strings[f"u{i}"] == ["old"]
+        assert versions[f"u{i}"] == 2
+    assert versions["twice"] == 2 and tokens["twice"] == ["v2"]
+
+
+def test_sqlite_buffered_writes_keep_each_tables_order() -> None:
+    """Rows added to a table go in together, in multi-row INSERTs, but never past a statement of the same
+    batch that changes the table after them; other batches' updates and deletes may run first (they are
+    about other resources). Counts that do not fill a statement (the limit is 999 parameters) still all go in."""
+    import sqlite3
+
+    from dhp.store import SQ_EXEC, SQ_ROWS, run_sqlite_writes
+
+    raw = sqlite3.connect(":memory:", isolation_level=None)
+    raw.execute("CREATE TABLE t (id TEXT, v INTEGER)")
+    ins = "INSERT INTO t (id, v) VALUES (?, ?)"
+    big = [("b", i) for i in range(1234)]  # 499 rows per statement, then 128 + 64 + … + 1 for the rest
+    run_sqlite_writes(raw, [
+        [(ins, [("a", 1)], SQ_ROWS), ("DELETE FROM t WHERE id = ?", ("a",), SQ_EXEC), (ins, [("a", 2)], SQ_ROWS)],
+        [(ins, big, SQ_ROWS)],
+        [("UPDATE t SET v = v + 100 WHERE id = ?", ("c",), SQ_EXEC), (ins, [("c", 3)], SQ_ROWS)],
+    ])
+    assert raw.execute("SELECT v FROM t WHERE id = 'a'").fetchall() == [(2,)]
+    assert raw.execute("SELECT count(*), sum(v) FROM t WHERE id = 'b'").fetchone() == (1234, sum(range(1234)))
+    assert raw.execute("SELECT v FROM t WHERE id = 'c'").fetchall() == [(3,)]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "pg"])

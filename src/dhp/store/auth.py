@@ -8,7 +8,6 @@ enforce revocation with no state but the database.
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +29,8 @@ from sqlalchemy import (
 )
 
 from dhp.store import (
-    _SQLITE_HISTORY,
-    _SQLITE_INSERT,
-    ConflictError,
     Store,
     StoredResource,
-    SyncConn,
     WriteTx,
     now_us,
 )
@@ -469,24 +464,7 @@ async def throttle_clear(store: Store, key: str) -> None:
 # ---------------------------------------------------------------------------------------------- audit events
 
 async def put_new_resources(tx: WriteTx, recs: list[tuple[StoredResource, str | None]]) -> None:
-    """Insert brand-new resources (version 1, method POST) with their history rows, many at once.
-
-    The same rows :meth:`WriteTx.put` writes for a new resource: on SQLite as two executemany statements (the
-    SSO writes an AuditEvent per token, and building two Core statements per event cost more than signing it),
-    on PostgreSQL queued into the transaction's one write statement.
-    """
-    if not recs:
-        return
-    if isinstance(tx.conn, SyncConn):
-        raw = tx.conn.raw
-        try:
-            raw.executemany(_SQLITE_INSERT, [(r.type, r.id, r.version, r.last_updated, False, patient, None,
-                                              r.content, r.index_key) for r, patient in recs])
-            raw.executemany(_SQLITE_HISTORY, [(r.type, r.id, r.version, r.last_updated, False, "POST", r.content)
-                                              for r, _ in recs])
-        except sqlite3.IntegrityError as e:
-            raise ConflictError("an audit event id was taken concurrently") from e
-        return
-    # PostgreSQL: queued, and sent with the index rows as the transaction's one statement.
+    """Insert brand-new resources (version 1, method POST, ids just made by :func:`dhp.store.new_id`) with their
+    history rows: queued with the transaction's other writes (the SSO writes an AuditEvent per token)."""
     for r, patient in recs:
-        await tx.put(r, "POST", exists_before=False, patient=patient)
+        await tx.put(r, "POST", exists_before=False, patient=patient, generated=True)

@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import orjson
@@ -181,8 +180,8 @@ def _insert_stmt(kind: str) -> Any:
 
 def sqlite_index_writes(conn: Any, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
                         kinds: Iterable[str], *, fresh: bool,
-                        removed: dict[str, list[tuple[Any, ...]]] | None = None) -> list[tuple[str, Any, bool]]:
-    """The SQLite statements changing one resource's index rows, as (SQL, parameters, executemany?) for the
+                        removed: dict[str, list[tuple[Any, ...]]] | None = None) -> list[tuple[str, Any, int]]:
+    """The SQLite statements changing one resource's index rows, as (SQL, parameters, SQ_* mode) for the
     write transaction's buffer (``WriteTx``): all its rows in ``kinds`` go (unless ``fresh``: it has none
     yet, a create), then the single rows in ``removed``, then ``rows`` are added. With ``rtype`` empty, rows
     of many resources are only added.
@@ -190,40 +189,22 @@ def sqlite_index_writes(conn: Any, rtype: str, rid: str, rows: dict[str, list[tu
     PostgreSQL queues the same rows in the transaction and sends them with its other writes as one statement
     (:func:`flush_statement`).
     """
-    out: list[tuple[str, Any, bool]] = []
+    from dhp.store import SQ_EXEC, SQ_MANY, SQ_ROWS
+
+    out: list[tuple[str, Any, int]] = []
     for k in (tuple(kinds) if not fresh else ()):
         sql_text, _ = _compile(conn, ("del", k), lambda k=k: delete(TABLES[k]).where(
             TABLES[k].c.type == bindparam("type"), TABLES[k].c.id == bindparam("id")))
-        out.append((sql_text, (rtype, rid), False))
+        out.append((sql_text, (rtype, rid), SQ_EXEC))
     for k, lst in (removed or {}).items():
         if lst:
             sql_text, _ = _compile(conn, ("del1", k), lambda k=k: _delete_row_stmt(k))
-            out.append((sql_text, lst, True))
+            out.append((sql_text, lst, SQ_MANY))
     for k, lst in rows.items():
         if lst:
             sql_text, _ = _compile(conn, ("ins", k), lambda k=k: _insert_stmt(k))
-            # One statement per table with all the rows in its VALUES: executemany runs the statement once
-            # per row, and its per-run overhead (reset, halt) was ~15 % of SQLite's work on a create's rows.
-            per = max(1, SQLITE_MAX_PARAMS // len(lst[0]))
-            for i in range(0, len(lst), per):
-                chunk = lst[i:i + per]
-                out.append((_multi_row(sql_text, len(chunk)), tuple(chain.from_iterable(chunk)), False))
+            out.append((sql_text, lst, SQ_ROWS))
     return out
-
-
-#: Bound parameters per statement: SQLite's limit before 3.32 (later ones allow 32,766).
-SQLITE_MAX_PARAMS = 999
-_multi_sql: dict[tuple[str, int], str] = {}
-
-
-def _multi_row(sql_text: str, n: int) -> str:
-    """``INSERT … VALUES (?, …)`` with ``n`` rows of placeholders."""
-    got = _multi_sql.get((sql_text, n))
-    if got is None:
-        head, sep, values = sql_text.partition(" VALUES ")
-        assert sep, sql_text
-        got = _multi_sql[(sql_text, n)] = head + sep + ", ".join([values] * n)
-    return got
 
 
 async def lock_current(conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Any]:
