@@ -417,6 +417,53 @@ def test_writers_sharing_a_commit_each_leave_their_own_rows(backend: str, new_db
     assert versions["twice"] == 2 and tokens["twice"] == ["v2"]
 
 
+def test_sqlite_a_write_of_what_the_group_left_for_its_commit_goes_after_it(
+        new_db_url: Callable[[str], str]) -> None:
+    """Two writers of one group write the same resource, the second without reading it first: the first's rows
+    (left for the shared commit) still go in before the second's. Every write path reads first, and an update's
+    history row is checked against them anyway (below, the second writer's index rows stand alone)."""
+    from sqlalchemy import select
+
+    from dhp.store.search import token_t
+
+    def tok(value: str) -> dict[str, list[tuple[Any, ...]]]:
+        return {"token": [("Basic", "k", "code", "http://s", value, None, None, None)]}
+
+    async def run() -> tuple[Any, list[str], int]:
+        store = Store(new_db_url("sqlite"))
+        await store.open()
+        try:
+            async def first() -> None:
+                async with store.begin() as tx:
+                    await tx.put(basic("k", b'{"v":1}'), "POST", exists_before=False, generated=True)
+                    await tx.replace_index("Basic", "k", tok("one"), (), fresh=True)
+
+            async def second() -> None:
+                await asyncio.sleep(0)
+                async with store.begin() as tx:
+                    await tx.replace_index("Basic", "k", tok("two"), ["token"], fresh=False)
+
+            async def third() -> None:
+                for _ in range(2):
+                    await asyncio.sleep(0)
+                async with store.begin() as tx:
+                    await tx.put(basic("k", b'{"v":2}', 2), "PUT", exists_before=True)
+
+            c0 = store.group_commits.commits
+            await asyncio.gather(first(), second(), third())
+            commits = store.group_commits.commits - c0
+            async with store.read_conn() as conn:
+                values = [r[0] for r in (await conn.execute(select(token_t.c.value).where(token_t.c.id == "k")))]
+            return await store.read("Basic", "k"), values, commits
+        finally:
+            await store.close()
+
+    rec, values, commits = asyncio.run(run())
+    assert commits == 1  # all three in one group
+    assert rec is not None and rec.version == 2 and rec.content == b'{"v":2}'
+    assert values == ["two"]
+
+
 def test_sqlite_buffered_writes_keep_each_tables_order() -> None:
     """Rows added to a table go in together, in multi-row INSERTs, but never past a statement of the same
     batch that changes the table after them; other batches' updates and deletes may run first (they are

@@ -557,6 +557,10 @@ class WriteTx:
             return
         if not self.savepoint:
             if not self._needs_check():
+                if not deferred.keys.isdisjoint(self._sq_keys) and self.ready is not None:
+                    # It writes what an earlier member left for the commit without having read it (every path
+                    # reads first, which runs those; kept safe regardless): theirs run first.
+                    await self.ready(self._sq_keys)
                 self._defer(deferred)
                 return
             if self.ready is not None:
