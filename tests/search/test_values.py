@@ -130,3 +130,39 @@ def test_extracted_rows(registry: Any) -> None:
     assert ("Patient", "p", "family", "to'xtayev", "Toʻxtayev") in rows["string"]
     assert ("Patient", "p", "birthdate", *date_range("1990-02")) in rows["date"]
     assert ("Patient", "p", "organization", "Organization", "o1", None, None, "urn:o", "9") in rows["reference"]
+
+
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.text(max_size=12),
+                       st.sampled_from(["", "2024-03-05", "2024-13", "male", "Patient/p1", "http://x/y|2"]))
+_json = st.recursive(_json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=3),
+    st.dictionaries(st.sampled_from(["system", "code", "value", "display", "text", "coding", "family", "given",
+                                     "city", "reference", "type", "identifier", "start", "end", "unit",
+                                     "low", "high", "concept", "currency", "line"]), inner, max_size=4)),
+    max_leaves=12)
+
+
+@given(_json)
+def test_one_value_converts_as_in_a_list(value: Any) -> None:
+    """The converters answer one value on a shortcut (most parameters find exactly one); a list holding it
+    twice takes the general path and, its rows deduplicated, must give the same rows."""
+    from dhp.search.extract import (
+        date_rows,
+        number_rows,
+        quantity_rows,
+        reference_rows,
+        string_rows,
+        token_rows,
+        uri_rows,
+    )
+
+    names = frozenset({"Patient", "Observation"})
+    for convert in (token_rows, string_rows, date_rows, uri_rows, number_rows, quantity_rows,
+                    lambda vs: reference_rows(vs, names), lambda vs: string_rows(vs, frozenset({"family"}))):
+        try:
+            one = convert([value])
+        except (AttributeError, TypeError, ValueError) as e:  # a malformed value fails both ways alike
+            with pytest.raises(type(e)):
+                convert([value, value])
+            continue
+        assert one == convert([value, value])

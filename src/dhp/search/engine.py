@@ -310,7 +310,10 @@ class SearchEngine:
                 continue
             if got:
                 lst = out.setdefault(kind, [])
-                lst.extend([(rtype, rid, code, *r) for r in got])
+                if len(got) == 1:
+                    lst.append((rtype, rid, code, *got[0]))
+                else:
+                    lst.extend([(rtype, rid, code, *r) for r in got])
         return out
 
     @staticmethod

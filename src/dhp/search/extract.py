@@ -359,8 +359,11 @@ def _str(s: Any) -> list[tuple[str, str]]:
     return [(norm(s)[:STR_LEN], s[:EXACT_LEN])] if isinstance(s, str) and s else []
 
 
-def string_rows(values: Iterable[Any], skip: frozenset[str] = frozenset()) -> list[tuple[Any, ...]]:
+def string_rows(values: list[Any], skip: frozenset[str] = frozenset()) -> list[tuple[Any, ...]]:
     """``skip``: HumanName/Address parts other parameters index (see ``dhp.search.shared``)."""
+    if len(values) == 1 and values[0].__class__ is str:  # most parameters: one plain string, as below
+        s = values[0]
+        return [(norm(s)[:STR_LEN], s[:EXACT_LEN])] if s else []
     out: list[tuple[Any, ...]] = []
     for v in values:
         if isinstance(v, str):
@@ -378,7 +381,7 @@ def string_rows(values: Iterable[Any], skip: frozenset[str] = frozenset()) -> li
                 x = v.get(k)
                 for s in x if isinstance(x, list) else [x]:
                     out += _str(s)
-    return list(dict.fromkeys(out))
+    return out if len(out) < 2 else list(dict.fromkeys(out))
 
 
 def _k(s: Any) -> str | None:
@@ -389,8 +392,14 @@ def _display(s: Any) -> str | None:
     return norm(s)[:STR_LEN] if isinstance(s, str) and s else None
 
 
-def token_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+def token_rows(values: list[Any]) -> list[tuple[Any, ...]]:
     """(system, code, text, type-system, type-code)."""
+    if len(values) == 1:  # most parameters: one code or flag, as below
+        v = values[0]
+        if v.__class__ is str:
+            return [(None, v[:KEY_LEN], None, None, None)] if v else []
+        if v.__class__ is bool:
+            return [(None, "true" if v else "false", None, None, None)]
     out: list[tuple[Any, ...]] = []
     for v in values:
         if isinstance(v, bool):
@@ -424,7 +433,10 @@ def token_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
                     out.append((_k(sysv), _k(v["value"]), text, None, None))
             elif "code" in v:  # Coding (or a Quantity's code)
                 out.append((_k(v.get("system")), _k(v.get("code")), _display(v.get("display")), None, None))
-    return list(dict.fromkeys(r for r in out if r[1] is not None or r[2] is not None))
+    if len(out) == 1:
+        r = out[0]
+        return out if r[1] is not None or r[2] is not None else []
+    return [r for r in dict.fromkeys(out) if r[1] is not None or r[2] is not None]
 
 
 def split_reference(ref: str, type_names: frozenset[str]) -> tuple[str | None, str | None]:
@@ -459,7 +471,7 @@ def reference_rows(values: Iterable[Any], type_names: frozenset[str]) -> list[tu
                 # A logical reference: its declared type is its target type (``resolve() is T`` reads it).
                 t = v.get("type") if v.get("type") in type_names else None
                 out.append((t, None, None, None, isys, ival))
-    return list(dict.fromkeys(out))
+    return out if len(out) < 2 else list(dict.fromkeys(out))
 
 
 def _date_pair(v: Any) -> list[tuple[int, int]]:
@@ -483,11 +495,13 @@ def _date_pair(v: Any) -> list[tuple[int, int]]:
     return []
 
 
-def date_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+def date_rows(values: list[Any]) -> list[tuple[Any, ...]]:
+    if len(values) == 1 and values[0].__class__ is str:  # most parameters: one date, as below
+        return _date_pair(values[0])
     out: list[tuple[Any, ...]] = []
     for v in values:
         out += _date_pair(v)
-    return list(dict.fromkeys(out))
+    return out if len(out) < 2 else list(dict.fromkeys(out))
 
 
 def number_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
@@ -496,7 +510,7 @@ def number_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
         f = to_float(v.get("value") if isinstance(v, dict) else v)
         if f is not None:
             out.append((f, f))
-    return list(dict.fromkeys(out))
+    return out if len(out) < 2 else list(dict.fromkeys(out))
 
 
 def quantity_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
@@ -522,10 +536,12 @@ def quantity_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
             f = to_float(v.get("value"))
             if f is not None:
                 out.append((f, f, _k(v.get("system")), _k(v.get("code")), _k(v.get("unit"))))
-    return list(dict.fromkeys(out))
+    return out if len(out) < 2 else list(dict.fromkeys(out))
 
 
-def uri_rows(values: Iterable[Any]) -> list[tuple[Any, ...]]:
+def uri_rows(values: list[Any]) -> list[tuple[Any, ...]]:
+    if len(values) == 1 and values[0].__class__ is str:  # one uri, as below
+        return [(values[0][:KEY_LEN],)] if values[0] else []
     return list(dict.fromkeys((v[:KEY_LEN],) for v in values if isinstance(v, str) and v))
 
 
@@ -611,7 +627,7 @@ class ParamExtractor:
             return None
         if t == "string":
             skip = self.skip
-            return lambda values: string_rows(values, skip)
+            return (lambda values: string_rows(values, skip)) if skip else string_rows
         if t == "reference":
             names = self.type_names
             return lambda values: reference_rows(values, names)
