@@ -301,10 +301,13 @@ class SearchEngine:
                                 (rtype, rid, f"{code}.{c}", *vals) for _t, _i, c, *vals in lst)
                     continue
                 mk = ex.memo_key
-                if mk is None:
-                    got = ex.rows(resource)
-                elif (got := memo.get(mk)) is None:  # type: ignore[assignment]
-                    got = memo[mk] = ex.rows(resource)
+                if mk is None or (got := memo.get(mk)) is None:  # type: ignore[assignment]
+                    # ParamExtractor.rows, inlined: this runs for every parameter of every resource written.
+                    convert = ex.convert
+                    values = ex.root(resource) if convert is not None else None  # type: ignore[misc]
+                    got = convert(values) if values else []  # type: ignore[misc]
+                    if mk is not None:
+                        memo[mk] = got
             except Exception as e:  # a value we cannot read must not fail the write
                 log.warning("indexing %s/%s %s failed: %s", rtype, rid, code, e)
                 continue

@@ -610,7 +610,8 @@ class ParamExtractor:
         #: Extractors with equal keys give equal rows for one resource (same steps, same value kind). A small
         #: int standing for (type, steps, skip): a tuple of steps is hashed anew on every lookup.
         steps = getattr(self.root, "steps", None)
-        self._convert = self._converter()
+        #: Values → rows for this parameter's type (None: it writes no rows of its own).
+        self.convert = self._converter()
         self.memo_key: int | None = (
             _MEMO_KEYS.setdefault((param.type, steps, skip), next(_MEMO_IDS))
             if steps is not None and param.type != "composite" and not self.embedded else None)
@@ -637,7 +638,7 @@ class ParamExtractor:
                 "uri": uri_rows, "special": near_rows}.get(t)
 
     def rows(self, resource: dict[str, Any]) -> list[tuple[Any, ...]]:
-        convert = self._convert
+        convert = self.convert
         if convert is None:
             return []
         values = self.root(resource)  # type: ignore[misc]
