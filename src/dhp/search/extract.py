@@ -379,8 +379,11 @@ def string_rows(values: list[Any], skip: frozenset[str] = frozenset()) -> list[t
                 if k in skip:
                     continue
                 x = v.get(k)
-                for s in x if isinstance(x, list) else [x]:
-                    out += _str(s)
+                if x is None:
+                    continue
+                for s in x if isinstance(x, list) else (x,):
+                    if isinstance(s, str) and s:
+                        out.append((norm(s)[:STR_LEN], s[:EXACT_LEN]))
     return out if len(out) < 2 else list(dict.fromkeys(out))
 
 
