@@ -417,9 +417,14 @@ def token_rows(values: list[Any]) -> list[tuple[Any, ...]]:
             elif "coding" in v or ("text" in v and "value" not in v and "code" not in v):
                 text = _display(v.get("text"))
                 for c in v.get("coding") or []:
-                    if isinstance(c, dict) and (c.get("code") or c.get("display")):
-                        out.append((_k(c.get("system")), _k(c.get("code")),
-                                    _display(c.get("display")) or text, None, None))
+                    if not isinstance(c, dict):
+                        continue
+                    code, d = c.get("code"), c.get("display")
+                    if code or d:
+                        sy = c.get("system")  # _k and _display inlined: codings are most of the index rows
+                        out.append((sy[:KEY_LEN] if isinstance(sy, str) and sy else None,
+                                    code[:KEY_LEN] if isinstance(code, str) and code else None,
+                                    (norm(d)[:STR_LEN] if isinstance(d, str) and d else None) or text, None, None))
                 if text:
                     out.append((None, None, text, None, None))
             elif "value" in v and isinstance(v.get("value"), str):  # Identifier or ContactPoint
@@ -464,8 +469,11 @@ def reference_rows(values: Iterable[Any], type_names: frozenset[str]) -> list[tu
                 out += reference_rows([v["reference"]], type_names)
                 continue
             ref = v.get("reference")
-            ident = v.get("identifier") if isinstance(v.get("identifier"), dict) else {}
-            isys, ival = _k(ident.get("system")), _k(ident.get("value"))
+            ident = v.get("identifier")
+            if isinstance(ident, dict):
+                isys, ival = _k(ident.get("system")), _k(ident.get("value"))
+            else:
+                isys = ival = None
             if isinstance(ref, str) and ref and not ref.startswith("#"):
                 t, i = split_reference(ref, type_names)
                 absolute = "://" in ref or ref.startswith("urn:")
