@@ -39,8 +39,22 @@ class _Plan:
     by_stem: dict[str, tuple[int, ...]]  # element name (choice suffix removed) → extractors reading it
     by_key: dict[str, tuple[int, ...]]  # exact JSON property name → extractors reading it
     always: frozenset[int]  # extractors that cannot tell in advance
-    #: The extractors to run for a set of property names (see SearchEngine.rows).
-    chosen: dict[frozenset[str], tuple[tuple[str, str, ParamExtractor], ...]] = field(default_factory=dict)
+    #: The extractors to run for a set of property names (see SearchEngine.rows), as :func:`_todo` makes them.
+    chosen: dict[frozenset[str], tuple[_Todo, ...]] = field(default_factory=dict)
+
+
+#: An extractor to run: (kind, code, extractor, memo key — None when no other extractor of the run shares it).
+_Todo = tuple[str, str, ParamExtractor, int | None]
+
+
+def _todo(entries: Iterable[tuple[str, str, ParamExtractor]]) -> tuple[_Todo, ...]:
+    entries = list(entries)
+    seen: dict[int, int] = {}
+    for _k, _c, ex in entries:
+        if ex.memo_key is not None:
+            seen[ex.memo_key] = seen.get(ex.memo_key, 0) + 1
+    return tuple((k, c, ex, ex.memo_key if ex.memo_key is not None and seen[ex.memo_key] > 1 else None)
+                 for k, c, ex in entries)
 
 
 #: Sets of property names remembered per resource type.
@@ -280,17 +294,16 @@ class SearchEngine:
         shape = frozenset(resource)
         todo = plan.chosen.get(shape)
         if todo is None:
-            todo = self._choose(plan, resource)
+            todo = _todo(self._choose(plan, resource))
             if len(plan.chosen) < PLAN_SHAPES:  # property names come from clients: keep it bounded
                 plan.chosen[shape] = todo
         return self._evaluate(rtype, rid, resource, todo, codes)
 
-    def _evaluate(self, rtype: str, rid: str, resource: dict[str, Any],
-                  todo: Iterable[tuple[str, str, ParamExtractor]],
+    def _evaluate(self, rtype: str, rid: str, resource: dict[str, Any], todo: Iterable[_Todo],
                   codes: set[str] | None = None) -> dict[str, list[tuple[Any, ...]]]:
         out: dict[str, list[tuple[Any, ...]]] = {}
         memo: dict[int, list[tuple[Any, ...]]] = {}
-        for kind, code, ex in todo:
+        for kind, code, ex, mk in todo:
             if codes is not None and code not in codes:
                 continue
             try:
@@ -300,7 +313,6 @@ class SearchEngine:
                             out.setdefault(kind2, []).extend(
                                 (rtype, rid, f"{code}.{c}", *vals) for _t, _i, c, *vals in lst)
                     continue
-                mk = ex.memo_key
                 if mk is None or (got := memo.get(mk)) is None:  # type: ignore[assignment]
                     # ParamExtractor.rows, inlined: this runs for every parameter of every resource written.
                     convert = ex.convert
@@ -490,8 +502,9 @@ class SearchEngine:
         todo = self._touched(rtype, changed)
         if not todo:
             return {}, {}
-        old_rows = self._evaluate(rtype, rid, before, todo)
-        new_rows = self._evaluate(rtype, rid, after, todo)
+        run = _todo(todo)
+        old_rows = self._evaluate(rtype, rid, before, run)
+        new_rows = self._evaluate(rtype, rid, after, run)
         removed: dict[str, list[tuple[Any, ...]]] = {}
         added: dict[str, list[tuple[Any, ...]]] = {}
         for kind in old_rows.keys() | new_rows.keys():
