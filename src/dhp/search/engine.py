@@ -131,7 +131,7 @@ class SearchEngine:
         self._width: dict[tuple[str, str], int | None] = {}
         self._index_keys: dict[str, int | None] = {}
         self._touch: dict[str, tuple[list[tuple[str, str, ParamExtractor]], dict[str, frozenset[int]],
-                                     frozenset[int]]] = {}
+                                     frozenset[int], dict[frozenset[int], tuple[_Todo, ...]]]] = {}
         #: Set by the interactions on first use, so background reindexing knows where to write.
         self.store: Any = None
         self.jobs: list[ReindexJob] = []
@@ -502,9 +502,8 @@ class SearchEngine:
         todo = self._touched(rtype, changed)
         if not todo:
             return {}, {}
-        run = _todo(todo)
-        old_rows = self._evaluate(rtype, rid, before, run)
-        new_rows = self._evaluate(rtype, rid, after, run)
+        old_rows = self._evaluate(rtype, rid, before, todo)
+        new_rows = self._evaluate(rtype, rid, after, todo)
         removed: dict[str, list[tuple[Any, ...]]] = {}
         added: dict[str, list[tuple[Any, ...]]] = {}
         for kind in old_rows.keys() | new_rows.keys():
@@ -518,7 +517,7 @@ class SearchEngine:
                 added[kind] = new
         return removed, added
 
-    def _touched(self, rtype: str, keys: Iterable[str]) -> list[tuple[str, str, ParamExtractor]]:
+    def _touched(self, rtype: str, keys: Iterable[str]) -> tuple[_Todo, ...]:
         """The extractors of ``rtype``'s own rows that read any of these top-level properties."""
         touch = self._touch.get(rtype)
         if touch is None:
@@ -536,15 +535,21 @@ class SearchEngine:
                     for n in (*stems, *names):
                         by_name.setdefault(n, set()).add(i)
             touch = self._touch[rtype] = (entries, {k: frozenset(v) for k, v in by_name.items()},
-                                          frozenset(always))
-        entries, by_name, always = touch
+                                          frozenset(always), {})
+        entries, by_name, always, runs = touch
         picked = set(always)
         for k in keys:
             picked.update(by_name.get(k, ()))
             st = stem(k)
             if st is not None:
                 picked.update(by_name.get(st, ()))
-        return [entries[i] for i in sorted(picked)]
+        key = frozenset(picked)
+        run = runs.get(key)
+        if run is None:
+            run = _todo(entries[i] for i in sorted(picked))
+            if len(runs) < PLAN_SHAPES:  # which elements changed comes from clients: keep it bounded
+                runs[key] = run
+        return run
 
     async def unindex(self, tx: Any, rtype: str, rid: str) -> None:
         """Drop the resource's index rows (a delete). Every table, not only this type's current kinds: rows
