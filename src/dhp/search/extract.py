@@ -153,14 +153,19 @@ def _shape_is(v: Any, t: str) -> bool:
     return isinstance(v, dict)
 
 
-def _child(nodes: list[Any], name: str, typ: str | None) -> list[Any]:
+def _typed_key(name: str, typ: str) -> str:
+    """The JSON property of ``name`` as type ``typ`` (``value`` as Quantity: ``valueQuantity``)."""
+    return name + typ[0].upper() + typ[1:]
+
+
+def _child(nodes: list[Any], name: str, typ: str | None, key: str | None = None) -> list[Any]:
+    """``name`` of each node; with ``typ`` (and its ``key``, :func:`_typed_key`), only values of that type."""
     out: list[Any] = []
     for n in nodes:
         if not isinstance(n, dict):
             continue
         if typ is not None:
-            key = name + typ[0].upper() + typ[1:]
-            v = n.get(key)
+            v = n.get(key or _typed_key(name, typ))
             if v is None:
                 v = n.get(name)
                 if v is not None and not (isinstance(v, list) or _shape_is(v, typ)):
@@ -198,7 +203,23 @@ def _ref_is(v: Any, t: str) -> bool:
                                      if isinstance(v.get("identifier"), dict) else None) is not None
 
 
-def _run_native(parts: list[list[tuple[str, str]]], root: Any) -> list[Any]:
+def _prepared(parts: list[list[tuple[str, str]]]) -> list[list[tuple[str, Any]]]:
+    """Steps for :func:`_run_native`: a typed step's name, JSON property and type worked out in advance."""
+    out = []
+    for steps in parts:
+        prepared: list[tuple[str, Any]] = []
+        for kind, arg in steps:
+            if kind == "typed":
+                name, _, t = arg.partition("|")
+                prepared.append((kind, (name, _typed_key(name, t), t)))
+            else:
+                prepared.append((kind, arg))
+        out.append(prepared)
+    return out
+
+
+def _run_native(parts: list[list[tuple[str, Any]]], root: Any) -> list[Any]:
+    """``parts`` made by :func:`_prepared`."""
     out: list[Any] = []
     for steps in parts:
         nodes = [root]
@@ -206,8 +227,8 @@ def _run_native(parts: list[list[tuple[str, str]]], root: Any) -> list[Any]:
             if kind == "child":
                 nodes = _child(nodes, arg, None)
             elif kind == "typed":
-                name, _, t = arg.partition("|")
-                nodes = _child(nodes, name, t)
+                name, key, t = arg
+                nodes = _child(nodes, name, t, key)
             elif kind == "oftype":
                 nodes = [n for n in nodes if _shape_is(n, arg)]
             elif kind == "whereref":
@@ -328,8 +349,10 @@ def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str])
         run = _plain_path([a for _k, a in native[0]]) if len(native) == 1 and all(
             k == "child" for k, _a in native[0]) else None
         if run is None:
+            prepared = _prepared(native)
+
             def run(r: Any) -> list[Any]:
-                return _run_native(native, r)
+                return _run_native(prepared, r)
 
         firsts = [steps[0] for steps in native]
         if native == [[("self", "")]]:
@@ -344,7 +367,8 @@ def compile_expression(expr: str, rtype: str | None, type_names: frozenset[str])
         return run
     if not native:
         return interp
-    return lambda r: _run_native(native, r) + interp(r)
+    prepared = _prepared(native)
+    return lambda r: _run_native(prepared, r) + interp(r)
 
 
 # ---------------------------------------------------------------- values → index rows
@@ -667,8 +691,8 @@ class ParamExtractor:
             while len(cells) < 3:
                 cells.append([(None, None, None, None)])
             for combo in itertools.product(*cells):
-                out.append(tuple(x for cell in combo for x in cell))
-        return list(dict.fromkeys(out))
+                out.append(tuple(itertools.chain.from_iterable(combo)))
+        return out if len(out) < 2 else list(dict.fromkeys(out))
 
 
 #: Index table for each parameter type.
