@@ -274,6 +274,32 @@ def _plain_path(names: list[str]) -> Callable[[Any], list[Any]]:
     """``A.b.c`` without filters or types — most parameters — as one function: what :func:`_run_native`
     does for it, without its per-step dispatch (this runs for every parameter of every resource written)."""
     first, rest = names[0], names[1:]
+    if len(rest) == 1 and rest[0] not in CHOICE_NAMES:
+        second = rest[0]
+
+        def run_two(r: Any) -> list[Any]:
+            """``A.b.c`` of two steps (``Patient.name.family``), its second step inlined."""
+            v = r.get(first) if isinstance(r, dict) else None
+            if v is None:
+                nodes: Any = _child([r], first, None)
+            elif not isinstance(v, list):
+                nodes = (v,)
+            else:
+                nodes = v  # a None in it is skipped below, as any value that is not an object
+            out: list[Any] = []
+            for n in nodes:
+                if not isinstance(n, dict):
+                    continue
+                x = n.get(second)
+                if x is None:
+                    continue
+                if isinstance(x, list):
+                    out.extend(x if None not in x else [y for y in x if y is not None])
+                else:
+                    out.append(x)
+            return out
+
+        return run_two
 
     def run(r: Any) -> list[Any]:
         v = r.get(first) if isinstance(r, dict) else None
