@@ -40,6 +40,12 @@ def _data() -> list[dict[str, Any]]:
          "code": {"text": "x"}, "performer": [{"reference": "Organization/org"}]},
         {"resourceType": "Observation", "id": "ob", "status": "amended", "subject": {"reference": "Patient/b"},
          "code": {"text": "x"}},
+        {"resourceType": "CodeSystem", "id": "cs2", "url": "http://x/CodeSystem/cs2", "status": "active",
+         "content": "complete", "relatedArtifact": [
+             {"type": "derived-from", "resource": "http://x/CodeSystem/base|1.0"},
+             {"type": "predecessor", "resource": "http://x/CodeSystem/cs1"}]},
+        {"resourceType": "Linkage", "id": "lk", "item": [{"type": "source", "resource": {"reference": "Patient/a"}},
+                                                          {"type": "alternate", "resource": {"reference": "Patient/c"}}]},
     ]
 
 
@@ -109,6 +115,20 @@ async def test_patient_scope_restricts_to_the_compartment(live: Server) -> None:
     assert ids(b) == {"org"} and ids(b, "include") == {"oa"}
     b = await search_type(live, ctx(), "Observation", [("_include", "Observation:performer")])
     assert ids(b, "include") == {"org"}
+
+
+async def test_references_named_resource_are_searchable(live: Server) -> None:
+    """``relatedArtifact.resource`` (a canonical) and ``Linkage.item.resource`` (a Reference) are references like
+    any other: only a Bundle's ``entry.resource`` holds a resource whose own parameters are indexed instead."""
+    assert ids(await search_type(live, ctx(), "CodeSystem", [("derived-from", "http://x/CodeSystem/base")])) \
+        == {"cs2"}
+    assert ids(await search_type(live, ctx(), "CodeSystem", [("derived-from", "http://x/CodeSystem/base|1.0")])) \
+        == {"cs2"}
+    assert ids(await search_type(live, ctx(), "CodeSystem", [("predecessor", "http://x/CodeSystem/cs1")])) \
+        == {"cs2"}
+    assert ids(await search_type(live, ctx(), "CodeSystem", [("predecessor", "http://x/CodeSystem/cs9")])) == set()
+    assert ids(await search_type(live, ctx(), "Linkage", [("item", "Patient/c")])) == {"lk"}
+    assert ids(await search_type(live, ctx(), "Linkage", [("item", "Patient/b")])) == set()
 
 
 async def test_query_filters_are_anded_and_sets_ored(live: Server) -> None:

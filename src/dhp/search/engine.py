@@ -22,6 +22,7 @@ from dhp import fhirjson
 from dhp.conformance import Registry
 from dhp.errors import FHIRError
 from dhp.search import shared
+from dhp.search.compiled import Run, compile_run
 from dhp.search.extract import TABLE_OF, ParamExtractor, stem
 from dhp.search.params import ParamRegistry
 from dhp.search.parse import Parser
@@ -39,8 +40,8 @@ class _Plan:
     by_stem: dict[str, tuple[int, ...]]  # element name (choice suffix removed) → extractors reading it
     by_key: dict[str, tuple[int, ...]]  # exact JSON property name → extractors reading it
     always: frozenset[int]  # extractors that cannot tell in advance
-    #: The extractors to run for a set of property names (see SearchEngine.rows), as :func:`_todo` makes them.
-    chosen: dict[frozenset[str], tuple[_Todo, ...]] = field(default_factory=dict)
+    #: The extractors to run for a set of property names (see SearchEngine.rows).
+    chosen: dict[frozenset[str], _Run] = field(default_factory=dict)
 
 
 #: An extractor to run: (kind, code, extractor, memo key — None when no other extractor of the run shares it).
@@ -57,8 +58,19 @@ def _todo(entries: Iterable[tuple[str, str, ParamExtractor]]) -> tuple[_Todo, ..
                  for k, c, ex in entries)
 
 
+@dataclass(slots=True)
+class _Run:
+    """Extractors to run together, and the same generated as one function (``dhp.search.compiled``)."""
+
+    todo: tuple[_Todo, ...]
+    fast: Run | None
+
+
 #: Sets of property names remembered per resource type.
 PLAN_SHAPES = 512
+#: Lists of extractors generated as functions, per engine; beyond it the general loop runs them. Shapes map
+#: to far fewer lists (elements no parameter reads change nothing), but clients choose the shapes.
+COMPILED_RUNS = 2048
 
 
 @cache
@@ -131,7 +143,9 @@ class SearchEngine:
         self._width: dict[tuple[str, str], int | None] = {}
         self._index_keys: dict[str, int | None] = {}
         self._touch: dict[str, tuple[list[tuple[str, str, ParamExtractor]], dict[str, frozenset[int]],
-                                     frozenset[int], dict[frozenset[int], tuple[_Todo, ...]]]] = {}
+                                     frozenset[int], dict[frozenset[int], _Run]]] = {}
+        #: Generated extraction functions by the extractors they run (see :meth:`_run`).
+        self._runs: dict[tuple[_Todo, ...], _Run] = {}
         #: Set by the interactions on first use, so background reindexing knows where to write.
         self.store: Any = None
         self.jobs: list[ReindexJob] = []
@@ -169,6 +183,7 @@ class SearchEngine:
         self._width.clear()
         self._index_keys.clear()
         self._touch.clear()
+        self._runs.clear()
         new = self._signatures(self.params)
         old = self._signature
         self._signature = new
@@ -292,12 +307,27 @@ class SearchEngine:
         # Resources of a type mostly have the same few sets of elements: which extractors to run is worked
         # out once per set of property names.
         shape = frozenset(resource)
-        todo = plan.chosen.get(shape)
-        if todo is None:
+        run = plan.chosen.get(shape)
+        if run is None:
             todo = _todo(self._choose(plan, resource))
-            if len(plan.chosen) < PLAN_SHAPES:  # property names come from clients: keep it bounded
-                plan.chosen[shape] = todo
-        return self._evaluate(rtype, rid, resource, todo, codes)
+            if len(plan.chosen) >= PLAN_SHAPES:  # property names come from clients: keep it bounded
+                return self._evaluate(rtype, rid, resource, todo, codes)
+            run = plan.chosen[shape] = self._run(rtype, todo)
+        if codes is None and run.fast is not None:
+            return run.fast(resource, rid)
+        return self._evaluate(rtype, rid, resource, run.todo, codes)
+
+    def _run(self, rtype: str, todo: tuple[_Todo, ...]) -> _Run:
+        """``todo`` with its generated function: one per distinct list of extractors (many shapes share one)."""
+        run = self._runs.get(todo)
+        if run is None:
+            fast = None
+            if len(self._runs) < COMPILED_RUNS:
+                fast = compile_run(rtype, todo, lambda r, rid: self._evaluate(rtype, rid, r, todo))
+            run = _Run(todo, fast)
+            if fast is not None:
+                self._runs[todo] = run
+        return run
 
     def _evaluate(self, rtype: str, rid: str, resource: dict[str, Any], todo: Iterable[_Todo],
                   codes: set[str] | None = None) -> dict[str, list[tuple[Any, ...]]]:
@@ -499,11 +529,14 @@ class SearchEngine:
         changed = [k for k in before.keys() | after.keys() if before.get(k) != after.get(k)]
         if "meta" in changed and _meta_core(before.get("meta")) == _meta_core(after.get("meta")):
             changed.remove("meta")  # versionId and lastUpdated are not indexed rows
-        todo = self._touched(rtype, changed)
-        if not todo:
+        run = self._touched(rtype, changed)
+        if not run.todo:
             return {}, {}
-        old_rows = self._evaluate(rtype, rid, before, todo)
-        new_rows = self._evaluate(rtype, rid, after, todo)
+        if run.fast is not None:
+            old_rows, new_rows = run.fast(before, rid), run.fast(after, rid)
+        else:
+            old_rows = self._evaluate(rtype, rid, before, run.todo)
+            new_rows = self._evaluate(rtype, rid, after, run.todo)
         removed: dict[str, list[tuple[Any, ...]]] = {}
         added: dict[str, list[tuple[Any, ...]]] = {}
         for kind in old_rows.keys() | new_rows.keys():
@@ -517,7 +550,7 @@ class SearchEngine:
                 added[kind] = new
         return removed, added
 
-    def _touched(self, rtype: str, keys: Iterable[str]) -> tuple[_Todo, ...]:
+    def _touched(self, rtype: str, keys: Iterable[str]) -> _Run:
         """The extractors of ``rtype``'s own rows that read any of these top-level properties."""
         touch = self._touch.get(rtype)
         if touch is None:
@@ -546,9 +579,10 @@ class SearchEngine:
         key = frozenset(picked)
         run = runs.get(key)
         if run is None:
-            run = _todo(entries[i] for i in sorted(picked))
-            if len(runs) < PLAN_SHAPES:  # which elements changed comes from clients: keep it bounded
-                runs[key] = run
+            todo = _todo(entries[i] for i in sorted(picked))
+            if len(runs) >= PLAN_SHAPES:  # which elements changed comes from clients: keep it bounded
+                return _Run(todo, None)
+            run = runs[key] = self._run(rtype, todo)
         return run
 
     async def unindex(self, tx: Any, rtype: str, rid: str) -> None:

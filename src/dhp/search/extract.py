@@ -300,6 +300,7 @@ def _plain_path(names: list[str]) -> Callable[[Any], list[Any]]:
                     out.append(x)
             return out
 
+        run_two.path = (first, second)  # type: ignore[attr-defined]  # dhp.search.compiled walks it inline
         return run_two
 
     def run(r: Any) -> list[Any]:
@@ -316,6 +317,7 @@ def _plain_path(names: list[str]) -> Callable[[Any], list[Any]]:
             nodes = _child(nodes, name, None)
         return nodes
 
+    run.path = tuple(names)  # type: ignore[attr-defined]
     return run
 
 
@@ -655,9 +657,10 @@ class ParamExtractor:
         #: The top-level element a one-step path reads (Patient.birthDate → "birthDate"), else None.
         self.single_element: str | None = getattr(self.root, "single_element", None)
         # Bundle.composition / Bundle.message point at a resource inside the Bundle, not at a reference:
-        # the embedded resource's own parameters are indexed under "code.param" on the Bundle.
+        # the embedded resource's own parameters are indexed under "code.param" on the Bundle. Other paths
+        # ending in ``resource`` (RelatedArtifact.resource, Linkage.item.resource) are references as any.
         self.embedded = param.type == "reference" and bool(
-            re.search(r"\.resource(\s+as\s+\w+)?\s*$", param.expression))
+            re.search(r"\bentry(\[\d+\])?\.resource(\s+as\s+\w+)?\s*$", param.expression))
         self.components: list[tuple[str, Evaluator | None]] = []
         #: For composites rooted at the resource: the probes of each component (all must find something).
         self.component_probes: list[tuple[frozenset[str], frozenset[str]]] | None = None
