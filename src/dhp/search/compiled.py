@@ -24,13 +24,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dhp.search.extract import (
+    _PRIMITIVE_TYPES,
     CHOICE_NAMES,
     EXACT_LEN,
     KEY_LEN,
     STR_LEN,
     _child,
     _date_pair,
+    _typed_key,
     date_rows,
+    reference_rows,
     string_rows,
     token_rows,
     uri_rows,
@@ -119,7 +122,7 @@ def _nodes(c: _Code, name: str, walked: dict[str, str]) -> str:
     return var
 
 
-def _values(c: _Code, i: int, path: tuple[str, ...] | None, walked: dict[str, str]) -> None:
+def _values(c: _Code, i: int, path: tuple[str, ...] | None, steps: Any, walked: dict[str, str]) -> None:
     """Code leaving the extractor's values in ``vals`` (empty or None when there are none)."""
     if path is not None and len(path) == 1:
         # _plain_path's one-step ``run``: the element's value, a list's items without nulls.
@@ -139,8 +142,54 @@ def _values(c: _Code, i: int, path: tuple[str, ...] | None, walked: dict[str, st
         c.block("else:")
         c.add("vals.append(x)")
         c.end(4)
+    elif path is None and _one_step_parts(steps):
+        # _run_native over parts of one step each (``Observation.value.ofType(Quantity) | ….ofType(SampledData)``,
+        # the ``date`` parameter's typed unions): each part's values in turn.
+        c.add("vals = []")
+        for (kind, arg), in steps:
+            name, _, typ = arg.partition("|")
+            if kind == "child":
+                c.add(f"v = r.get({name!r})")
+                if name in CHOICE_NAMES:
+                    c.block("if v is None:")
+                    c.add(f"vals.extend(_child([r], {name!r}, None))")
+                    c.end()
+            else:  # typed: _child with a type, on the resource alone
+                c.add(f"v = r.get({_typed_key(name, typ)!r})")
+                c.block("if v is None:")
+                c.add(f"v = r.get({name!r})")
+                # Under the plain name only a value of the type's shape (primitive or not), or a list.
+                wrong = "isinstance(v, dict)" if typ in _PRIMITIVE_TYPES else "not isinstance(v, (dict, list))"
+                c.block(f"if v is not None and {wrong}:")
+                c.add("v = None")
+                c.end(2)
+            c.block("if v is not None:")
+            c.block("if isinstance(v, list):")
+            c.add("vals.extend(v if None not in v else [y for y in v if y is not None])")
+            c.end()
+            c.block("else:")
+            c.add("vals.append(v)")
+            c.end(2)
     else:
         c.add(f"vals = R{i}(r)")
+
+
+def _convert_call(ex: Any, i: int, ns: dict[str, Any]) -> str:
+    """The converter call on ``vals``: the converter function itself where ParamExtractor wraps it in a lambda
+    (reference rows need the type names, string rows the parts others index) — one call less."""
+    t = ex.param.type
+    if t == "reference":
+        ns[f"T{i}"] = ex.type_names
+        return f"reference_rows(vals, T{i})"
+    if t == "string" and ex.skip:
+        ns[f"S{i}"] = ex.skip
+        return f"string_rows(vals, S{i})"
+    return f"C{i}(vals)"
+
+
+def _one_step_parts(steps: Any) -> bool:
+    """A native path (``steps`` of ``compile_expression``) whose parts are one child or typed step each."""
+    return bool(steps) and all(len(part) == 1 and part[0][0] in ("child", "typed") for part in steps)
 
 
 def compile_run(rtype: str, todo: Sequence[tuple[str, str, Any, int | None]],
@@ -150,6 +199,7 @@ def compile_run(rtype: str, todo: Sequence[tuple[str, str, Any, int | None]],
     if any(ex.embedded for _k, _c, ex, _m in todo):
         return None
     ns: dict[str, Any] = {"RT": rtype, "_child": _child, "_date_pair": _date_pair, "norm": norm,
+                          "reference_rows": reference_rows, "string_rows": string_rows,
                           "KEY_LEN": KEY_LEN, "STR_LEN": STR_LEN, "EXACT_LEN": EXACT_LEN, "FALLBACK": fallback}
     c = _Code()
     lists: dict[str, str] = {}
@@ -165,10 +215,9 @@ def compile_run(rtype: str, todo: Sequence[tuple[str, str, Any, int | None]],
             continue
         ns[f"R{i}"] = ex.root
         ns[f"C{i}"] = ex.convert
-        path = getattr(ex.root, "path", None)
-        _values(c, i, path, walked)
+        _values(c, i, getattr(ex.root, "path", None), getattr(ex.root, "steps", None), walked)
         if mk is not None:
-            c.add(f"M{mk} = C{i}(vals) if vals else []")
+            c.add(f"M{mk} = {_convert_call(ex, i, ns)} if vals else []")
             memo_done.add(mk)
             _append(c, lst, code, f"M{mk}")
             continue
@@ -183,7 +232,7 @@ def compile_run(rtype: str, todo: Sequence[tuple[str, str, Any, int | None]],
                 c.add(f"{lst}.append((RT, rid, {code!r}, None, 'true' if s else 'false', None, None, None))")
                 c.end()
             c.block("else:")
-        c.add(f"got = C{i}(vals)")
+        c.add(f"got = {_convert_call(ex, i, ns)}")
         _append(c, lst, code, "got")
         c.end(2 if fast is not None else 1)
     head = ["def run(r, rid):", "    try:"]
