@@ -267,7 +267,17 @@ def test_history_levels_paging_since_at(client: httpx.Client) -> None:
     assert all(e["fullUrl"].split("/fhir/")[1].startswith("Patient/") for e in typ["entry"])
     system = client.get("/_history", params={"_count": 1}).json()
     assert system["type"] == "history" and len(system["entry"]) == 1
+    # the calendar's ends are instants like any (datetime overflows there)
+    for edge in ("9999", "9999-12", "9999-12-31", "9999-12-31T23:00:00-05:00"):
+        r = client.get(f"{url}/_history", params={"_since": edge})
+        assert r.status_code == 200 and not r.json().get("entry"), r.text
+        r = client.get(f"{url}/_history", params={"_at": edge})
+        assert [e["resource"]["meta"]["versionId"] for e in r.json()["entry"]] == ["6"], r.text
+    r = client.get(f"{url}/_history", params={"_since": "0001-01-01T00:00:00+01:00"})
+    assert r.status_code == 200 and len(r.json()["entry"]) == 6
+    assert not client.get("/_history", params={"_at": "0001-01-01T00:00:00+01:00"}).json().get("entry")
     assert_outcome(client.get(f"{url}/_history", params={"_since": "yesterday"}), 400)
+    assert_outcome(client.get(f"{url}/_history", params={"_since": "2024-02-30"}), 400)
     assert_outcome(client.get(f"{url}/_history", params={"_count": "many"}), 400)
     assert_outcome(client.get("/Patient/nope/_history"), 404)
 

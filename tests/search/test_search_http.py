@@ -112,6 +112,10 @@ CASES: list[tuple[str, set[str]]] = [
     ("Patient?birthdate=gt1980-12-30", {"pat2", "pat3"}),
     ("Patient?birthdate=ge1980-12-31", {"pat2"}),  # nothing of 1980 lies above its last day
     ("Patient?birthdate=ge1980-12-30&birthdate=lt1981-01-01", {"pat3"}),
+    # ranges that end past 9999-12-31 or start before year 1 are ranges like any (datetime overflows there)
+    ("Patient?birthdate=9999-12", set()),
+    ("Patient?birthdate=le9999-12-31T23:00:00-05:00", {"pat1", "pat2", "pat3"}),
+    ("Patient?birthdate=gt0001-01-01T00:00:00%2B01:00", {"pat1", "pat2", "pat3"}),
     ("Patient?death-date=2024-03", {"pat2"}),
     ("Observation?date=2024-01-01", {"obs1"}),
     ("Observation?date=2023-06-01T07:30:00Z", {"obs3"}),

@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dhp.instants import MAX_US, DateError, date_range
 from dhp.search import SearchEngine
 from dhp.search.extract import compile_expression
 from dhp.search.parse import split_escaped, unescape
-from dhp.search.values import MAX_US, DateError, date_range, norm, number_range
+from dhp.search.values import norm, number_range
 
 
 def us(y: int, mo: int = 1, d: int = 1, h: int = 0, mi: int = 0, s: int = 0) -> int:
@@ -31,9 +32,31 @@ def us(y: int, mo: int = 1, d: int = 1, h: int = 0, mi: int = 0, s: int = 0) -> 
     ("2024-03-05T10:00:30+05:00", us(2024, 3, 5, 5, 0, 30), us(2024, 3, 5, 5, 0, 31) - 1),
     ("2024-03-05T10:00:30.5Z", us(2024, 3, 5, 10, 0, 30) + 500_000, us(2024, 3, 5, 10, 0, 30) + 599_999),
     ("9999", us(9999), MAX_US),
+    ("2016-12-31T23:59:60Z", us(2017), us(2017) + 999_999),  # a leap second, as FHIR's pattern allows
+    # past the ends of datetime's range (it overflows there): still ranges
+    ("9999-12", us(9999, 12), us(9999, 12) + 31 * 86_400_000_000 - 1),
+    ("9999-12-31T23:00:00-05:00", us(9999, 12, 31, 23) + 5 * 3_600_000_000,
+     us(9999, 12, 31, 23) + 5 * 3_600_000_000 + 999_999),
+    ("0001-01-01T00:00+01:00", us(1) - 3_600_000_000, us(1) - 3_600_000_000 + 59_999_999),
 ])
 def test_date_is_a_range(text: str, lo: int, hi: int) -> None:
     assert date_range(text) == (lo, hi)
+
+
+@given(st.datetimes(min_value=__import__("datetime").datetime(1, 1, 2),
+                    max_value=__import__("datetime").datetime(9999, 12, 30)),
+       st.one_of(st.none(), st.integers(-14 * 60, 14 * 60)))
+def test_instants_agree_with_datetime(dt: Any, offset: int | None) -> None:
+    """Integer date arithmetic against Python's datetime, to the microsecond, with and without a zone."""
+    from datetime import datetime, timedelta
+
+    text = f"{dt.year:04d}-{dt:%m-%dT%H:%M:%S}.{dt.microsecond:06d}"  # %Y leaves years below 1000 unpadded
+    if offset is None:
+        text += "Z"
+    else:
+        text += f"{'+' if offset >= 0 else '-'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
+    expected = (dt - datetime(1970, 1, 1)) // timedelta(microseconds=1) - (offset or 0) * 60_000_000
+    assert date_range(text) == (expected, expected)
 
 
 @pytest.mark.parametrize("bad", ["", "24", "2024-13", "2024-02-30", "2024-01-01T25:00", "yesterday",

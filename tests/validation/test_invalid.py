@@ -308,3 +308,21 @@ def test_ordinary_extension_in_modifier_extension(validator: Any, david: dict[st
     david["modifierExtension"] = [{"url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
                                    "valueAddress": {"city": "Tashkent"}}]
     check(validator, david, "extension-modifier", "Patient.modifierExtension[0]")
+
+
+@pytest.mark.parametrize(("start", "end", "broken"), [
+    ("2024-03-05T10:00:00+05:00", "2024-03-05T09:00:00+05:00", True),
+    ("2024-03-05T10:00:00+05:00", "2024-03-05T05:30:00Z", False),  # half an hour later, in UTC
+    ("2024-03", "2024-03-01", False),  # a month and its first day overlap
+    ("2025-06", "2024-12-31", True),
+    ("2024-03-05", "2024-03-04T20:00:00Z", False),  # a date without a zone may be in any zone
+    # the ends of the calendar: ranges past them are compared like any (datetime overflows there)
+    ("0001-01-01", "2020-01-01", False),
+    ("2020-01-01", "9999-12-31", False),
+    ("9999-12-31T23:00:00-05:00", "9999-12-31T23:30:00-05:00", False),
+    ("9999-12-31T23:30:00-05:00", "9999-12-31T23:00:00-05:00", True),
+])
+def test_period_start_not_after_end(base_validator: Any, start: str, end: str, broken: bool) -> None:
+    enc = {"resourceType": "Encounter", "status": "planned", "actualPeriod": {"start": start, "end": end}}
+    hits = find(base_validator.validate(enc), "invariant-per-1")
+    assert bool(hits) == broken, hits

@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from dhp import fhirjson
 from dhp.conformance import CANONICAL_TYPES
 from dhp.errors import FHIRError, Issue, bad_request, not_found
+from dhp.instants import DateError, date_range
 from dhp.interactions.context import RequestContext, Server
 from dhp.store import StoredResource, WriteTx, new_id, now_us, retry_conflicts
 
@@ -437,35 +438,11 @@ def parse_instant_param(name: str, value: str) -> tuple[int, int]:
     for prefix in ("eq", "le", "lt", "ge", "gt"):
         if v.startswith(prefix) and len(v) > 2 and v[2].isdigit():
             v = v[2:]
-    m = re.fullmatch(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?"
-                     r"(Z|[+-]\d{2}:\d{2})?)?)?)?", v)
-    if not m:
-        raise bad_request(f"{name}: '{value}' is not a valid FHIR date/time", name, "bad-date")
-    y, mo, d, h, mi, s, frac, tz = m.groups()
     try:
-        from datetime import timedelta, timezone
-
-        tzinfo = UTC
-        if tz and tz != "Z":
-            sign = 1 if tz[0] == "+" else -1
-            tzinfo = timezone(sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])))
-        start = datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0),
-                         round(float(frac) * 1_000_000) if frac else 0, tzinfo=tzinfo)
-        if mo is None:
-            end = start.replace(year=start.year + 1)
-        elif d is None:
-            end = start.replace(year=start.year + (start.month == 12), month=start.month % 12 + 1)
-        elif h is None:
-            end = start + timedelta(days=1)
-        elif s is None:
-            end = start + timedelta(minutes=1)
-        elif frac is None:
-            end = start + timedelta(seconds=1)
-        else:
-            end = start + timedelta(microseconds=10 ** max(0, 7 - len(frac)))
-    except ValueError as e:
-        raise bad_request(f"{name}: '{value}' is not a valid date/time ({e})", name, "bad-date") from None
-    return int(start.timestamp() * 1_000_000), int(end.timestamp() * 1_000_000)
+        lo, hi = date_range(v)
+    except DateError as e:
+        raise bad_request(f"{name}: '{value}' is not a valid FHIR date/time ({e})", name, "bad-date") from None
+    return lo, hi + 1
 
 
 def _int_param(params: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:

@@ -79,7 +79,8 @@ def _code_key() -> bytes:
     from dhp import __version__
 
     h = hashlib.blake2b(__version__.encode(), digest_size=16)
-    for name in ("dhp.search.engine", "dhp.search.extract", "dhp.search.values", "dhp.search.shared"):
+    for name in ("dhp.search.engine", "dhp.search.extract", "dhp.search.compiled", "dhp.search.values",
+                 "dhp.search.shared", "dhp.instants"):
         try:
             h.update(Path(sys.modules[name].__file__ or "").read_bytes())
         except OSError:  # no source next to the module (a frozen build): the version above must do

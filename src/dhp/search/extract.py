@@ -14,8 +14,9 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from dhp.instants import MAX_US, MIN_US, DateError, date_range
 from dhp.search.params import ParamDef
-from dhp.search.values import MAX_US, MIN_US, NUMBER_TYPES, DateError, date_range, norm, to_float
+from dhp.search.values import NUMBER_TYPES, norm, to_float
 
 log = logging.getLogger("dhp.search")
 

@@ -12,6 +12,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from dhp.errors import FHIRError, Issue
+from dhp.instants import DateError, date_range
 from dhp.search.params import RESULT_PARAMS, UNSUPPORTED, ParamDef, ParamRegistry
 from dhp.search.query import (
     ANY,
@@ -36,7 +37,7 @@ from dhp.search.query import (
     TokenMatch,
     UriMatch,
 )
-from dhp.search.values import DateError, date_range, norm, number_range
+from dhp.search.values import norm, number_range
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 MODIFIERS = {

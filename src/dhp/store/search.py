@@ -45,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ColumnElement, Select
 
+from dhp.instants import MAX_US, MIN_US
 from dhp.search.extract import EXACT_LEN, KEY_LEN, STR_LEN
 from dhp.search.query import (
     ANY,
@@ -69,7 +70,6 @@ from dhp.search.query import (
     TypeIs,
     UriMatch,
 )
-from dhp.search.values import MAX_US, MIN_US
 from dhp.store.schema import metadata, resources
 
 __all__ = [

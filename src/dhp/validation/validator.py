@@ -1434,33 +1434,27 @@ def _n_att1(v: Validator, run: _Run, focus: Any, path: str) -> bool | None:
 
 
 def _n_per1(v: Validator, run: _Run, focus: Any, path: str) -> bool | None:
-    from dhp.validation.primitives import date_bounds
-
     s, e = focus.get("start"), focus.get("end")
     if not isinstance(s, str) or not isinstance(e, str):
         return True
-    bs, be = date_bounds(s), date_bounds(e)
-    if not bs or not be:
-        return True
-    lo, hi = _instant_key(bs[0]), _instant_key(be[1], high=True)
+    lo, hi = _instant_key(s), _instant_key(e, high=True)
     if lo is None or hi is None:
         return None
     return lo <= hi
 
 
-def _instant_key(v: str, high: bool = False) -> Any:
-    import datetime as dt
+def _instant_key(v: str, high: bool = False) -> int | None:
+    """The earliest (``high``: latest) instant, µs, a date/dateTime can stand for: a partial date is its whole
+    range; a value without a time zone may be in any zone, so it is widened by 14 hours either way."""
+    from dhp.instants import DateError, date_range
 
     try:
-        if "T" not in v:
-            d = dt.date.fromisoformat(v[:10])
-            t = dt.time(23, 59, 59, 999999) if high else dt.time(0, 0)
-            # A date without a zone may be in any zone: widen by 14 hours either way.
-            base = dt.datetime.combine(d, t, tzinfo=dt.UTC)
-            return base + dt.timedelta(hours=14) if high else base - dt.timedelta(hours=14)
-        return dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
+        lo, hi = date_range(v)
+    except DateError:
         return None
+    zoned = "T" in v and (v.endswith("Z") or v[-6:-5] in ("+", "-"))
+    widen = 0 if zoned else 14 * 3_600_000_000
+    return hi + widen if high else lo - widen
 
 
 def _entries(focus: dict[str, Any]) -> list[dict[str, Any]]:
