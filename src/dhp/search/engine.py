@@ -69,8 +69,9 @@ class _Run:
 #: Sets of property names remembered per resource type.
 PLAN_SHAPES = 512
 #: Lists of extractors generated as functions, per engine; beyond it the general loop runs them. Shapes map
-#: to far fewer lists (elements no parameter reads change nothing), but clients choose the shapes.
-COMPILED_RUNS = 2048
+#: to far fewer lists (elements no parameter reads change nothing), but clients choose the shapes: one function
+#: and its source take up to ~110 KiB (a type's every parameter), so the bound keeps them under ~60 MiB.
+COMPILED_RUNS = 512
 
 
 @cache
