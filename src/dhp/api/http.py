@@ -143,8 +143,25 @@ def fhir_response(body: Any, status: int = 200, headers: dict[str, str] | None =
         content = b""
     else:
         content = fhirjson.dumps(body, pretty=pretty)
-    return Response(content, status_code=status, headers=headers,
-                    media_type=f"{media_type}; charset=utf-8" if content else None)
+    return FHIRResponse(content, status, headers, f"{media_type}; charset=utf-8" if content else None)
+
+
+class FHIRResponse(Response):
+    """A Response whose header list is built in one pass: Starlette's ``init_headers`` encodes the headers,
+    then lists and searches their names for each header it may add, on every response."""
+
+    def __init__(self, content: bytes, status_code: int = 200, headers: dict[str, str] | None = None,
+                 media_type: str | None = None) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.body = content
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()] if headers else []
+        given = {k for k, _v in raw}
+        if status_code >= 200 and status_code not in (204, 304) and b"content-length" not in given:
+            raw.append((b"content-length", str(len(content)).encode("latin-1")))
+        if media_type is not None and b"content-type" not in given:
+            raw.append((b"content-type", media_type.encode("latin-1")))
+        self.raw_headers = raw
 
 
 def error_response(err: FHIRError, pretty: bool = False) -> Response:
