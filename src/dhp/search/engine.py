@@ -543,7 +543,7 @@ class SearchEngine:
         added: dict[str, list[tuple[Any, ...]]] = {}
         for kind in old_rows.keys() | new_rows.keys():
             old_list, new_list = old_rows.get(kind, []), new_rows.get(kind, [])
-            if not (all(map(_finite, old_list)) and all(map(_finite, new_list))):
+            if kind in sql.FLOAT_KINDS and not (all(map(_finite, old_list)) and all(map(_finite, new_list))):
                 return None  # a NaN equals nothing, not even itself: no row can be matched to delete it
             old_set, new_set = set(old_list), set(new_list)
             if gone := [r for r in dict.fromkeys(old_list) if r not in new_set]:

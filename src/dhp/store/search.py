@@ -73,7 +73,7 @@ from dhp.search.query import (
 from dhp.store.schema import metadata, resources
 
 __all__ = [
-    "COLUMNS", "TABLES", "SearchRow", "count_matches", "fetch", "include_targets",
+    "COLUMNS", "FLOAT_KINDS", "TABLES", "SearchRow", "count_matches", "fetch", "include_targets",
     "page", "revinclude_sources",
 ]
 
@@ -348,13 +348,14 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
     return sql_text, tuple(params)
 
 
-_FLOAT_KINDS = frozenset(k for k, t in TABLES.items() if any(isinstance(c.type, Float) for c in t.columns))
+#: Index tables with float columns (the others hold text and integers: dates are integer µs).
+FLOAT_KINDS = frozenset(k for k, t in TABLES.items() if any(isinstance(c.type, Float) for c in t.columns))
 
 
 def _json_rows(kind: str, rows: list[tuple[Any, ...]]) -> str:
     """Rows as a JSON array of arrays. JSON has no infinities (orjson writes them as null), so a float
     column's non-finite values go as the strings PostgreSQL's float8 input reads."""
-    if kind in _FLOAT_KINDS:
+    if kind in FLOAT_KINDS:
         rows = [tuple(_float_text(v) for v in r) if any(type(v) is float and not math.isfinite(v) for v in r)
                 else r for r in rows]
     text = orjson.dumps(rows).decode()
