@@ -35,6 +35,7 @@ from dhp.search.extract import (
     _typed_key,
     date_rows,
     reference_rows,
+    stem,
     string_rows,
     token_rows,
     uri_rows,
@@ -129,13 +130,20 @@ def _values(c: _Code, i: int, path: tuple[str, ...] | None, steps: Any, walked: 
         # _plain_path's one-step ``run``: the element's value, a list's items without nulls.
         nodes = _nodes(c, path[0], walked)
         c.add(f"vals = {nodes} if None not in {nodes} else [x for x in {nodes} if x is not None]")
-    elif path is not None and len(path) == 2 and path[1] not in CHOICE_NAMES:
-        # _plain_path's ``run_two``.
+    elif path is not None and len(path) == 2:
+        # _plain_path's ``run_two``, and ``run`` of two steps (the second a choice element: ``meta.source``).
         nodes = _nodes(c, path[0], walked)
         c.add("vals = []")
         c.block(f"for n in {nodes}:")
         c.block("if isinstance(n, dict):")
         c.add(f"x = n.get({path[1]!r})")
+        if path[1] in CHOICE_NAMES:  # _child's search for a typed name (``sourceUri`` …)
+            c.block("if x is None:")
+            c.block("for k in n:")
+            c.block(f"if stem(k) == {path[1]!r}:")
+            c.add("x = n[k]")
+            c.add("break")
+            c.end(3)
         c.block("if x is not None:")
         c.block("if isinstance(x, list):")
         c.add("vals.extend(x if None not in x else [y for y in x if y is not None])")
@@ -199,7 +207,7 @@ def compile_run(rtype: str, todo: Sequence[tuple[str, str, Any, int | None]],
     ``todo``). None when ``todo`` holds something only the loop does (a Bundle's embedded resources)."""
     if any(ex.embedded for _k, _c, ex, _m in todo):
         return None
-    ns: dict[str, Any] = {"RT": rtype, "_child": _child, "_date_pair": _date_pair, "norm": norm,
+    ns: dict[str, Any] = {"RT": rtype, "_child": _child, "_date_pair": _date_pair, "norm": norm, "stem": stem,
                           "reference_rows": reference_rows, "string_rows": string_rows,
                           "KEY_LEN": KEY_LEN, "STR_LEN": STR_LEN, "EXACT_LEN": EXACT_LEN, "FALLBACK": fallback}
     c = _Code()
