@@ -32,6 +32,8 @@ from dhp.search.extract import (
     STR_LEN,
     _child,
     _date_pair,
+    _ref_is,
+    _shape_is,
     _typed_key,
     date_rows,
     reference_rows,
@@ -179,8 +181,39 @@ def _values(c: _Code, i: int, path: tuple[str, ...] | None, steps: Any, walked: 
             c.block("else:")
             c.add("vals.append(v)")
             c.end(2)
+    elif path is None and steps and all(k in _STEP_CODE for part in steps for k, _a in part):
+        # _run_native's dispatch written out: each part's steps in turn, from the resource.
+        c.add("vals = []")
+        for part in steps:
+            c.add("nodes = [r]")
+            for kind, arg in part:
+                c.add(_STEP_CODE[kind](arg))
+            c.add("vals.extend(nodes)")
     else:
         c.add(f"vals = R{i}(r)")
+
+
+def _typed_step(arg: str) -> str:
+    name, _, typ = arg.partition("|")
+    return f"nodes = _child(nodes, {name!r}, {typ!r}, {_typed_key(name, typ)!r})"
+
+
+def _where_eq_step(arg: str) -> str:
+    key, _, lit = arg.partition("|")
+    return f"nodes = [n for n in nodes if isinstance(n, dict) and n.get({key!r}) == {lit!r}]"
+
+
+#: Each step kind of ``extract._run_native`` as the statement that does it to ``nodes``.
+_STEP_CODE: dict[str, Callable[[str], str]] = {
+    "child": lambda a: f"nodes = _child(nodes, {a!r}, None)",
+    "typed": _typed_step,
+    "oftype": lambda a: f"nodes = [n for n in nodes if _shape_is(n, {a!r})]",
+    "whereref": lambda a: f"nodes = [n for n in nodes if _ref_is(n, {a!r})]",
+    "first": lambda a: "nodes = nodes[:1]",
+    "ext": lambda a: f"nodes = [e for e in _child(nodes, 'extension', None) if isinstance(e, dict) and e.get('url') == {a!r}]",
+    "where_eq": _where_eq_step,
+    "self": lambda a: "pass",
+}
 
 
 def _convert_call(ex: Any, i: int, ns: dict[str, Any]) -> str:
@@ -208,6 +241,7 @@ def compile_run(rtype: str, todo: Sequence[tuple[str, str, Any, int | None]],
     if any(ex.embedded for _k, _c, ex, _m in todo):
         return None
     ns: dict[str, Any] = {"RT": rtype, "_child": _child, "_date_pair": _date_pair, "norm": norm, "stem": stem,
+                          "_shape_is": _shape_is, "_ref_is": _ref_is,
                           "reference_rows": reference_rows, "string_rows": string_rows,
                           "KEY_LEN": KEY_LEN, "STR_LEN": STR_LEN, "EXACT_LEN": EXACT_LEN, "FALLBACK": fallback}
     c = _Code()
