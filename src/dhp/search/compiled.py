@@ -126,6 +126,18 @@ def _nodes(c: _Code, name: str, walked: dict[str, str]) -> str:
     return var
 
 
+def _add_value(c: _Code, var: str) -> None:
+    """Code adding the value in ``var`` to ``vals`` as ``extract._child`` does: none for None, a list's items
+    without nulls."""
+    c.block(f"if {var} is not None:")
+    c.block(f"if isinstance({var}, list):")
+    c.add(f"vals.extend({var} if None not in {var} else [y for y in {var} if y is not None])")
+    c.end()
+    c.block("else:")
+    c.add(f"vals.append({var})")
+    c.end(2)
+
+
 def _values(c: _Code, i: int, path: tuple[str, ...] | None, steps: Any, walked: dict[str, str]) -> None:
     """Code leaving the extractor's values in ``vals`` (empty or None when there are none)."""
     if path is not None and len(path) == 1:
@@ -133,7 +145,7 @@ def _values(c: _Code, i: int, path: tuple[str, ...] | None, steps: Any, walked: 
         nodes = _nodes(c, path[0], walked)
         c.add(f"vals = {nodes} if None not in {nodes} else [x for x in {nodes} if x is not None]")
     elif path is not None and len(path) == 2:
-        # _plain_path's ``run_two``, and ``run`` of two steps (the second a choice element: ``meta.source``).
+        # _plain_path's ``run`` of two steps.
         nodes = _nodes(c, path[0], walked)
         c.add("vals = []")
         c.block(f"for n in {nodes}:")
@@ -146,13 +158,8 @@ def _values(c: _Code, i: int, path: tuple[str, ...] | None, steps: Any, walked: 
             c.add("x = n[k]")
             c.add("break")
             c.end(3)
-        c.block("if x is not None:")
-        c.block("if isinstance(x, list):")
-        c.add("vals.extend(x if None not in x else [y for y in x if y is not None])")
-        c.end()
-        c.block("else:")
-        c.add("vals.append(x)")
-        c.end(4)
+        _add_value(c, "x")
+        c.end(2)
     elif path is None and _one_step_parts(steps):
         # _run_native over parts of one step each (``Observation.value.ofType(Quantity) | ….ofType(SampledData)``,
         # the ``date`` parameter's typed unions): each part's values in turn.
@@ -174,13 +181,7 @@ def _values(c: _Code, i: int, path: tuple[str, ...] | None, steps: Any, walked: 
                 c.block(f"if v is not None and {wrong}:")
                 c.add("v = None")
                 c.end(2)
-            c.block("if v is not None:")
-            c.block("if isinstance(v, list):")
-            c.add("vals.extend(v if None not in v else [y for y in v if y is not None])")
-            c.end()
-            c.block("else:")
-            c.add("vals.append(v)")
-            c.end(2)
+            _add_value(c, "v")
     elif path is None and steps and all(k in _STEP_CODE for part in steps for k, _a in part):
         # _run_native's dispatch written out: each part's steps in turn, from the resource.
         c.add("vals = []")

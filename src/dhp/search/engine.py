@@ -315,9 +315,15 @@ class SearchEngine:
             if len(plan.chosen) >= PLAN_SHAPES:  # property names come from clients: keep it bounded
                 return self._evaluate(rtype, rid, resource, todo, codes)
             run = plan.chosen[shape] = self._run(rtype, todo)
-        if codes is None and run.fast is not None:
+        if codes is not None:
+            return self._evaluate(rtype, rid, resource, run.todo, codes)
+        return self._apply(run, rtype, rid, resource)
+
+    def _apply(self, run: _Run, rtype: str, rid: str, resource: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]:
+        """``run``'s rows of ``resource``: its generated function, else the general loop."""
+        if run.fast is not None:
             return run.fast(resource, rid)
-        return self._evaluate(rtype, rid, resource, run.todo, codes)
+        return self._evaluate(rtype, rid, resource, run.todo)
 
     def _run(self, rtype: str, todo: tuple[_Todo, ...]) -> _Run:
         """``todo`` with its generated function: one per distinct list of extractors (many shapes share one)."""
@@ -346,7 +352,6 @@ class SearchEngine:
                                 (rtype, rid, f"{code}.{c}", *vals) for _t, _i, c, *vals in lst)
                     continue
                 if mk is None or (got := memo.get(mk)) is None:  # type: ignore[assignment]
-                    # ParamExtractor.rows, inlined: this runs for every parameter of every resource written.
                     convert = ex.convert
                     values = ex.root(resource) if convert is not None else None  # type: ignore[misc]
                     got = convert(values) if values else []  # type: ignore[misc]
@@ -534,11 +539,7 @@ class SearchEngine:
         run = self._touched(rtype, changed)
         if not run.todo:
             return {}, {}
-        if run.fast is not None:
-            old_rows, new_rows = run.fast(before, rid), run.fast(after, rid)
-        else:
-            old_rows = self._evaluate(rtype, rid, before, run.todo)
-            new_rows = self._evaluate(rtype, rid, after, run.todo)
+        old_rows, new_rows = self._apply(run, rtype, rid, before), self._apply(run, rtype, rid, after)
         removed: dict[str, list[tuple[Any, ...]]] = {}
         added: dict[str, list[tuple[Any, ...]]] = {}
         for kind in old_rows.keys() | new_rows.keys():

@@ -273,36 +273,9 @@ def _fhirpath(expr: str) -> Evaluator:
 
 def _plain_path(names: list[str]) -> Callable[[Any], list[Any]]:
     """``A.b.c`` without filters or types — most parameters — as one function: what :func:`_run_native`
-    does for it, without its per-step dispatch (this runs for every parameter of every resource written)."""
+    does for it, without its per-step dispatch. Its ``path`` lets :mod:`dhp.search.compiled` walk one or two
+    steps inline."""
     first, rest = names[0], names[1:]
-    if len(rest) == 1 and rest[0] not in CHOICE_NAMES:
-        second = rest[0]
-
-        def run_two(r: Any) -> list[Any]:
-            """``A.b`` of two steps (``Patient.name.family``), the second one :func:`_child` inlined (without its
-            choice-name search: ``second`` is no choice element) — one call less per parameter; change both alike."""
-            v = r.get(first) if isinstance(r, dict) else None
-            if v is None:
-                nodes: Any = _child([r], first, None)
-            elif not isinstance(v, list):
-                nodes = (v,)
-            else:
-                nodes = v  # a None in it is skipped below, as any value that is not an object
-            out: list[Any] = []
-            for n in nodes:
-                if not isinstance(n, dict):
-                    continue
-                x = n.get(second)
-                if x is None:
-                    continue
-                if isinstance(x, list):
-                    out.extend(x if None not in x else [y for y in x if y is not None])
-                else:
-                    out.append(x)
-            return out
-
-        run_two.path = (first, second)  # type: ignore[attr-defined]  # dhp.search.compiled walks it inline
-        return run_two
 
     def run(r: Any) -> list[Any]:
         v = r.get(first) if isinstance(r, dict) else None
@@ -702,13 +675,6 @@ class ParamExtractor:
             return self._composite
         return {"token": token_rows, "date": date_rows, "number": number_rows, "quantity": quantity_rows,
                 "uri": uri_rows, "special": near_rows}.get(t)
-
-    def rows(self, resource: dict[str, Any]) -> list[tuple[Any, ...]]:
-        convert = self.convert
-        if convert is None:
-            return []
-        values = self.root(resource)  # type: ignore[misc]
-        return convert(values) if values else []
 
     def _composite(self, items: list[Any]) -> list[tuple[Any, ...]]:
         out: list[tuple[Any, ...]] = []
