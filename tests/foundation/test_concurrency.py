@@ -486,6 +486,26 @@ def test_sqlite_buffered_writes_keep_each_tables_order() -> None:
     assert raw.execute("SELECT v FROM t WHERE id = 'c'").fetchall() == [(3,)]
 
 
+def test_sqlite_rows_ending_in_nulls_go_in_as_they_are() -> None:
+    """Rows whose last columns are NULL go in statements naming fewer columns; every row reads back exactly
+    as given, NULLs in the middle and at the end, mixed in one batch in any order and count."""
+    import random
+    import sqlite3
+
+    from dhp.store import SQ_ROWS, run_sqlite_writes
+
+    raw = sqlite3.connect(":memory:", isolation_level=None)
+    raw.execute("CREATE TABLE t (n, a, b, c, d)")  # no affinity: values read back as bound
+    ins = "INSERT INTO t (n, a, b, c, d) VALUES (?, ?, ?, ?, ?)"
+    rnd = random.Random(7)
+    values = [None, None, "x", "", b"\x00y", 0.5, 0]
+    rows = [(i, *(rnd.choice(values) for _ in range(4))) for i in range(700)]
+    rows[3] = (3, None, None, None, None)
+    rows[4] = (4, "a", None, None, 1.25)
+    run_sqlite_writes(raw, [[(ins, rows[:400], SQ_ROWS)], [(ins, rows[400:], SQ_ROWS)]])
+    assert raw.execute("SELECT n, a, b, c, d FROM t ORDER BY n").fetchall() == rows
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "pg"])
 def test_concurrent_reads_each_get_their_own_row(backend: str, new_db_url: Callable[[str], str]) -> None:
     """Under load PostgreSQL reads are answered together by one query; every caller still gets exactly its

@@ -356,11 +356,49 @@ def _multi_row(sql_text: str, n: int) -> str:
     return got
 
 
+_narrow_sql: dict[tuple[str, int], str] = {}
+
+
+def _narrow(sql_text: str, width: int) -> str:
+    """The one-row ``INSERT INTO t (c1, c2, …) VALUES (?, ?, …)`` naming only its first ``width`` columns."""
+    got = _narrow_sql.get((sql_text, width))
+    if got is None:
+        head, sep, _values = sql_text.partition(" VALUES ")
+        table, paren, cols = head.partition(" (")
+        assert sep and paren, sql_text
+        names = cols.rstrip(")").split(", ")
+        got = _narrow_sql[(sql_text, width)] = (
+            f"{table} ({', '.join(names[:width])}) VALUES ({', '.join(['?'] * width)})")
+    return got
+
+
 def _insert_rows(raw: sqlite3.Connection, sql_text: str, rows: list[tuple[Any, ...]]) -> None:
-    """Rows for one table in as few statements as the parameter limit allows: a statement inserts all its
-    VALUES in one run (executemany runs the statement once per row, and that per-run overhead was ~15 % of
-    SQLite's work on a create's index rows). A count that does not fill a statement is split into powers of
-    two, so each table needs a handful of statement texts, all kept prepared."""
+    """Rows for one table, each run of them in as few statements as the parameter limit allows.
+
+    Trailing NULLs are left out: a row ``(…, value, None, None, None)`` goes in a statement naming only the
+    columns up to ``value`` (the others take their default, NULL: no column of ours has another). The sqlite3
+    module binds a None through its adaptation protocol, ~1,300 instructions each, and most token rows end in
+    three of them (no text, no identifier type)."""
+    full = len(rows[0])
+    runs: dict[int, list[tuple[Any, ...]]] = {}
+    for r in rows:
+        n = full
+        while n > 1 and r[n - 1] is None:
+            n -= 1
+        run = runs.get(n)
+        if run is None:
+            runs[n] = [r if n == full else r[:n]]
+        else:
+            run.append(r if n == full else r[:n])
+    for n, run in runs.items():
+        _insert_run(raw, sql_text if n == full else _narrow(sql_text, n), run)
+
+
+def _insert_run(raw: sqlite3.Connection, sql_text: str, rows: list[tuple[Any, ...]]) -> None:
+    """A statement inserts all its VALUES in one run (executemany runs the statement once per row, and that
+    per-run overhead was ~15 % of SQLite's work on a create's index rows). A count that does not fill a
+    statement is split into powers of two, so each table needs a handful of statement texts, all kept
+    prepared."""
     per = max(1, SQLITE_MAX_PARAMS // len(rows[0]))
     i, n = 0, len(rows)
     while i < n:
@@ -631,8 +669,6 @@ class WriteTx:
             return
         conn = await self._open()
         self._pending = _Pending()
-        from dhp.store.search import flush_statement
-
         sql_text, params = flush_statement(p)
         try:
             await conn.exec_driver_sql(sql_text, params)
@@ -648,8 +684,6 @@ class WriteTx:
         answers from them. SQLite's reads are in-process and cheap: nothing to gain there."""
         if self._pending is None or not keys:
             return
-        from dhp.store.search import lock_current
-
         conn = await self._open()
         for i in range(0, len(keys), 1000):
             chunk = list(keys[i:i + 1000])
@@ -689,13 +723,14 @@ class WriteTx:
             if generated:
                 self._generated.add((rec.type, rec.id))
             sq = self._sq
+            deleted = 1 if rec.deleted else 0  # what SQLite stores; a bool would be bound through adaptation
             if exists_before:
-                sq.append((_SQLITE_UPDATE, (rec.version, rec.last_updated, rec.deleted, patient, package,
+                sq.append((_SQLITE_UPDATE, (rec.version, rec.last_updated, deleted, patient, package,
                                             rec.content, rec.index_key, rec.type, rec.id), SQ_EXEC))
             else:
-                sq.append((_SQLITE_INSERT, [(rec.type, rec.id, rec.version, rec.last_updated, rec.deleted,
+                sq.append((_SQLITE_INSERT, [(rec.type, rec.id, rec.version, rec.last_updated, deleted,
                                              patient, package, rec.content, rec.index_key)], SQ_ROWS))
-            sq.append((_SQLITE_HISTORY, [(rec.type, rec.id, rec.version, rec.last_updated, rec.deleted,
+            sq.append((_SQLITE_HISTORY, [(rec.type, rec.id, rec.version, rec.last_updated, deleted,
                                           method, rec.content)], SQ_ROWS))
             self._sq_keys.add((rec.type, rec.id))
             return
@@ -720,8 +755,6 @@ class WriteTx:
         ``kinds``: the tables whose rows of it all go (ignored when ``fresh``: it has none yet); ``removed``:
         single rows that go; then ``rows`` are added."""
         if self._pending is None:
-            from dhp.store.search import sqlite_index_writes
-
             self._sq += sqlite_index_writes(self.conn, rtype, rid, rows, kinds, fresh=fresh, removed=removed)
             self._sq_keys.add((rtype, rid))
             return
@@ -744,8 +777,6 @@ class WriteTx:
         """Add search index rows (per table kind, tuples of (type, id, code, *values)) of resources that have
         none yet; on PostgreSQL they are queued and sent with the transaction's other writes."""
         if self._pending is None:
-            from dhp.store.search import sqlite_index_writes
-
             self._sq += sqlite_index_writes(self.conn, "", "", rows, (), fresh=True)
             self._sq_keys.update((r[0], r[1]) for lst in rows.values() for r in lst)
             return
@@ -830,6 +861,121 @@ class _Group:
 class GroupCommits:
     commits: int = 0
     members: int = 0
+
+
+class _Begin:
+    """``Store.begin()``: a class, not an ``asynccontextmanager`` — every create and update enters one, and an
+    async generator costs each a generator, the event loop's async-generator bookkeeping (a weak set entry)
+    and two resumptions."""
+
+    __slots__ = ("_group", "_optimistic", "_stack", "_store", "_sync", "_tx")
+
+    def __init__(self, store: Store, optimistic: bool) -> None:
+        self._store = store
+        self._optimistic = optimistic
+        self._group: _Group | None = None
+        self._sync: SyncConn | None = None
+        #: PostgreSQL: closes the SQLAlchemy connection, once a statement needed one.
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tx: WriteTx | None = None
+
+    async def __aenter__(self) -> WriteTx:
+        store = self._store
+        if store._sqlite_writer is not None:
+            lock = store._write_lock
+            assert lock is not None
+            await lock.acquire()
+            try:
+                group = store._group
+                if group is None:
+                    group = store._group = _Group(store._writer(), asyncio.get_running_loop().create_future())
+                sc = self._sync = SyncConn(group.conn)
+                tx = self._tx = WriteTx(sc, True)
+                tx.ready = functools.partial(store._ready, group)
+                self._group = group
+            except BaseException:
+                lock.release()
+                raise
+            return tx
+        # Most transactions are write-only and never open a SQLAlchemy connection: the exit stack that
+        # closes one exists only once one is opened.
+        tx = self._tx = WriteTx(None, False, opener=self._open, solo=store._pg_solo,
+                                peek=store._pg_current if self._optimistic else None)
+        return tx
+
+    async def _open(self) -> AsyncConnection:
+        self._stack = stack = contextlib.AsyncExitStack()
+        conn = await stack.enter_async_context(self._store.engine.connect())
+        await stack.enter_async_context(conn.begin())
+        return conn
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
+        tx = self._tx
+        assert tx is not None
+        if self._group is not None:
+            await self._end_sqlite(tx, self._group, e)
+        else:
+            try:
+                await self._end_pg(tx, e)
+                if isinstance(e, DBAPIError):
+                    raise e
+            except DBAPIError as err:
+                # PostgreSQL undid the transaction (deadlock, serialization failure: SQLSTATE class 40):
+                # retryable.
+                if str(getattr(err.orig, "sqlstate", "")).startswith("40"):
+                    raise ConflictError("concurrent writers got in each other's way") from err
+                raise
+        if e is None:
+            await tx.committed()
+
+    async def _end_sqlite(self, tx: WriteTx, group: _Group, e: BaseException | None) -> None:
+        store = self._store
+        sc = self._sync
+        assert sc is not None and store._write_lock is not None
+        # One member's failure must leave the others' work in the group. Its own writes are buffered and run at
+        # the commit, so failing before then undoes nothing; a member that runs other statements first opens a
+        # savepoint (WriteTx._isolate, issued through the driver: SQLAlchemy's nested-transaction bookkeeping
+        # cost more than SQLite).
+        try:
+            if e is not None:
+                if tx.savepoint:
+                    store._rollback_member(group, sc._raw)
+                return  # the body's exception goes on
+            try:
+                await tx.before_commit()
+                try:
+                    await tx.end(group.deferred)
+                except BaseException as err:
+                    if not tx.savepoint:
+                        # Half run and no savepoint (the lock makes a conflict here impossible; this is an I/O
+                        # error or the like): the whole group goes, every member retries.
+                        store._fail_group(group, ConflictError(f"a group commit failed: {err}"))
+                    raise
+            except BaseException:
+                if tx.savepoint:
+                    store._rollback_member(group, sc._raw)
+                raise
+            if tx.savepoint:
+                sc._raw.execute("RELEASE dhp_member")
+            group.members += 1
+        finally:
+            store._end_member(group)
+            store._write_lock.release()
+        # The commit is shared with the writers queued behind this one; wait for it.
+        await asyncio.shield(group.done)
+
+    async def _end_pg(self, tx: WriteTx, e: BaseException | None) -> None:
+        if e is None:
+            try:
+                await tx.before_commit()
+            except BaseException as err:
+                if self._stack is not None:
+                    await self._stack.__aexit__(type(err), err, err.__traceback__)  # rolls back; never swallows
+                raise
+            if self._stack is not None:
+                await self._stack.__aexit__(None, None, None)  # commits
+        elif self._stack is not None:
+            await self._stack.__aexit__(type(e), e, e.__traceback__)
 
 
 class Store:
@@ -942,82 +1088,16 @@ class Store:
         async with self.engine.begin() as conn:
             await conn.run_sync(upgrade)
 
-    @contextlib.asynccontextmanager
-    async def begin(self, optimistic: bool = False) -> AsyncIterator[WriteTx]:
-        """A write transaction: committed when the block ends, rolled back on any exception.
+    def begin(self, optimistic: bool = False) -> _Begin:
+        """A write transaction (``async with store.begin() as tx``): committed when the block ends, rolled back
+        on any exception.
 
         ``optimistic`` (PostgreSQL): :meth:`WriteTx.current` reads without taking a lock — two round trips
         for an update instead of four. A write on top of a version another writer replaced meanwhile still
         cannot be lost: both write version n+1, and history's unique (type, id, version) refuses the second
         one as a whole (:class:`ConflictError`). Meant for a first attempt; a retry after a conflict locks.
         """
-        if self._sqlite_writer is not None:
-            assert self._write_lock is not None
-            async with self._write_lock:
-                group = self._group
-                if group is None:
-                    group = self._group = _Group(self._writer(), asyncio.get_running_loop().create_future())
-                sc = SyncConn(group.conn)
-                tx = WriteTx(sc, True)
-                tx.ready = functools.partial(self._ready, group)
-                # One member's failure must leave the others' work in the group. Its own writes are buffered
-                # and run at the commit, so failing before then undoes nothing; a member that runs other
-                # statements first opens a savepoint (WriteTx._isolate, issued through the driver:
-                # SQLAlchemy's nested-transaction bookkeeping cost more than SQLite).
-                try:
-                    yield tx
-                    await tx.before_commit()
-                    try:
-                        await tx.end(group.deferred)
-                    except BaseException as e:
-                        if not tx.savepoint:
-                            # Half run and no savepoint (the lock makes a conflict here impossible; this is
-                            # an I/O error or the like): the whole group goes, every member retries.
-                            self._fail_group(group, ConflictError(f"a group commit failed: {e}"))
-                        raise
-                except BaseException:
-                    if tx.savepoint:
-                        self._rollback_member(group, sc._raw)
-                    raise
-                else:
-                    if tx.savepoint:
-                        sc._raw.execute("RELEASE dhp_member")
-                    group.members += 1
-                finally:
-                    self._end_member(group)
-            # The commit is shared with the writers queued behind this one; wait for it.
-            await asyncio.shield(group.done)
-            await tx.committed()
-            return
-        # Most transactions are write-only and never open a SQLAlchemy connection: the exit stack that
-        # closes one exists only once one is opened.
-        stack: contextlib.AsyncExitStack | None = None
-
-        async def opener() -> AsyncConnection:
-            nonlocal stack
-            stack = contextlib.AsyncExitStack()
-            conn = await stack.enter_async_context(self.engine.connect())
-            await stack.enter_async_context(conn.begin())
-            return conn
-
-        try:
-            tx = WriteTx(None, False, opener=opener, solo=self._pg_solo,
-                         peek=self._pg_current if optimistic else None)
-            try:
-                yield tx
-                await tx.before_commit()
-            except BaseException as e:
-                if stack is not None:
-                    await stack.__aexit__(type(e), e, e.__traceback__)  # rolls back; never swallows
-                raise
-            if stack is not None:
-                await stack.__aexit__(None, None, None)  # commits
-        except DBAPIError as e:
-            # PostgreSQL undid the transaction (deadlock, serialization failure: SQLSTATE class 40): retryable.
-            if str(getattr(e.orig, "sqlstate", "")).startswith("40"):
-                raise ConflictError("concurrent writers got in each other's way") from e
-            raise
-        await tx.committed()
+        return _Begin(self, optimistic)
 
     async def _pg_solo(self, p: _Pending) -> None:
         """Send a write-only transaction's queued writes: one autocommitted statement through the driver.
@@ -1149,8 +1229,6 @@ class Store:
 
     async def _pg_send(self, p: _Pending) -> None:
         import asyncpg
-
-        from dhp.store.search import flush_statement
 
         sql_text, params = flush_statement(p)
         assert self._pg_writers is not None
@@ -1575,3 +1653,7 @@ async def retry_conflicts(fn: Callable[[], Awaitable[Any]], attempts: int = 5) -
 
 
 __all__ += ["SyncConn", "retry_conflicts", "unavailable", "unstorable_value"]
+
+# The index tables' SQL reads the search package's definitions, which import this module: bound last, once
+# everything here exists (a function-level import costs every create a lookup through the import system).
+from dhp.store.search import flush_statement, lock_current, sqlite_index_writes  # noqa: E402

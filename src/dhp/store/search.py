@@ -70,7 +70,8 @@ from dhp.search.query import (
     TypeIs,
     UriMatch,
 )
-from dhp.store.schema import metadata, resources
+from dhp.store import SQ_EXEC, SQ_MANY, SQ_ROWS
+from dhp.store.schema import history, metadata, resources
 
 __all__ = [
     "COLUMNS", "FLOAT_KINDS", "TABLES", "SearchRow", "count_matches", "fetch", "include_targets",
@@ -189,8 +190,6 @@ def sqlite_index_writes(conn: Any, rtype: str, rid: str, rows: dict[str, list[tu
     PostgreSQL queues the same rows in the transaction and sends them with its other writes as one statement
     (:func:`flush_statement`).
     """
-    from dhp.store import SQ_EXEC, SQ_MANY, SQ_ROWS
-
     out: list[tuple[str, Any, int]] = []
     for k in (tuple(kinds) if not fresh else ()):
         sql_text, _ = _compile(conn, ("del", k), lambda k=k: delete(TABLES[k]).where(
@@ -237,8 +236,6 @@ def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
     rows go and new ones stay. Rows travel as JSON arrays, so the SQL text stays the same whatever the row
     counts, and each shape of statement is prepared once per connection.
     """
-    from dhp.store.schema import history
-
     del_kinds = tuple(sorted(k for k, v in p.index_deletes.items() if v))
     rm_kinds = tuple(sorted(k for k, v in p.index_removed.items() if v))
     ins_kinds = tuple(sorted(k for k, v in p.index_rows.items() if v))
