@@ -230,6 +230,57 @@ def test_sqlite_a_generated_id_found_taken_fails_its_group_which_is_retried(new_
     assert sum(1 for i, n in attempts.items() if i != 5 and n == 2) >= 1  # its group-mates were retried
 
 
+def test_sqlite_a_read_version_skips_the_check_only_for_the_next_one(new_db_url: Callable[[str], str]) -> None:
+    """An update's history row is not looked up when it is the next version of what the transaction read (no
+    one else can write the resource meanwhile). A write of any other version after a read is still checked:
+    the one that collides fails alone, and its group-mates commit."""
+
+    async def run() -> tuple[list[str], Any, Any]:
+        store = Store(new_db_url("sqlite"))
+        await store.open()
+        try:
+            async with store.begin() as tx:
+                await tx.put(basic("r", b'{"v":1}'), "POST", exists_before=False)
+            outcomes: list[str] = []
+
+            async def bad() -> None:
+                try:
+                    async with store.begin() as tx:
+                        cur = await tx.current("Basic", "r")
+                        assert cur is not None and cur.version == 1
+                        # Version 1 again: history holds it.
+                        await tx.put(basic("r", b'{"v":"again"}', version=1), "PUT", exists_before=True, prev=cur)
+                        await asyncio.sleep(0)
+                    outcomes.append("bad committed")
+                except ConflictError:
+                    outcomes.append("bad refused")
+
+            async def good(i: int) -> None:
+                async with store.begin() as tx:
+                    await tx.put(basic(f"o{i}"), "POST", exists_before=False, generated=True)
+                    await asyncio.sleep(0)
+                outcomes.append("good")
+
+            await asyncio.gather(good(0), bad(), good(1))
+
+            async def next_version() -> None:
+                async with store.begin() as tx:
+                    cur = await tx.current("Basic", "r")
+                    assert cur is not None
+                    await tx.put(basic("r", b'{"v":2}', version=cur.version + 1), "PUT", exists_before=True,
+                                 prev=cur)
+
+            await asyncio.gather(next_version(), next_version())  # the second reads what the first wrote
+            return outcomes, await store.read("Basic", "r"), await store.read("Basic", "o1")
+        finally:
+            await store.close()
+
+    outcomes, r, o1 = asyncio.run(run())
+    assert sorted(outcomes) == ["bad refused", "good", "good"]
+    assert r is not None and r.version == 3 and r.content == b'{"v":2}'
+    assert o1 is not None
+
+
 def test_sqlite_wal_stays_bounded_under_continuous_writes(new_db_url: Callable[[str], str]) -> None:
     """Checkpoints run beside the writers; the WAL still restarts, so it does not grow with the data.
 

@@ -428,13 +428,14 @@ def _table(sql_text: str) -> str:
 def _phased(writes: list[tuple[str, Any, int]]) -> bool:
     """Whether ``writes`` may run as all their other statements first, then the rows they add: no statement
     changes a table after rows were added to it."""
-    added: set[str] = set()
+    added: list[str] = []  # the INSERTs of rows so far (a create's writes are only these: no lookups)
     for sql_text, _params, mode in writes:
-        t = _table(sql_text)
         if mode == SQ_ROWS:
-            added.add(t)
-        elif not t or t in added:
-            return False
+            added.append(sql_text)
+        elif added:
+            t = _table(sql_text)
+            if not t or any(_table(a) == t for a in added):
+                return False
     return True
 
 
@@ -538,6 +539,9 @@ class WriteTx:
         self._sq_keys: set[tuple[str, str]] = set()
         #: SQLite: resources whose ids were just generated (:func:`new_id`): no row can hold them yet.
         self._generated: set[tuple[str, str]] = set()
+        #: SQLite: resources whose current version this transaction read (0: none), inside the group's
+        #: transaction, which holds SQLite's write lock: nothing else can write them until it commits.
+        self._read: dict[tuple[str, str], int] = {}
         #: SQLite: the transaction runs inside its own savepoint (it ran statements besides its own writes).
         self.savepoint = False
         #: SQLite: awaited before a statement of the transaction (set by ``Store.begin``): the group's transaction
@@ -620,13 +624,17 @@ class WriteTx:
     def _needs_check(self) -> bool:
         """Whether a buffered row in ``resources`` or ``history`` could be taken: one whose id was not just
         generated (74 random bits: taken only by a bug, and then the insert fails the whole group, which is
-        retried — correct, only slower; not worth two lookups on every create)."""
+        retried — correct, only slower; not worth two lookups on every create), and that is not the next
+        version of what this transaction read (an update: that read saw the resource as it is)."""
         generated = self._generated
+        read = self._read
         for sql_text, params, _mode in self._sq:
             if sql_text is _SQLITE_INSERT or sql_text is _SQLITE_HISTORY:
                 for row in params:
-                    if (row[0], row[1]) not in generated:
-                        return True
+                    key = (row[0], row[1])
+                    if key in generated or read.get(key, -1) == row[2] - 1:
+                        continue
+                    return True
         return False
 
     def _free(self, raw: sqlite3.Connection) -> bool:
@@ -701,6 +709,8 @@ class WriteTx:
             elif self.ready is not None:
                 await self.ready(((rtype, rid),))
             r = self.conn._raw.execute(_SQLITE_CURRENT, (rtype, rid)).fetchone()
+            if self.ready is not None:  # in the group's transaction (a bare SyncConn's reads are not)
+                self._read[(rtype, rid)] = r[2] if r else 0
             return StoredResource(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) if r else None
         if self._pending is not None and (rtype, rid) in self._pending.keys:
             await self.flush()
