@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -51,3 +54,19 @@ def test_dhp_serve_starts_prints_admin_client_and_serves(tmp_path: Path) -> None
         proc2.terminate()
         out2, _ = proc2.communicate(timeout=30)
     assert "client_secret:" not in out2  # printed on first start only
+
+
+def test_postgresql_over_its_unix_socket(pg: Any, start_server: Callable[..., Any]) -> None:
+    """``postgresql+asyncpg://user@/db?host=/socket/dir``: every connection the server makes — SQLAlchemy's and
+    the driver connections it owns for reads by id and write-only statements — goes to that socket."""
+    url = pg.create_db("unix_" + uuid.uuid4().hex[:6])
+    unix = url.replace(f"@127.0.0.1:{pg.port}/", "@/") + f"?host={pg.dir}&port={pg.port}"
+    assert "127.0.0.1" not in unix
+    live = start_server(DHP_DATABASE_URL=unix, DHP_AUTH="off", DHP_VALIDATION="off")
+    with httpx.Client(base_url=live.fhir, timeout=60, headers={"Content-Type": "application/fhir+json"}) as c:
+        made = c.post("/Patient", json={"resourceType": "Patient", "gender": "female"})
+        assert made.status_code == 201, made.text
+        pid = made.json()["id"]
+        got = c.get(f"/Patient/{pid}")
+        assert got.status_code == 200 and got.json()["gender"] == "female"
+        assert c.get("/Patient", params={"gender": "female"}).json()["total"] == 1

@@ -142,8 +142,16 @@ def new_id() -> str:
 
 
 def _pg_connect_args(url: str) -> dict[str, Any]:
+    """asyncpg's arguments for ``url`` as SQLAlchemy's asyncpg dialect reads it: the query's options too, so
+    ``postgresql+asyncpg://user@/db?host=/var/run/postgresql`` reaches the server's Unix socket here as well."""
     u = make_url(url)
-    return {"user": u.username, "password": u.password, "host": u.host, "port": u.port, "database": u.database}
+    args: dict[str, Any] = {"user": u.username, "password": u.password, "host": u.host, "port": u.port,
+                            "database": u.database}
+    for k, v in u.query.items():
+        args[k] = v if isinstance(v, str) else v[-1]
+    if isinstance(args.get("port"), str):
+        args["port"] = int(args["port"])
+    return args
 
 
 class _OwnedConnections:
