@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from tests.pgserver import free_port
 from tests.serving import wait_serving
@@ -86,3 +89,68 @@ def test_serve_with_several_workers(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "pg"])
+def test_writes_leave_no_garbage_cycles(backend: str, new_db_url: Callable[[str], str]) -> None:
+    """Creates, updates, deletes and reads free all their objects by reference counting: none is left in a
+    reference cycle for the collector, whose passes under load took ~9 ms each (a write transaction and its
+    connection used to refer to each other: ~12 objects a write)."""
+    import asyncio
+    import gc
+    import json
+
+    from dhp.api.app import create_app
+    from dhp.settings import Settings
+
+    patient = {"resourceType": "Patient", "identifier": [{"system": "urn:x", "value": "1"}], "gender": "male",
+               "name": [{"family": "Karimov", "given": ["Aziz"]}], "birthDate": "1990-05-06"}
+
+    async def run() -> tuple[int, set[int]]:
+        settings = Settings.from_env({**os.environ, "DHP_DATABASE_URL": new_db_url(backend), "DHP_AUTH": "off",
+                                      "DHP_VALIDATION": "off", "DHP_PACKAGE_IMPORT": "none"})
+        app = create_app(settings)
+        statuses: set[int] = set()
+
+        async def call(method: str, path: str, body: bytes = b"") -> dict[str, Any]:
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                     "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+                     "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                     "headers": [(b"host", b"x"), (b"content-type", b"application/fhir+json")]}
+            out: list[bytes] = []
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(m: dict[str, Any]) -> None:
+                if m["type"] == "http.response.start":
+                    statuses.add(m["status"])
+                elif m["type"] == "http.response.body":
+                    out.append(m.get("body", b""))
+
+            await app(scope, receive, send)
+            return json.loads(b"".join(out) or b"{}")
+
+        async with app.app.router.lifespan_context(app.app):
+            async def work(i: int) -> None:
+                made = await call("POST", "/fhir/Patient", json.dumps(patient).encode())
+                rid = made["id"]
+                await call("GET", f"/fhir/Patient/{rid}")
+                changed = {**patient, "id": rid, "gender": "female" if i % 2 else "male"}
+                await call("PUT", f"/fhir/Patient/{rid}", json.dumps(changed).encode())
+                if i % 3 == 0:
+                    await call("DELETE", f"/fhir/Patient/{rid}")
+
+            await asyncio.gather(*(work(i) for i in range(8)))  # warm: statements, plans, caches
+            gc.collect()
+            gc.disable()
+            try:
+                await asyncio.gather(*(work(i) for i in range(40)))
+                left = gc.collect()
+            finally:
+                gc.enable()
+        return left, statuses
+
+    left, statuses = asyncio.run(run())
+    assert statuses <= {200, 201, 204}, statuses
+    assert left == 0

@@ -492,18 +492,23 @@ class _PgTxConn:
     sees them."""
 
     def __init__(self, tx: WriteTx) -> None:
-        self._tx = tx
+        self._tx: WriteTx | None = tx  # None once the transaction is over (Store.begin breaks the cycle)
+
+    async def _conn(self) -> AsyncConnection:
+        if self._tx is None:
+            raise RuntimeError("the write transaction is over")
+        return await self._tx.connection()
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
-        conn = await self._tx.connection()
+        conn = await self._conn()
         return await conn.execute(statement, parameters)
 
     async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any:
-        conn = await self._tx.connection()
+        conn = await self._conn()
         return await conn.exec_driver_sql(statement, parameters)
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
-        conn = await self._tx.connection()
+        conn = await self._conn()
         return await conn.run_sync(fn, *args)
 
 
@@ -930,21 +935,33 @@ class _Begin:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
         tx = self._tx
         assert tx is not None
-        if self._group is not None:
-            await self._end_sqlite(tx, self._group, e)
-        else:
-            try:
-                await self._end_pg(tx, e)
-                if isinstance(e, DBAPIError):
-                    raise e
-            except DBAPIError as err:
-                # PostgreSQL undid the transaction (deadlock, serialization failure: SQLSTATE class 40):
-                # retryable.
-                if str(getattr(err.orig, "sqlstate", "")).startswith("40"):
-                    raise ConflictError("concurrent writers got in each other's way") from err
-                raise
-        if e is None:
-            await tx.committed()
+        try:
+            if self._group is not None:
+                await self._end_sqlite(tx, self._group, e)
+            else:
+                try:
+                    await self._end_pg(tx, e)
+                    if isinstance(e, DBAPIError):
+                        raise e
+                except DBAPIError as err:
+                    # PostgreSQL undid the transaction (deadlock, serialization failure: SQLSTATE class 40):
+                    # retryable.
+                    if str(getattr(err.orig, "sqlstate", "")).startswith("40"):
+                        raise ConflictError("concurrent writers got in each other's way") from err
+                    raise
+            if e is None:
+                await tx.committed()
+        finally:
+            # The transaction and its connection refer to each other (SQLite: the connection's isolation hook is
+            # a method of the transaction; PostgreSQL: the transaction's opener is a method of this object).
+            # Undone here, a write's dozen objects go with their last reference; as a cycle they waited for the
+            # collector, whose young-generation passes took ~9 ms each under load.
+            if self._sync is not None:
+                self._sync._before = None
+            elif isinstance(tx.conn, _PgTxConn):
+                tx.conn._tx = None
+            tx._opener = None
+            tx.ready = None
 
     async def _end_sqlite(self, tx: WriteTx, group: _Group, e: BaseException | None) -> None:
         store = self._store

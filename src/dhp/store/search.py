@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import orjson
@@ -223,10 +224,16 @@ async def lock_current(conn: AsyncConnection, keys: Sequence[tuple[str, str]]) -
 _flush_sql: dict[Any, str] = {}
 
 
-def _pg_type(col: Column[Any]) -> str:
+@cache
+def _pg_dialect() -> Any:
     from sqlalchemy.dialects import postgresql
 
-    return str(col.type.compile(dialect=postgresql.dialect()))
+    return postgresql.dialect()
+
+
+def _pg_type(col: Column[Any]) -> str:
+    """A column's PostgreSQL type name; one dialect object for all (each new one is a garbage cycle)."""
+    return str(col.type.compile(dialect=_pg_dialect()))
 
 
 def flush_statement(p: Any) -> tuple[str, tuple[Any, ...]]:
