@@ -291,6 +291,7 @@ def _merge(items: Iterable[_Pending]) -> _Pending:
     out = _Pending()
     for p in items:
         out.inserts += p.inserts
+        out.generated += p.generated
         out.updates += p.updates
         out.history += p.history
         out.keys |= p.keys
@@ -527,9 +528,16 @@ class _Pending:
     #: Single index rows to delete (an update rewriting only what changed), per table kind.
     index_removed: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     index_rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    #: How many of ``inserts`` have ids just made by ``new_id()``.
+    generated: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.keys or self.index_keys)
+
+    def fresh(self) -> bool:
+        """Only creates under freshly generated ids: nothing else can write those resources before it commits,
+        so it can neither be stale nor make another transaction stale (``Store._outdated_by``)."""
+        return not self.updates and self.generated == len(self.inserts)
 
 
 class WriteTx:
@@ -769,6 +777,8 @@ class WriteTx:
             p.updates.append((*row, prev.index_key if prev is not None else None, prev is not None))
         else:
             p.inserts.append(row)
+            if generated:
+                p.generated += 1
         p.history.append((rec.type, rec.id, rec.version, rec.last_updated, rec.deleted, method, rec.content))
         p.keys.add(key)
     async def replace_index(self, rtype: str, rid: str, rows: dict[str, list[tuple[Any, ...]]],
@@ -1186,12 +1196,12 @@ class Store:
             self._updated.update(updated)
         if not self._write_queue:
             return
-        written = {(r[0], r[1]): r[2] for q in sent for r in q.inserts}
+        written = {(r[0], r[1]): r[2] for q in sent if not q.fresh() for r in q.inserts}
         written.update(updated)
         if not written:
             return
         for p, fut in self._write_queue:
-            if not fut.done() and self._stale((*p.inserts, *p.updates), written):
+            if not fut.done() and not p.fresh() and self._stale((*p.inserts, *p.updates), written):
                 _settle(fut, ConflictError("a resource in this transaction was written concurrently"))
 
     @staticmethod
