@@ -249,7 +249,6 @@ async def transaction(server: Server, ctx: RequestContext, bundle: dict[str, Any
         return results
 
     results = await retry_conflicts(run)
-    await server.maybe_sync_conformance(0)
     results.sort(key=lambda r: r[0])
     return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": crud.instant(now_us())},
             "type": "transaction-response", "entry": [r for _, r in results]}
@@ -268,7 +267,6 @@ async def batch(server: Server, ctx: RequestContext, bundle: dict[str, Any]) -> 
         except FHIRError as err:
             err = _with_entry(err, i)
             out.append({"response": {"status": str(err.status), "outcome": err.outcome()}})
-    await server.maybe_sync_conformance(0)
     return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": crud.instant(now_us())},
             "type": "batch-response", "entry": out}
 

@@ -218,6 +218,8 @@ async def _store(server: Server, tx: WriteTx, rtype: str, rid: str, resource: di
 
 def _conformance_changed(server: Server, tx: WriteTx) -> None:
     tx.mark_conformance_changed()
+    if server.search is not None:
+        server.search.changed_here(server.store)
     if server.sync_conformance not in tx.after_commit:
         tx.after_commit.append(server.sync_conformance)
 

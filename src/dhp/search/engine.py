@@ -148,8 +148,11 @@ class SearchEngine:
                                      frozenset[int], dict[frozenset[int], _Run]]] = {}
         #: Generated extraction functions by the extractors they run (see :meth:`_run`).
         self._runs: dict[tuple[_Todo, ...], _Run] = {}
-        #: Set by the interactions on first use, so background reindexing knows where to write.
+        #: Where background reindexing writes (set by :meth:`changed_here`, or by a search or ``$reindex``).
         self.store: Any = None
+        #: This process committed a conformance change: the next reload reindexes existing data in the
+        #: background. A reload for another process's change does not: the process that made it does, once.
+        self._reindex_next = False
         self.jobs: list[ReindexJob] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         registry.listeners.append(self.reload)
@@ -172,9 +175,15 @@ class SearchEngine:
                 out[(base, code)] = (p.type, p.expression, p.components)
         return out
 
+    def changed_here(self, store: Any) -> None:
+        """A write transaction of this process changes conformance resources (see :meth:`reload`)."""
+        self.store = store
+        self._reindex_next = True
+
     def reload(self) -> None:
         """Registry listener: API-written conformance changed. New parameters apply at once to searches and
-        writes; existing data is reindexed for new or changed parameters in the background."""
+        writes; existing data is reindexed for new or changed parameters in the background, by the process
+        whose write changed them (:meth:`changed_here`)."""
         before = self._params
         self._params = None
         self._extractors.clear()
@@ -190,7 +199,8 @@ class SearchEngine:
         old = self._signature
         self._signature = new
         changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))  # removed ones too
-        if not changed or not old or self.store is None:
+        own, self._reindex_next = self._reindex_next, False
+        if not changed or not old or self.store is None or not own:
             return
         by_code: dict[str, set[str]] = {}
         for base, code in changed:
