@@ -530,9 +530,17 @@ class _Pending:
     index_rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     #: How many of ``inserts`` have ids just made by ``new_id()``.
     generated: int = 0
+    _touched: set[tuple[str, str]] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.keys or self.index_keys)
+
+    def touched(self) -> set[tuple[str, str]]:
+        """The resources it writes rows of (computed once: it is asked several times on its way out)."""
+        t = self._touched
+        if t is None:
+            t = self._touched = self.keys | self.index_keys if self.index_keys - self.keys else self.keys
+        return t
 
     def fresh(self) -> bool:
         """Only creates under freshly generated ids: nothing else can write those resources before it commits,
@@ -1156,7 +1164,7 @@ class Store:
         if p.updates and self._updated and self._stale(p.updates, self._updated):
             raise ConflictError("a resource in this transaction was written concurrently")
         if (self._writes_in_flight < PG_WRITES_IN_FLIGHT and not self._write_queue
-                and self._keys_in_flight.keys().isdisjoint(p.keys | p.index_keys)):
+                and self._keys_in_flight.keys().isdisjoint(p.touched())):
             self._writes_in_flight += 1
             self._fly(p, 1)
             ok = False
@@ -1176,7 +1184,7 @@ class Store:
         await fut
 
     def _fly(self, p: _Pending, step: int) -> None:
-        for k in p.keys | p.index_keys:
+        for k in p.touched():
             n = self._keys_in_flight.get(k, 0) + step
             if n:
                 self._keys_in_flight[k] = n
@@ -1222,7 +1230,7 @@ class Store:
                 p, fut = item
                 if fut.done():  # its caller was cancelled: the transaction is abandoned, nothing is sent
                     continue
-                keys = p.keys | p.index_keys
+                keys = p.touched()
                 # Two writes of one resource never share a statement (the second must see the first).
                 if len(group) < PG_WRITE_GROUP and taken.isdisjoint(keys):
                     group.append(item)
