@@ -142,8 +142,24 @@ def fhir_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     elif body is None:
         content = b""
     else:
-        content = fhirjson.dumps(body, pretty=pretty)
+        try:
+            content = fhirjson.dumps(body, pretty=pretty)
+        except TypeError:
+            # Only what a request put there can fail (a lone surrogate echoed in an error's diagnostics or a
+            # batch entry's outcome): answer with it replaced by U+FFFD rather than a bare 500.
+            content = fhirjson.dumps(_replace_surrogates(body), pretty=pretty)
     return FHIRResponse(content, status, headers, f"{media_type}; charset=utf-8" if content else None)
+
+
+def _replace_surrogates(node: Any) -> Any:
+    if isinstance(node, str):
+        # Encoded with the surrogates kept, they are invalid UTF-8, which decoding turns into U+FFFD.
+        return node if node.isascii() else node.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(node, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_replace_surrogates(v) for v in node]
+    return node
 
 
 class FHIRResponse(Response):

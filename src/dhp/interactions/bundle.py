@@ -7,6 +7,8 @@ everything and answers with an OperationOutcome naming the entry. A batch runs e
 
 from __future__ import annotations
 
+import copy
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,9 @@ from dhp import fhirjson
 from dhp.errors import FHIRError, Issue, bad_request, outcome
 from dhp.interactions import crud
 from dhp.interactions.context import RequestContext, Server
-from dhp.store import WriteTx, new_id, now_us, retry_conflicts
+from dhp.store import WriteTx, new_id, now_us, retry_conflicts, unavailable, unstorable_value
+
+log = logging.getLogger("dhp.api")
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
@@ -31,6 +35,8 @@ class _Entry:
     resource: dict[str, Any] | None
     full_url: str | None
     request: dict[str, Any]
+    #: Transaction only: the ``Type/id`` a conditional create or update resolved to before any entry ran.
+    target: str | None = None
 
 
 def _parse_entries(bundle: dict[str, Any]) -> list[_Entry]:
@@ -46,11 +52,21 @@ def _parse_entries(bundle: dict[str, Any]) -> list[_Entry]:
         if not isinstance(req, dict) or not isinstance(req.get("method"), str) or not isinstance(req.get("url"), str):
             raise bad_request(f"{where}.request with method and url is required in a batch/transaction",
                               f"{where}.request", "bundle-request-missing")
+        for key in ("ifMatch", "ifNoneExist", "ifNoneMatch", "ifModifiedSince"):
+            if key in req and not isinstance(req[key], str):
+                raise bad_request(f"{where}.request.{key} must be a string", f"{where}.request.{key}")
+        full_url = e.get("fullUrl")
+        if full_url is not None and not isinstance(full_url, str):
+            # It keys the reference rewriting: a list or object there is a malformed entry, not a 500.
+            raise bad_request(f"{where}.fullUrl must be a string", f"{where}.fullUrl")
         method = req["method"].upper()
         if method not in _ORDER:
             raise bad_request(f"{where}.request.method '{req['method']}' is not allowed", f"{where}.request.method")
         url = req["url"]
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # e.g. "http://[x": an unclosed IPv6 host
+            raise bad_request(f"{where}.request.url {url!r} is not a URL", f"{where}.request.url") from None
         path = [p for p in parts.path.split("/") if p]
         res = e.get("resource")
         if res is not None and (not isinstance(res, dict) or not isinstance(res.get("resourceType"), str)):
@@ -59,7 +75,7 @@ def _parse_entries(bundle: dict[str, Any]) -> list[_Entry]:
             raise bad_request(f"{where}: {method} needs a resource", f"{where}.resource")
         if method == "PATCH" and res is None:
             raise bad_request(f"{where}: PATCH needs a Parameters or Binary resource", f"{where}.resource")
-        out.append(_Entry(i, method, url, path, parts.query, res, e.get("fullUrl"), req))
+        out.append(_Entry(i, method, url, path, parts.query, res, full_url, req))
     return out
 
 
@@ -151,6 +167,8 @@ async def _run_entry(server: Server, ctx: RequestContext, e: _Entry, tx: WriteTx
         await _resolve_conditional_refs(server, tx, e.resource, e.index)
         res = await crud.create(server, ctx, path[0], e.resource, tx=tx, if_none_exist=req.get("ifNoneExist"),
                                 rid=e.resource.get("id") if tx is not None and "_assigned" in req else None)
+        if e.target is not None and res.rec is not None and f"{res.rec.type}/{res.rec.id}" != e.target:
+            raise _target_moved(e)
         return _response(ctx, res, prefer)
     if e.method == "PUT":
         assert e.resource is not None
@@ -160,7 +178,12 @@ async def _run_entry(server: Server, ctx: RequestContext, e: _Entry, tx: WriteTx
             if len(ids) > 1:
                 raise FHIRError(412, f"Bundle.entry[{e.index}]: conditional update matched {len(ids)} resources",
                                 "duplicate", message_id="conditional-multiple")
-            rid = ids[0] if ids else (e.resource.get("id") or new_id())
+            if e.target is not None:  # a transaction resolved it already; references point there
+                if ids and f"{path[0]}/{ids[0]}" != e.target:
+                    raise _target_moved(e)
+                rid = e.target.split("/", 1)[1]
+            else:
+                rid = ids[0] if ids else (e.resource.get("id") or new_id())
             e.resource.setdefault("id", rid)
             path = [path[0], rid]
         if len(path) != 2:
@@ -174,8 +197,11 @@ async def _run_entry(server: Server, ctx: RequestContext, e: _Entry, tx: WriteTx
         if e.resource.get("resourceType") == "Binary":
             import base64
 
+            data = e.resource.get("data", "")
             try:
-                body = fhirjson.loads(base64.b64decode(e.resource.get("data", "")))
+                if not isinstance(data, str):
+                    raise ValueError("Binary.data is not a string")
+                body = fhirjson.loads(base64.b64decode(data))
             except (ValueError, fhirjson.JSONError):
                 raise bad_request(f"Bundle.entry[{e.index}]: Binary patch is not a JSON Patch") from None
             res = await crud.patch(server, ctx, path[0], path[1], body, "json-patch", tx=tx,
@@ -197,6 +223,46 @@ async def _run_entry(server: Server, ctx: RequestContext, e: _Entry, tx: WriteTx
         raise bad_request(f"Bundle.entry[{e.index}]: DELETE url must be Type/id", f"Bundle.entry[{e.index}]")
     res = await crud.delete(server, ctx, path[0], path[1], tx=tx, if_match=req.get("ifMatch"))
     return {"response": {"status": "204 No Content" if res.status == 204 else "200 OK"}}
+
+
+def _target_moved(e: _Entry) -> FHIRError:
+    return FHIRError(409, f"Bundle.entry[{e.index}]: the conditional {e.method} matched {e.target} when the "
+                     "transaction began, but another entry of the transaction changed what it matches",
+                     "conflict", message_id="conditional-target-changed")
+
+
+async def _resolve_targets(server: Server, tx: WriteTx, entries: list[_Entry], mapping: dict[str, str]) -> None:
+    """Where each conditional create (``ifNoneExist``) and conditional update (``PUT Type?query``) will write,
+    decided before any of them runs, so that references to their fullUrls can be rewritten to it: the match
+    when there is one, else the id the entry will create. Entries with the same condition share a target
+    (the first creates it, the later ones find it)."""
+    decided: dict[tuple[str, str, str], str] = {}
+    for e in sorted(entries, key=lambda x: (_ORDER[x.method], x.index)):
+        if e.resource is None or len(e.path) != 1:
+            continue
+        if e.method == "POST" and isinstance(e.request.get("ifNoneExist"), str) and e.request["ifNoneExist"]:
+            key = ("POST", e.path[0], e.request["ifNoneExist"])
+            fresh = f"{e.path[0]}/{e.resource.get('id')}"
+        elif e.method == "PUT" and e.query:
+            key = ("PUT", e.path[0], e.query)
+            given = e.resource.get("id")
+            fresh = f"{e.path[0]}/{given if isinstance(given, str) and given else new_id()}"
+        else:
+            continue
+        target = decided.get(key)
+        if target is None:
+            crud.check_type(server, e.path[0])
+            try:
+                ids = await crud.conditional_match(server, e.path[0], key[2], tx)
+            except FHIRError as err:
+                raise _with_entry(err, e.index) from None
+            if len(ids) > 1:
+                raise _with_entry(FHIRError(412, f"conditional {e.method} matched {len(ids)} resources",
+                                            "duplicate", message_id="conditional-multiple"), e.index)
+            target = decided[key] = f"{e.path[0]}/{ids[0]}" if ids else fresh
+        if e.full_url:  # only a fullUrl can be referenced: the others decide at their turn, as a batch would
+            e.target = target
+            mapping[e.full_url] = target
 
 
 def _with_entry(err: FHIRError, index: int) -> FHIRError:
@@ -228,20 +294,38 @@ async def transaction(server: Server, ctx: RequestContext, bundle: dict[str, Any
                 mapping[e.full_url] = f"{e.path[0]}/{fresh_id}"
         elif e.method == "PUT" and e.full_url and len(e.path) == 2:
             mapping[e.full_url] = f"{e.path[0]}/{e.path[1]}"
-    for e in entries:
-        if e.resource is not None and mapping:
-            _rewrite(e.resource, mapping)
     targets = [(e.path[0], e.path[1]) for e in entries if e.method in ("PUT", "PATCH", "DELETE") and len(e.path) == 2]
     if len(targets) != len(set(targets)):
         raise bad_request("A transaction may not touch the same resource twice", "Bundle.entry",
                           "duplicate-target")
     ordered = sorted(entries, key=lambda e: (_ORDER[e.method], e.index))
+    conditional = any((e.method == "POST" and e.request.get("ifNoneExist")) or (e.method == "PUT" and e.query)
+                      for e in entries if e.resource is not None and len(e.path) == 1)
+    if not conditional:
+        for e in entries:
+            if e.resource is not None and mapping:
+                _rewrite(e.resource, mapping)
+    originals = {e.index: copy.deepcopy(e.resource) for e in entries if conditional and e.resource is not None}
 
     async def run() -> list[tuple[int, dict[str, Any]]]:
         results: list[tuple[int, dict[str, Any]]] = []
         async with server.store.begin() as tx:
             await tx.prefetch(targets)  # one locking read for every resource the entries will change
+            resolved = not conditional
             for e in ordered:
+                if not resolved and e.method != "DELETE":
+                    # After the DELETEs (they change what conditions match, and carry no references), decide
+                    # where conditional writes go, so references to their fullUrls can point there.
+                    resolved = True
+                    local = dict(mapping)
+                    for x in entries:
+                        x.target = None
+                        if x.resource is not None:  # a retry starts again from the entries as posted
+                            x.resource = copy.deepcopy(originals[x.index])
+                    await _resolve_targets(server, tx, [x for x in entries if x.method != "DELETE"], local)
+                    for x in entries:
+                        if x.resource is not None and local:
+                            _rewrite(x.resource, local)
                 try:
                     results.append((e.index, await _run_entry(server, ctx, e, tx)))
                 except FHIRError as err:
@@ -267,8 +351,28 @@ async def batch(server: Server, ctx: RequestContext, bundle: dict[str, Any]) -> 
         except FHIRError as err:
             err = _with_entry(err, i)
             out.append({"response": {"status": str(err.status), "outcome": err.outcome()}})
+        except Exception as exc:
+            # Earlier entries are committed: an unexpected failure of one entry must not turn the whole
+            # answer into an error that hides them. It is reported on its own entry, as the API would.
+            out.append({"response": _entry_failure(exc, i)})
     return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": crud.instant(now_us())},
             "type": "batch-response", "entry": out}
+
+
+def _entry_failure(exc: Exception, index: int) -> dict[str, Any]:
+    """A batch entry's response for an exception that is not a FHIRError (what FHIRApp maps for a request)."""
+    if unavailable(exc):
+        err = FHIRError(503, "The database is unavailable; the entry was not completed", "transient",
+                        message_id="database-unavailable")
+    elif unstorable_value(exc):
+        err = FHIRError(400, "The entry contains a value the server cannot store or compare; nothing was changed",
+                        "invalid", message_id="invalid-value")
+    else:
+        log.exception("unhandled error in batch entry %d", index, exc_info=exc)
+        err = FHIRError(500, "Internal server error; the entry was not applied", "exception",
+                        message_id="internal-error")
+    err = _with_entry(err, index)
+    return {"status": str(err.status), "outcome": err.outcome()}
 
 
 async def process(server: Server, ctx: RequestContext, bundle: dict[str, Any]) -> dict[str, Any]:

@@ -82,6 +82,15 @@ def parse_resource(source: bytes) -> dict[str, Any]:
     return body
 
 
+def encode(resource: dict[str, Any]) -> bytes:
+    """The resource as JSON bytes; 400 for what parsed but cannot be written back: a lone UTF-16 surrogate
+    (``"\\ud800"``) or nesting deeper than the encoder allows. Checked here, before anything is stored."""
+    try:
+        return fhirjson.dumps(resource)
+    except TypeError as e:  # orjson.JSONEncodeError is a TypeError
+        raise bad_request(f"The resource cannot be stored as JSON: {e}", message_id="invalid-value") from None
+
+
 def authorize(server: Server, ctx: RequestContext, interaction: str, rtype: str,
               resource: dict[str, Any] | None = None) -> None:
     """SMART scope check for one interaction; with a resource, the compartment / query-filter check too."""
@@ -144,7 +153,8 @@ async def read(server: Server, ctx: RequestContext, rtype: str, rid: str) -> Sto
 async def vread(server: Server, ctx: RequestContext, rtype: str, rid: str, vid: str) -> StoredResource:
     check_type(server, rtype)
     authorize(server, ctx, "r", rtype)
-    if not vid.isdigit():
+    # ASCII digits only ("²".isdigit() is true) and within the store's 64-bit version column.
+    if not (vid.isascii() and vid.isdigit()) or len(vid) > 18:
         raise not_found(f"{rtype}/{rid} has no version '{vid}'", "version-not-found")
     found = await server.store.vread(rtype, rid, int(vid))
     if found is None:
@@ -204,7 +214,7 @@ async def _store(server: Server, tx: WriteTx, rtype: str, rid: str, resource: di
     if rtype == "Provenance" and server.documents is not None:
         # A signature over a stored document must verify, however it arrives.
         await server.documents.check_provenance(resource, tx)
-    content = fhirjson.dumps(resource)
+    content = encode(resource)
     key = server.search.index_key(rtype) if server.search is not None else None
     rec = StoredResource(rtype, rid, version, ts, False, content, key)
     await tx.put(rec, method, exists_before=cur is not None, patient=patient_key(rtype, rid, resource),
@@ -348,15 +358,18 @@ async def patch(server: Server, ctx: RequestContext, rtype: str, rid: str, patch
             server.documents.check_change(rtype, cur, "patch")
         current = fhirjson.loads(cur.content)
         authorize(server, ctx, "u", rtype, current)
-        patched = apply_json_patch(current, patch_body) if kind == "json-patch" \
-            else apply_fhirpath_patch(current, patch_body)
+        try:
+            patched = apply_json_patch(current, patch_body) if kind == "json-patch" \
+                else apply_fhirpath_patch(current, patch_body)
+        except RecursionError:  # a value nested deeper than copying it allows (it could not be stored anyway)
+            raise bad_request("The patch is nested too deeply", message_id="patch-invalid") from None
         if patched.get("resourceType") != rtype or patched.get("id") != rid:
             raise FHIRError(422, "A patch may not change resourceType or id", "processing",
                             message_id="patch-changes-identity")
         version = cur.version + 1
         ts = now_us()
         stamped = _stamp(patched, rid, version, ts)
-        issues = _validate(server, stamped, fhirjson.dumps(stamped))
+        issues = _validate(server, stamped, encode(stamped))
         rec = await _store(server, t, rtype, rid, stamped, version, "PATCH", cur, ts)
         return WriteResult(rec, 200, stamped, issues)
 

@@ -40,7 +40,8 @@ def _walk(doc: Any, tokens: list[str], path: str) -> Any:
 def _index(arr: list[Any], token: str, path: str, allow_end: bool) -> int:
     if token == "-" and allow_end:
         return len(arr)
-    if not token.isdigit() or (token.startswith("0") and token != "0"):
+    # ASCII digits only: "²".isdigit() is true but int("²") fails.
+    if not (token.isascii() and token.isdigit()) or (token.startswith("0") and token != "0"):
         raise _unprocessable(f"bad array index {token!r} in {path!r}")
     i = int(token)
     if i > len(arr) or (i == len(arr) and not allow_end):
@@ -232,24 +233,49 @@ def _value_of(part: dict[str, Any]) -> Any:
             return copy.deepcopy(v)
     if "part" in part:
         # An anonymous type given as parts: each part's name is an element of the value.
-        return {p["name"]: _value_of(p) for p in part["part"] if isinstance(p, dict) and "name" in p}
+        return {p["name"]: _value_of(p) for p in _list(part["part"], "part")
+                if isinstance(p, dict) and isinstance(p.get("name"), str)}
     return None
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    """A Parameters array element (``parameter``, ``part``); anything else is a malformed patch."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad_request(f"FHIRPath Patch: '{what}' must be an array", message_id="patch-invalid")
+    return value
+
+
+def _str(part: dict[str, Any] | None, key: str) -> str | None:
+    """A part's primitive value when it is a string (a wrong JSON type counts as missing)."""
+    v = (part or {}).get(key)
+    return v if isinstance(v, str) else None
+
+
+def _int(part: dict[str, Any] | None) -> int | None:
+    v = (part or {}).get("valueInteger")
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def apply_fhirpath_patch(resource: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     doc = copy.deepcopy(resource)
-    ops = [p for p in params.get("parameter") or [] if isinstance(p, dict) and p.get("name") == "operation"]
+    ops = [p for p in _list(params.get("parameter"), "parameter")
+           if isinstance(p, dict) and p.get("name") == "operation"]
     if not ops:
         raise bad_request("a FHIRPath Patch needs at least one 'operation' parameter", message_id="patch-invalid")
     for n, op in enumerate(ops):
-        parts = {p.get("name"): p for p in op.get("part") or [] if isinstance(p, dict)}
-        kind = (parts.get("type") or {}).get("valueCode")
-        path = (parts.get("path") or {}).get("valueString")
+        parts = {p["name"]: p for p in _list(op.get("part"), "part")
+                 if isinstance(p, dict) and isinstance(p.get("name"), str)}
+        kind = _str(parts.get("type"), "valueCode")
+        path = _str(parts.get("path"), "valueString")
         if not kind or not path:
             raise bad_request(f"FHIRPath Patch operation {n} needs 'type' and 'path'", message_id="patch-invalid")
         value = _value_of(parts["value"]) if "value" in parts else None
+        if value == {} or value == []:  # FHIR has no empty objects: parts none of which named an element
+            raise bad_request(f"FHIRPath Patch operation {n}: 'value' is empty", message_id="patch-invalid")
         if kind == "add":
-            name = (parts.get("name") or {}).get("valueString")
+            name = _str(parts.get("name"), "valueString")
             if not name or value is None:
                 raise bad_request(f"operation {n} (add) needs 'name' and 'value'", message_id="patch-invalid")
             containers = [o for o, _, _ in _objects(doc, path)]
@@ -263,7 +289,7 @@ def apply_fhirpath_patch(resource: dict[str, Any], params: dict[str, Any]) -> di
             else:
                 c[name] = value
         elif kind == "insert":
-            index = (parts.get("index") or {}).get("valueInteger")
+            index = _int(parts.get("index"))
             split = _split(path)
             if value is None or not isinstance(index, int) or split is None:
                 raise bad_request(f"operation {n} (insert) needs 'value', 'index' and a list path",
@@ -290,8 +316,8 @@ def apply_fhirpath_patch(resource: dict[str, Any], params: dict[str, Any]) -> di
                 container, key = locs[0]
                 container[key] = value
         elif kind == "move":
-            src = (parts.get("source") or {}).get("valueInteger")
-            dst = (parts.get("destination") or {}).get("valueInteger")
+            src = _int(parts.get("source"))
+            dst = _int(parts.get("destination"))
             split = _split(path)
             if not isinstance(src, int) or not isinstance(dst, int) or split is None:
                 raise bad_request(f"operation {n} (move) needs 'source' and 'destination'",
