@@ -57,6 +57,35 @@ def test_transaction_rewrites_urn_uuid_and_orders(client: httpx.Client) -> None:
     assert client.get(f"/Patient/{existing['id']}").status_code == 410
 
 
+def test_transaction_get_sees_the_transactions_writes(client: httpx.Client) -> None:
+    # GETs run last in a transaction: a read of a resource the transaction updates returns the new version.
+    rid = "txget-" + uuid.uuid4().hex[:10]
+    assert client.put(f"/Patient/{rid}", content=b'{"resourceType":"Patient","id":"%s","active":true}'
+                      % rid.encode()).status_code == 201
+    gone = client.post("/Patient", content=b'{"resourceType":"Patient"}').json()["id"]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "GET", "url": f"Patient/{rid}"}},
+        {"resource": {"resourceType": "Patient", "id": rid, "active": False, "gender": "female"},
+         "request": {"method": "PUT", "url": f"Patient/{rid}"}},
+    ]}
+    r = post(client, bundle)
+    assert r.status_code == 200, r.text
+    got = r.json()["entry"][0]
+    assert got["resource"]["gender"] == "female" and got["resource"]["meta"]["versionId"] == "2"
+    assert got["response"]["etag"] == 'W/"2"'
+    # A resource the transaction deletes is gone for its GET: the whole transaction fails, nothing is written.
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": f"Patient/{gone}"}},
+        {"resource": {"resourceType": "Patient", "id": rid, "active": True},
+         "request": {"method": "PUT", "url": f"Patient/{rid}"}},
+        {"request": {"method": "GET", "url": f"Patient/{gone}"}},
+    ]}
+    r = post(client, bundle)
+    assert r.status_code == 410, r.text
+    assert client.get(f"/Patient/{gone}").status_code == 200
+    assert client.get(f"/Patient/{rid}").json()["meta"]["versionId"] == "2"
+
+
 def test_transaction_is_all_or_nothing(client: httpx.Client) -> None:
     p = client.post("/Patient", content=b'{"resourceType":"Patient","active":true}').json()
     fam = "Atomic" + uuid.uuid4().hex[:6]

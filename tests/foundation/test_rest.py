@@ -3,6 +3,8 @@ capabilities, conditional headers, Prefer, _format/_summary/_elements, and every
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import time
 import uuid
 from typing import Any
@@ -293,6 +295,18 @@ def test_if_none_match_and_if_modified_since(client: httpx.Client) -> None:
     lm = client.get(url).headers["Last-Modified"]
     assert client.get(url, headers={"If-Modified-Since": lm}).status_code == 304
     assert client.get(url, headers={"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"}).status_code == 200
+    # RFC 9110: "*" matches any current representation; tags that are not ours match nothing; a value that is
+    # not an HTTP-date is ignored; HTTP dates are GMT even in the forms that carry no zone.
+    assert client.get(url, headers={"If-None-Match": "*"}).status_code == 304
+    assert client.get(url, headers={"If-None-Match": '"abc", W/"1"'}).status_code == 304
+    assert client.get(url, headers={"If-None-Match": '"abc"'}).status_code == 200
+    assert client.get(url, headers={"If-Modified-Since": "yesterday"}).status_code == 200
+    assert client.get(url, headers={"If-Modified-Since": "Fri, 31 Dec 99999 23:59:59 GMT"}).status_code == 200
+    assert client.get(url, headers={"If-Modified-Since": "Fri Dec 31 23:59:59 9999"}).status_code == 304
+    stamp = email.utils.parsedate_to_datetime(lm)
+    just_before = (stamp - datetime.timedelta(seconds=1)).strftime("%a %b %d %H:%M:%S %Y")  # asctime form
+    assert client.get(url, headers={"If-Modified-Since": just_before}).status_code == 200
+    assert client.get(url, headers={"If-Modified-Since": stamp.strftime("%a %b %d %H:%M:%S %Y")}).status_code == 304
 
 
 def test_conditional_create_by_id(client: httpx.Client) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 from typing import Any
 from urllib.parse import parse_qsl
@@ -260,18 +261,12 @@ class FHIRApp:
         tag = crud.etag(rec.version)
         headers = {"ETag": tag, "Last-Modified": crud.http_date(rec.last_updated)}
         inm = request.headers.get("if-none-match")
-        if inm is not None and any(crud.parse_etag(t, "If-None-Match") == rec.version
-                                   for t in inm.split(",") if t.strip() and t.strip() != "*"):
+        if inm is not None and _none_match(inm, rec.version):
             return Response(status_code=304, headers=headers)
         ims = request.headers.get("if-modified-since")
         if ims is not None and inm is None:
-            from email.utils import parsedate_to_datetime
-
-            try:
-                since = parsedate_to_datetime(ims).timestamp()
-            except (TypeError, ValueError):
-                raise bad_request(f"If-Modified-Since is not an HTTP date: {ims!r}") from None
-            if rec.last_updated // 1_000_000 <= int(since):
+            since = _http_date(ims)
+            if since is not None and rec.last_updated // 1_000_000 <= since:
                 return Response(status_code=304, headers=headers)
         return http.fhir_response(self._shaped(request, rec.content), 200, headers, pretty=pretty)
 
@@ -486,3 +481,33 @@ class FHIRApp:
             return http.fhir_response(result.resource, result.status, result.headers, pretty=pretty)
         _ = media
         return http.fhir_response(result, 200, pretty=pretty)
+
+
+def _none_match(value: str, version: int) -> bool:
+    """Whether an If-None-Match list names the current version (RFC 9110 13.1.2, weak comparison): ``*`` names
+    any current representation. Entity tags that are not ours (``"abc"``) simply do not match."""
+    for tag in value.split(","):
+        tag = tag.strip()
+        if tag == "*":
+            return True
+        m = crud.ETAG_RE.match(tag)
+        if m is not None and int(m.group(1)) == version:
+            return True
+    return False
+
+
+def _http_date(value: str) -> int | None:
+    """An HTTP-date as Unix seconds, or None when it is not one (RFC 9110 13.1.3: the header is then ignored).
+    HTTP dates are GMT; asctime's form carries no zone and a ``-0000`` zone parses as naive: both are UTC."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    try:
+        return int(when.timestamp())
+    except (OverflowError, ValueError, OSError):
+        return None

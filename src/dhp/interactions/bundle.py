@@ -145,7 +145,8 @@ async def _run_entry(server: Server, ctx: RequestContext, e: _Entry, tx: WriteTx
     path = e.path
     if e.method in ("GET", "HEAD"):
         if len(path) == 2:
-            rec = await crud.read(server, ctx, path[0], path[1])
+            # In a transaction the GETs run last and see what its writes did (a PUT of the same resource).
+            rec = await crud.read(server, ctx, path[0], path[1], tx=tx)
             return {"fullUrl": f"{ctx.base_url}/{rec.type}/{rec.id}", "resource": fhirjson.loads(rec.content),
                     "response": {"status": "200 OK", "etag": crud.etag(rec.version),
                                  "lastModified": crud.instant(rec.last_updated)}}

@@ -22,7 +22,7 @@ from dhp.interactions.context import RequestContext, Server
 from dhp.store import StoredResource, WriteTx, new_id, now_us, retry_conflicts
 
 ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_ETAG_RE = re.compile(r'^\s*(?:W/)?"?([0-9]+)"?\s*$')
+ETAG_RE = re.compile(r'^\s*(?:W/)?"?([0-9]+)"?\s*$')
 
 
 # ---------------------------------------------------------------- small helpers
@@ -51,7 +51,7 @@ def etag(version: int) -> str:
 
 
 def parse_etag(value: str, header: str = "If-Match") -> int:
-    m = _ETAG_RE.match(value)
+    m = ETAG_RE.match(value)
     if not m:
         raise FHIRError(400, f"{header} must be a version ETag like W/\"3\", not {value!r}", "invalid",
                         message_id="bad-etag")
@@ -136,10 +136,12 @@ class WriteResult:
 # ---------------------------------------------------------------- reads
 
 
-async def read(server: Server, ctx: RequestContext, rtype: str, rid: str) -> StoredResource:
+async def read(server: Server, ctx: RequestContext, rtype: str, rid: str, *,
+               tx: WriteTx | None = None) -> StoredResource:
+    """The current version; inside ``tx`` (a transaction Bundle's GET), as the transaction has written it."""
     check_type(server, rtype)
     authorize(server, ctx, "r", rtype)
-    rec = await server.store.read(rtype, rid)
+    rec = await (tx.current(rtype, rid) if tx is not None else server.store.read(rtype, rid))
     if rec is None:
         raise not_found(f"{rtype}/{rid} is not known", "resource-not-found")
     if rec.deleted:
