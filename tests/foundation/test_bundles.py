@@ -18,10 +18,14 @@ def client(server: Any) -> httpx.Client:
         yield c
 
 
-def post(client: httpx.Client, bundle: dict[str, Any]) -> httpx.Response:
+def post_body(bundle: dict[str, Any]) -> bytes:
     from dhp import fhirjson
 
-    return client.post("", content=fhirjson.dumps(bundle))
+    return fhirjson.dumps(bundle)
+
+
+def post(client: httpx.Client, bundle: dict[str, Any]) -> httpx.Response:
+    return client.post("", content=post_body(bundle))
 
 
 def test_transaction_rewrites_urn_uuid_and_orders(client: httpx.Client) -> None:
@@ -84,6 +88,19 @@ def test_transaction_get_sees_the_transactions_writes(client: httpx.Client) -> N
     assert r.status_code == 410, r.text
     assert client.get(f"/Patient/{gone}").status_code == 200
     assert client.get(f"/Patient/{rid}").json()["meta"]["versionId"] == "2"
+
+
+def test_prefer_operation_outcome_gives_each_write_entry_an_outcome(client: httpx.Client) -> None:
+    for kind in ("transaction", "batch"):
+        bundle = {"resourceType": "Bundle", "type": kind, "entry": [
+            {"resource": {"resourceType": "Patient", "active": True}, "request": {"method": "POST", "url": "Patient"}},
+        ]}
+        r = client.post("", content=post_body(bundle), headers={"Prefer": "return=OperationOutcome"})
+        assert r.status_code == 200, r.text
+        entry = r.json()["entry"][0]
+        assert "resource" not in entry
+        assert entry["response"]["outcome"]["resourceType"] == "OperationOutcome"
+        assert entry["response"]["status"] == "201 Created"
 
 
 def test_transaction_is_all_or_nothing(client: httpx.Client) -> None:

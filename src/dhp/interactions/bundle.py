@@ -108,8 +108,8 @@ def _response(ctx: RequestContext, res: crud.WriteResult, prefer_return: str) ->
             e["fullUrl"] = f"{ctx.base_url}/{res.rec.type}/{res.rec.id}"
         r["etag"] = crud.etag(res.rec.version)
         r["lastModified"] = crud.instant(res.rec.last_updated)
-    if res.issues:
-        r["outcome"] = outcome(res.issues)
+    if res.issues or prefer_return == "OperationOutcome":
+        r["outcome"] = outcome(res.issues)  # none: "All OK", as the single-resource API answers
     if prefer_return == "representation" and res.resource is not None and res.status in (200, 201):
         e["resource"] = res.resource
     e["response"] = r
