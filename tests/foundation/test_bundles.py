@@ -103,6 +103,32 @@ def test_prefer_operation_outcome_gives_each_write_entry_an_outcome(client: http
         assert entry["response"]["status"] == "201 Created"
 
 
+def test_transaction_rewrites_links_not_data_equal_to_a_full_url(client: httpx.Client) -> None:
+    # The spec's rewrite covers references, uri-typed elements and narrative links; a string element holding
+    # the same text (an identifier's value, a valueString) is data and must come back as posted.
+    pu = f"urn:uuid:{uuid.uuid4()}"
+    div = f'<div xmlns="http://www.w3.org/1999/xhtml"><a href="{pu}">the patient</a></div>'
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": pu, "resource": {"resourceType": "Patient", "text": {"status": "generated", "div": div},
+                                     "identifier": [{"system": "urn:ietf:rfc:3986", "value": pu}]},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "w"},
+                      "subject": {"reference": pu},
+                      "extension": [{"url": "http://example.org/s", "valueString": pu},
+                                    {"url": "http://example.org/u", "valueUri": pu}]},
+         "request": {"method": "POST", "url": "Observation"}},
+    ]}
+    r = post(client, bundle)
+    assert r.status_code == 200, r.text
+    locs = [e["response"]["location"].rsplit("/_history", 1)[0] for e in r.json()["entry"]]
+    pat, obs = (client.get("/" + loc).json() for loc in locs)
+    assert pat["identifier"][0]["value"] == pu
+    assert f'href="{locs[0]}"' in pat["text"]["div"]
+    assert obs["subject"]["reference"] == locs[0]
+    assert {x["url"]: x.get("valueString", x.get("valueUri")) for x in obs["extension"]} == {
+        "http://example.org/s": pu, "http://example.org/u": locs[0]}
+
+
 def test_transaction_is_all_or_nothing(client: httpx.Client) -> None:
     p = client.post("/Patient", content=b'{"resourceType":"Patient","active":true}').json()
     fam = "Atomic" + uuid.uuid4().hex[:6]

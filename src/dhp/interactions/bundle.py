@@ -79,23 +79,85 @@ def _parse_entries(bundle: dict[str, Any]) -> list[_Entry]:
     return out
 
 
-def _rewrite(node: Any, mapping: dict[str, str]) -> Any:
-    """Replace references to bundle-local fullUrls with the assigned ``Type/id``."""
+def _rewrite(node: Any, mapping: dict[str, str], server: Server | None = None) -> Any:
+    """Replace links to bundle-local fullUrls with the assigned ``Type/id``: in references and in elements of the
+    types the spec names (uri, url, canonical, oid, uuid), and in the narrative's ``href``/``src``. A string of
+    another type that happens to equal a fullUrl (an identifier's value ``urn:uuid:…``) is data and stays.
+    Without element definitions (no validation module) every string equal to a fullUrl is replaced."""
+    validator = getattr(server, "validator", None) if server is not None else None
+    if validator is not None and isinstance(node, dict) and isinstance(node.get("resourceType"), str):
+        km = validator.keymap(None, node["resourceType"])
+        if km:
+            _rewrite_typed(validator, node, km, mapping)
+            return node
+    return _rewrite_any(node, mapping)
+
+
+def _rewrite_any(node: Any, mapping: dict[str, str]) -> Any:
     if isinstance(node, dict):
         for k, v in node.items():
-            if isinstance(v, str) and v in mapping and k in ("reference", "url", "valueUri", "valueReference"):
-                node[k] = mapping[v]
-            elif isinstance(v, str) and v in mapping:
+            if isinstance(v, str) and v in mapping:
                 node[k] = mapping[v]
             else:
-                _rewrite(v, mapping)
+                _rewrite_any(v, mapping)
     elif isinstance(node, list):
         for i, v in enumerate(node):
             if isinstance(v, str) and v in mapping:
                 node[i] = mapping[v]
             else:
-                _rewrite(v, mapping)
+                _rewrite_any(v, mapping)
     return node
+
+
+#: Primitive types whose values are links the spec says a transaction rewrites.
+_LINK_TYPES = frozenset({"uri", "url", "canonical", "oid", "uuid"})
+_RESOURCE_TYPES = frozenset({"Resource", "DomainResource"})
+
+
+def _rewrite_typed(validator: Any, node: dict[str, Any], km: dict[str, Any], mapping: dict[str, str]) -> None:
+    for k, v in node.items():
+        hit = km.get(k)
+        if hit is None:
+            continue  # not an element of this type (validation reports it): left as posted
+        child, tcode = hit
+        items = v if isinstance(v, list) else [v]
+        for i, item in enumerate(items):
+            new = _rewrite_value(validator, item, child, tcode, mapping)
+            if new is not item:
+                if isinstance(v, list):
+                    v[i] = new
+                else:
+                    node[k] = new
+
+
+def _rewrite_value(validator: Any, value: Any, elem: Any, tcode: str | None, mapping: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        if tcode in _LINK_TYPES:
+            return mapping.get(value, value)
+        if tcode == "xhtml":
+            return _rewrite_xhtml(value, mapping)
+        return value
+    if not isinstance(value, dict):
+        return value
+    if tcode in _RESOURCE_TYPES or (tcode is None and isinstance(value.get("resourceType"), str)):
+        rtype = value.get("resourceType")
+        km = validator.keymap(None, rtype) if isinstance(rtype, str) else {}
+    else:
+        if tcode == "Reference" and isinstance(value.get("reference"), str):
+            value["reference"] = mapping.get(value["reference"], value["reference"])
+        km = validator.keymap(elem, tcode or "")
+    if km:
+        _rewrite_typed(validator, value, km, mapping)
+    return value
+
+
+def _rewrite_xhtml(div: str, mapping: dict[str, str]) -> str:
+    for local, target in mapping.items():
+        if local in div:
+            for q in ('"', "'"):
+                div = div.replace(f"href={q}{local}{q}", f"href={q}{target}{q}")
+                div = div.replace(f"src={q}{local}{q}", f"src={q}{target}{q}")
+    return div
 
 
 def _response(ctx: RequestContext, res: crud.WriteResult, prefer_return: str) -> dict[str, Any]:
@@ -305,7 +367,7 @@ async def transaction(server: Server, ctx: RequestContext, bundle: dict[str, Any
     if not conditional:
         for e in entries:
             if e.resource is not None and mapping:
-                _rewrite(e.resource, mapping)
+                _rewrite(e.resource, mapping, server)
     originals = {e.index: copy.deepcopy(e.resource) for e in entries if conditional and e.resource is not None}
 
     async def run() -> list[tuple[int, dict[str, Any]]]:
@@ -326,7 +388,7 @@ async def transaction(server: Server, ctx: RequestContext, bundle: dict[str, Any
                     await _resolve_targets(server, tx, [x for x in entries if x.method != "DELETE"], local)
                     for x in entries:
                         if x.resource is not None and local:
-                            _rewrite(x.resource, local)
+                            _rewrite(x.resource, local, server)
                 try:
                     results.append((e.index, await _run_entry(server, ctx, e, tx)))
                 except FHIRError as err:

@@ -122,6 +122,16 @@ class Validator:
     def type_plan(self, code: str) -> Plan | None:
         return self.plan(BASE + code) if "/" not in code else self.plan(code)
 
+    def keymap(self, elem: Elem | None, tcode: str) -> dict[str, tuple[Elem, str | None]]:
+        """JSON property name → (element, type code) for a value of type ``tcode`` held by ``elem``; with no
+        ``elem``, for a resource of type ``tcode``. Empty when the type is not known."""
+        if elem is None:
+            plan = self.type_plan(tcode)
+            if plan is None:
+                return {}
+            elem = plan.root
+        return self._effective(elem, tcode)[0]
+
     def default_profiles(self) -> dict[str, list[str]]:
         if self._explicit_defaults is not None:
             return self._explicit_defaults
