@@ -7,6 +7,7 @@ Paging is keyset-based: a next/previous link carries the sort position of the pa
 from __future__ import annotations
 
 import base64
+import math
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ import orjson
 from dhp import fhirjson
 from dhp.errors import FHIRError, Issue
 from dhp.search.engine import SearchEngine
-from dhp.search.query import AnyOf, Include, Node, Nothing, SearchQuery, TypeIs
+from dhp.search.query import AnyOf, Include, Node, Nothing, SearchQuery, SortKey, TypeIs
 from dhp.store import search as sql
 
 #: Most resources _include/_revinclude add to one page; beyond it the page says so with a warning.
@@ -36,9 +37,27 @@ def _engine(server: Any) -> SearchEngine:
     return eng
 
 
+#: Non-finite floats (a stored 1e400 indexes as infinity) by their cursor spelling: JSON has no infinities, and
+#: orjson would write them as null — which the keyset comparison reads as "no value", so the next page skipped
+#: every resource with a finite value.
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+_INT64 = 2 ** 63
+
+
+def _cursor_value(v: Any) -> Any:
+    if type(v) is float and not math.isfinite(v):
+        return {"f": "nan" if v != v else ("inf" if v > 0 else "-inf")}
+    return v
+
+
 def _encode_cursor(key: list[Any], backward: bool) -> str:
-    raw = orjson.dumps({"k": key, "b": backward})
+    raw = orjson.dumps({"k": [_cursor_value(v) for v in key], "b": backward})
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _bad_cursor(why: str = "is not valid (use the links the server gave)") -> FHIRError:
+    return FHIRError(400, f"The paging cursor {why}", "invalid", expression=["_cursor"],
+                     message_id="search-bad-cursor")
 
 
 def _decode_cursor(text: str) -> tuple[list[Any], bool]:
@@ -48,10 +67,40 @@ def _decode_cursor(text: str) -> tuple[list[Any], bool]:
         key, backward = d["k"], bool(d.get("b"))
         if not isinstance(key, list):
             raise ValueError
+        key = [_NONFINITE[v["f"]] if isinstance(v, dict) else v for v in key]
         return key, backward
     except (ValueError, KeyError, TypeError):
-        raise FHIRError(400, "The paging cursor is not valid (use the links the server gave)", "invalid",
-                        expression=["_cursor"], message_id="search-bad-cursor") from None
+        raise _bad_cursor() from None
+
+
+def _check_cursor(key: list[Any], sort: list[SortKey], single: bool) -> None:
+    """The cursor's values have the layout and types ``sql.page`` makes for this sort: a hand-made one with
+    an object, a boolean or a number where a text goes failed in the database (a 500) instead of a 400."""
+    kinds: list[str] = []
+    for k in sort:
+        kinds.append("flag")
+        if k.table in ("_id", "string", "uri", "token", "reference"):
+            kinds.append("str" if k.table == "_id" else "str?")
+        elif k.table in ("_lastUpdated", "date"):
+            kinds.append("int" if k.table == "_lastUpdated" else "int?")
+        else:
+            kinds.append("num?")
+    kinds += ["str"] * (1 if single else 2)  # (type and) id
+    if len(key) != len(kinds):
+        raise _bad_cursor("does not fit this search")
+    for v, kind in zip(key, kinds, strict=True):
+        if v is None and kind.endswith("?"):
+            continue
+        kind = kind.rstrip("?")
+        t = type(v)
+        if kind == "str":
+            ok = t is str and "\x00" not in v
+        elif kind == "num":
+            ok = (t is int and -_INT64 <= v < _INT64) or t is float
+        else:  # int, flag
+            ok = t is int and (-_INT64 <= v < _INT64 if kind == "int" else v in (0, 1))
+        if not ok:
+            raise _bad_cursor("does not fit this search")
 
 
 def _split_cursor(params: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str | None]:
@@ -153,10 +202,7 @@ async def _search(server: Any, ctx: Any, types: list[str] | None, params: list[t
     backward = False
     if cursor:
         after, backward = _decode_cursor(cursor)
-        single = search_types is not None and len(search_types) == 1
-        if len(after) != 2 * len(q.sort) + (1 if single else 2):
-            raise FHIRError(400, "The paging cursor does not fit this search", "invalid",
-                            expression=["_cursor"], message_id="search-bad-cursor")
+        _check_cursor(after, q.sort, search_types is not None and len(search_types) == 1)
     count_only = q.summary == "count" or q.count == 0
     issues: list[Issue] = list(q.issues)
     async with store.read_conn() as conn:

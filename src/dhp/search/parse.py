@@ -7,6 +7,7 @@ is always a 400, so no search ever answers with unfiltered results.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from datetime import date, timedelta
 from typing import Any
@@ -534,6 +535,10 @@ class Parser:
             dist = float(parts[2]) if len(parts) > 2 and parts[2] else 10.0
         except (ValueError, IndexError):
             raise bad(f"'near' takes latitude|longitude|distance|units, not '{v}'", name) from None
+        # inf/nan parse as floats, and an infinite latitude made the distance formula raise (a 500).
+        if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0 and 0.0 <= dist < math.inf):
+            raise bad(f"'near' takes a latitude in [-90, 90], a longitude in [-180, 180] and a finite, "
+                      f"non-negative distance, not '{v}'", name)
         unit = parts[3] if len(parts) > 3 and parts[3] else "km"
         factor = {"km": 1.0, "m": 0.001, "[mi_i]": 1.609344, "mi": 1.609344}.get(unit)
         if factor is None:

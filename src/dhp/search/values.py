@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
-from decimal import Decimal, InvalidOperation
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, InvalidOperation
 
 # Uzbek Latin writes oʻ/gʻ with a turned comma (U+02BB); people type ', ‘, ’, ` or ʼ instead.
 _APOSTROPHES = dict.fromkeys(map(ord, "ʻʼ‘’`´ʹ′"), "'")
@@ -38,8 +38,15 @@ def number_range(text: str) -> tuple[float, float, Decimal]:
         raise ValueError(f"not a number: {text!r}")
     exp = d.as_tuple().exponent
     assert isinstance(exp, int)
-    half = Decimal(5).scaleb(exp - 1)
-    return float(d - half), float(d + half), d
+    # The default context overflows (InvalidOperation) past 10^999999: ``1e999999999`` is still a number,
+    # beyond float range like ``1e400``, so the bounds become infinities or zeros as they do there.
+    ctx = _WIDE
+    half = Decimal(5).scaleb(exp - 1, context=ctx)
+    return float(ctx.subtract(d, half)), float(ctx.add(d, half)), d
+
+
+#: Exponents as wide as ``decimal`` allows, so arithmetic on a parsed search number never overflows.
+_WIDE = Context(prec=60, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
 
 #: Python types of FHIR numbers; a tuple, since ``int | float | Decimal`` in isinstance is built on every call.
