@@ -445,6 +445,13 @@ def test_system_search(fhir: httpx.Client) -> None:
     assert ids(b) == ["doc1"]
     b = get(fhir, "/?_tag=http://dhp.test/tag|vip")
     assert ids(b) == ["pat1"]
+    # A parameter some listed types lack is refused: ignoring it would return every Patient, male or not.
+    r = fhir.get("/", params={"_type": "Patient,Observation", "gender": "male"})
+    assert r.status_code == 400 and "gender" in r.text and "Observation" in r.text
+    assert r.json()["issue"][0]["expression"] == ["gender"]
+    both = ids(get(fhir, "/?_type=Patient,Practitioner&gender=male"))
+    assert both and set(both) == set(ids(get(fhir, "/Patient?gender=male"))) | set(
+        ids(get(fhir, "/Practitioner?gender=male")))
 
 
 def test_compartment_search(fhir: httpx.Client) -> None:

@@ -282,6 +282,13 @@ class Parser:
         for t in check_types:
             p = self.params.get(t, code) if t != "Resource" else self.params.get("Patient", code)
             if p is None:
+                known = [x for x in check_types if x != "Resource" and self.params.get(x, code) is not None]
+                if known:
+                    # Ignoring it would answer with every resource of the types that do define it (all Patients
+                    # for ``_type=Patient,Observation&gender=male``): a wrong result, not a lenient one.
+                    raise bad(f"Search parameter '{code}' is defined for {', '.join(known)} but not for {t}: with "
+                              "_type, every parameter must apply to every listed type (search the types "
+                              "separately)", name)
                 self._ignored(issues, name, f"Unknown search parameter '{code}' for resource type {t}")
                 return None
             if p.unevaluable:
