@@ -89,3 +89,26 @@ def test_hand_made_cursors_of_the_wrong_shape_are_a_400(fhir: httpx.Client, quer
     # Values of the wrong type reached the database as parameters and failed there (a 500).
     oo = get(fhir, query + "&_cursor=" + _cursor(key), status=400)
     assert oo["issue"][0]["expression"] == ["_cursor"], oo
+
+
+@pytest.mark.parametrize("query", ["subject._lastUpdated:foo=2020", "subject._lastUpdated.name=x",
+                                   "_lastUpdated.name=x", "_list.name=x", "subject:Patient._lastUpdated:exact=2020"])
+def test_lastupdated_and_list_refuse_modifiers_and_chains_everywhere(fhir: httpx.Client, query: str) -> None:
+    # At the end of a chain, a modifier or a further chain on _lastUpdated was dropped: the search ran on what
+    # was left of the parameter instead of refusing it.
+    name, _, value = query.partition("=")
+    oo = get(fhir, "/Observation", status=400, params={name: value})
+    assert oo["issue"][0]["expression"] == [name], oo
+    oo = get(fhir, "/Patient", status=400, params={"_has:Observation:subject:_lastUpdated:foo": "2020"})
+    assert oo["issue"][0]["expression"] == ["_has:Observation:subject:_lastUpdated:foo"]
+
+
+def test_lastupdated_missing_at_the_end_of_a_chain(fhir: httpx.Client) -> None:
+    # Every stored resource has a lastUpdated: :missing=false keeps exactly the observations whose subject
+    # resolves to a stored resource, :missing=true none.
+    with_subject = set(ids(get(fhir, "/Observation", params={"subject._lastUpdated": "gt1900"})))
+    assert with_subject
+    assert set(ids(get(fhir, "/Observation", params={"subject._lastUpdated:missing": "false"}))) == with_subject
+    assert ids(get(fhir, "/Observation", params={"subject._lastUpdated:missing": "true"})) == []
+    has = set(ids(get(fhir, "/Patient", params={"_has:Observation:subject:_lastUpdated:missing": "false"})))
+    assert has and has == set(ids(get(fhir, "/Patient", params={"_has:Observation:subject:_lastUpdated": "gt1900"})))

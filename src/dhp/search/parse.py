@@ -270,13 +270,13 @@ class Parser:
         check_types = types or ["Resource"]
         if code == "_id":
             return self._id(name, modifier, value, rest)
+        if code == "_list" and rest:
+            raise bad("'_list' is not a reference: it cannot be chained", name)
         if code == "_lastUpdated":
-            if modifier and modifier != "missing":
-                raise bad(f"Modifier ':{modifier}' is not allowed on _lastUpdated", name)
-            if modifier == "missing":
-                return IdClause([], missing=self._bool(name, value))
-            return LastUpdated([self._range("date", name, v) for v in self._values(value)])  # type: ignore[misc]
+            return self._last_updated(name, modifier, rest, value)
         if code == "_list":
+            if modifier:
+                raise bad(f"Modifier ':{modifier}' is not allowed on _list", name)
             return ListClause([unescape(v) for v in self._values(value)])
         defs = []
         for t in check_types:
@@ -575,7 +575,7 @@ class Parser:
                 subs[t] = [self._id(name, mod2, value, more)]
                 continue
             if code == "_lastUpdated":
-                subs[t] = [LastUpdated([self._range("date", name, x) for x in self._values(value)])]
+                subs[t] = [self._last_updated(name, mod2, more, value)]
                 continue
             if code.startswith("_has"):
                 raise bad("_has cannot follow a chain", name, "search-bad-chain")
@@ -587,6 +587,16 @@ class Parser:
             raise bad(f"No target of '{p.code}' ({', '.join(targets[:8])}) has a search parameter '{code}'",
                       name, "search-bad-chain")
         return Chain(p.code, subs)
+
+    def _last_updated(self, name: str, modifier: str, rest: str, value: str) -> Node:
+        """``_lastUpdated`` wherever it appears (directly, at the end of a chain, inside ``_has``)."""
+        if rest:
+            raise bad("'_lastUpdated' is not a reference: it cannot be chained", name, "search-bad-chain")
+        if modifier and modifier != "missing":
+            raise bad(f"Modifier ':{modifier}' is not allowed on _lastUpdated", name)
+        if modifier == "missing":
+            return IdClause([], missing=self._bool(name, value))
+        return LastUpdated([self._range("date", name, v) for v in self._values(value)])  # type: ignore[misc]
 
     def _embedded_chain(self, p: ParamDef, name: str, targets: list[str], code: str, mod: str, more: str,
                         value: str, depth: int) -> Node:
@@ -624,7 +634,7 @@ class Parser:
             if code == "_id":
                 inner = self._id(name, mod, value, more)
             elif code == "_lastUpdated":
-                inner = LastUpdated([self._range("date", name, x) for x in self._values(value)])
+                inner = self._last_updated(name, mod, more, value)
             else:
                 p = self.params.get(src, code)
                 if p is None:
