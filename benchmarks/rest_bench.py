@@ -43,8 +43,11 @@ def start_server(db_url: str, port: int, extra_env: dict[str, str] | None = None
     env = {**os.environ, "DHP_DATABASE_URL": db_url, "DHP_AUTH": "off", "DHP_VALIDATION": "off",
            "DHP_LOG_LEVEL": "warning", **(extra_env or {})}
     t0 = time.perf_counter()
+    # The server's log goes to a file: a pipe nobody reads fills up, and the server then blocks on its next
+    # log line (every request times out).
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "dhp.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 600
     while True:
         try:
@@ -53,7 +56,8 @@ def start_server(db_url: str, port: int, extra_env: dict[str, str] | None = None
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"server failed to start: {proc.stderr.read().decode() if proc.stderr else ''}")
+            log.seek(0)
+            raise RuntimeError(f"server failed to start: {log.read().decode(errors='replace')}")
         time.sleep(0.05)
     return proc, time.perf_counter() - t0
 

@@ -29,7 +29,9 @@ def norm(s: str) -> str:
 
 
 def number_range(text: str) -> tuple[float, float, Decimal]:
-    """A search number's implied range from its precision: ``100`` is [99.5, 100.5), ``1e2`` too."""
+    """A search number's implied range from its precision (half a unit of its last digit): ``100`` is
+    [99.5, 100.5); ``1e2``, one significant figure, is [50, 150) (the spec's table prints [95, 105), which is
+    two figures' range and contradicts its own "1 significant figure")."""
     try:
         d = Decimal(text.strip())
     except InvalidOperation:
