@@ -301,8 +301,9 @@ class AuthState:
         if scheme.lower() != "bearer" or not token:
             raise AuthError("the Authorization header must be 'Bearer <access token>'")
         await self.sync_revocations()
-        # The audience was checked against this host's FHIR base: the cache key includes the host.
-        ck = (header(headers, "host") or "") + " " + token
+        # The audience and issuer were checked against the FHIR base this request's headers give (Host, but also
+        # X-Forwarded-Host/-Proto): that base, not the Host header alone, is part of the cache key.
+        ck = self.fhir_base(headers) + " " + token
         p = self.cache.get(ck)
         if p is None:
             p = await self._verify(token, headers)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote, urlencode
 
 PERMS = "cruds"
 CONTEXTS = ("patient", "user", "system")
@@ -24,6 +24,9 @@ ACCESS_SCOPES = frozenset({"offline_access", "online_access"})
 ADMIN_SCOPE = "dhp/admin"
 OTHER_SCOPES = IDENTITY_SCOPES | LAUNCH_SCOPES | ACCESS_SCOPES | {ADMIN_SCOPE}
 
+#: RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _RESOURCE = re.compile(r"^(patient|user|system)/(\*|[A-Z][A-Za-z]{1,63})\.([a-z*]+)(?:\?(.+))?$")
 
 
@@ -38,6 +41,7 @@ class ResourceScope:
     perms: frozenset[str]
     query: tuple[tuple[str, str], ...] = ()  # granular restriction, AND-ed
     text: str = ""
+    raw_query: str = ""  # the query exactly as written (still percent-encoded)
 
     def covers_type(self, rtype: str) -> bool:
         return self.type == "*" or self.type == rtype
@@ -46,7 +50,9 @@ class ResourceScope:
         p = "".join(c for c in PERMS if c in (self.perms if perms is None else perms))
         s = f"{self.context}/{self.type}.{p}"
         if self.query:
-            s += "?" + "&".join(f"{k}={v}" for k, v in self.query)
+            # The query as the client wrote it: re-joining the decoded pairs would turn %20 into a space, and a
+            # space splits the token's scope claim into an extra, never granted scope.
+            s += "?" + (self.raw_query or urlencode(self.query, quote_via=quote))
         return s
 
 
@@ -70,10 +76,10 @@ def parse_resource_scope(s: str) -> ResourceScope | None:
     q: tuple[tuple[str, str], ...] = ()
     if query:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False)
-        if not pairs or any(not k or not v for k, v in pairs):
+        if not pairs or any(not k or not v or _CONTROL.search(k + v) for k, v in pairs):
             raise ScopeError(f"bad query in scope {s!r}")
         q = tuple(pairs)
-    return ResourceScope(ctx, rtype, p, q, s)
+    return ResourceScope(ctx, rtype, p, q, s, query or "")
 
 
 def split_scope(scope: str | None) -> list[str]:
@@ -83,6 +89,8 @@ def split_scope(scope: str | None) -> list[str]:
 def validate_scopes(scopes: list[str]) -> None:
     """Raise :class:`ScopeError` for any scope we do not know how to grant."""
     for s in scopes:
+        if not _SCOPE_TOKEN.fullmatch(s):
+            raise ScopeError(f"scope {s!r} has characters RFC 6749 does not allow in a scope")
         if s in OTHER_SCOPES:
             continue
         if parse_resource_scope(s) is None:
