@@ -184,6 +184,11 @@ def test_code_bound_to_client(sso: SSO, web: dict[str, Any]) -> None:
     other = sso.create_client("user/*.rs", redirect_uris=[REDIRECT])
     oauth_error(httpx.post(sso.base + TOKEN, data={"grant_type": "authorization_code", "code": q["code"][0],
                                                    "redirect_uri": REDIRECT, **other}), 400, "invalid_grant")
+    # The other client's attempt did not burn the code: its rightful client still redeems it, once.
+    r = httpx.post(sso.base + TOKEN, data={"grant_type": "authorization_code", "code": q["code"][0],
+                                           "redirect_uri": REDIRECT, **web["client"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["access_token"]
 
 
 def test_pkce_mismatch_and_missing_verifier(sso: SSO, web: dict[str, Any]) -> None:

@@ -250,16 +250,16 @@ class Endpoints:
             raise OAuthError("invalid_request", "Missing required parameter: code")
         if not redirect_uri:
             raise OAuthError("invalid_request", "Missing required parameter: redirect_uri")
-        row = await db.consume_code(self.state.store, sha256(code))
+        row = await db.consume_code(self.state.store, sha256(code), client.client_id)
         if row is None:
             raise OAuthError("invalid_grant", "Unknown authorization code")
+        if row.client_id != client.client_id:  # left unused: see consume_code
+            raise OAuthError("invalid_grant", "The authorization code was issued to another client")
         if row.replayed:
             # RFC 6749 §4.1.2: a second use of a code revokes what the first use got.
             await self.state.revoke_grant(row.grant_id)
             raise OAuthError("invalid_grant", "The authorization code was already used; "
                                               "the tokens issued from it are revoked")
-        if row.client_id != client.client_id:
-            raise OAuthError("invalid_grant", "The authorization code was issued to another client")
         if row.redirect_uri != redirect_uri:
             raise OAuthError("invalid_grant", "redirect_uri does not match the authorization request")
         if row.expires_at < now_us():

@@ -317,14 +317,18 @@ class CodeRow:
     replayed: bool  # the code had been used before: the caller must revoke its grant
 
 
-async def consume_code(store: Store, code_hash: str) -> CodeRow | None:
-    """Mark the code used. Exactly one caller sees ``replayed=False`` for a code."""
+async def consume_code(store: Store, code_hash: str, client_id: str) -> CodeRow | None:
+    """Mark the code used by ``client_id``. Exactly one caller sees ``replayed=False`` for a code. A code
+    presented by another client is returned unused: another client holding a stolen code must not be able to
+    burn it (and make the rightful client's use look like a replay that revokes its grant)."""
     ts = now_us()
     async with store.begin() as tx:
         row = (await tx.conn.execute(select(auth_codes).where(auth_codes.c.code_hash == code_hash))).first()
         if row is None:
             return None
         m = row._mapping
+        if m["client_id"] != client_id:
+            return CodeRow(m["grant_id"], m["client_id"], m["redirect_uri"], {}, m["expires_at"], replayed=False)
         r = await tx.conn.execute(update(auth_codes).where(auth_codes.c.code_hash == code_hash,
                                                            auth_codes.c.used_at.is_(None)).values(used_at=ts))
         return CodeRow(m["grant_id"], m["client_id"], m["redirect_uri"], json.loads(m["data"]), m["expires_at"],
