@@ -334,6 +334,44 @@ def test_keys_are_shared_through_the_database(sso: SSO) -> None:
     assert p.client_id == c["client_id"] and p.can("r", "Patient") and not p.can("c", "Patient")
 
 
+def test_unknown_key_ids_reload_keys_at_most_once_a_second(sso: SSO) -> None:
+    """A token naming a key this process does not hold reloads the keys (another process may have rotated
+    them), but tokens with made-up key ids cannot make every request a database query."""
+    import base64
+    import json as _json
+
+    from dhp.auth.core import AuthError, AuthState
+
+    c = sso.create_client("system/*.rs")
+    host = sso.base.split("://")[1]
+
+    def forged(kid: str) -> str:
+        def seg(d: dict[str, Any]) -> str:
+            return base64.urlsafe_b64encode(_json.dumps(d).encode()).rstrip(b"=").decode()
+        return f"{seg({'alg': 'RS256', 'typ': 'at+jwt', 'kid': kid})}.{seg({'client_id': 'x'})}.c2ln"
+
+    async def made_up() -> tuple[AuthState, list[float]]:
+        st = AuthState(sso.live.server)
+        await st.load_keys(create=False)
+        loads: list[float] = []
+        st.keys_loaded_at -= 5  # the last load was a while ago
+        for i in range(3):
+            with pytest.raises(AuthError):
+                await st.authenticate({"Authorization": "Bearer " + forged(f"made-up-{i}"), "Host": host})
+            loads.append(st.keys_loaded_at)
+        st.keys_loaded_at -= 5
+        return st, loads
+
+    st, loads = sso.call(made_up())
+    # A real rotation elsewhere: the first token signed with the new key is verified after one reload.
+    r = httpx.post(sso.base + "/admin/keys/rotate", headers={"Authorization": "Bearer " + sso.admin_token()})
+    assert r.status_code == 200, r.text
+    tok = httpx.post(sso.base + "/oauth/token", data={"grant_type": "client_credentials", **c}).json()
+    p = sso.call(st.authenticate({"Authorization": "Bearer " + tok["access_token"], "Host": host}))
+    assert loads[0] == loads[1] == loads[2]  # one reload for the first made-up kid, none for the next two
+    assert p.client_id == c["client_id"]
+
+
 def test_audit_events_for_logins_and_tokens(sso: SSO) -> None:
     c = sso.create_client("system/*.rs", name="audited client " + uuid.uuid4().hex[:6])
     assert httpx.post(sso.base + "/oauth/token", data={"grant_type": "client_credentials", **c}).status_code == 200

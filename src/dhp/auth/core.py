@@ -36,6 +36,7 @@ log = logging.getLogger("dhp.auth")
 REVOCATION_POLL = 1.0  # seconds between revocation syncs per process
 CLIENT_TTL = 1.0  # seconds a client row stays cached per process (token issue must not wait on the DB)
 KEY_RELOAD = 60.0  # seconds between checks for keys another process added
+KEY_RETRY = 1.0  # at least this long between reloads prompted by a token naming a key we do not hold
 REFRESH_LIFETIME = 30 * 24 * 3600  # seconds
 CODE_LIFETIME = 60  # seconds: an authorization code dies fast
 KEY_GRACE = 2 * 24 * 3600  # retired keys stay in the JWKS this long after retirement (> token lifetime)
@@ -322,8 +323,10 @@ class AuthState:
             header, claims = self.decode(token)
         except (JoseError, ValueError) as e:
             if "kid" in str(e).lower() or "key" in str(e).lower():
-                # Perhaps another process rotated keys since we loaded them.
-                await self.load_keys(create=False)
+                # Perhaps another process rotated keys since we loaded them. Not more than once a KEY_RETRY:
+                # tokens naming made-up keys would otherwise cost a database query each.
+                if time.monotonic() - self.keys_loaded_at >= KEY_RETRY:
+                    await self.load_keys(create=False)
                 try:
                     header, claims = self.decode(token)
                 except (JoseError, ValueError):
