@@ -106,3 +106,17 @@ def test_cached_token_is_not_accepted_for_another_forwarded_host(sso: SSO) -> No
     r = httpx.get(sso.fhir + "/Patient", headers={**auth, "X-Forwarded-Host": "b.example"})
     assert r.status_code == 401, r.text
     assert 'error="invalid_token"' in r.headers["www-authenticate"]
+
+
+def test_discovery_ignores_host_headers_that_are_not_hosts(sso: SSO) -> None:
+    # Without DHP_BASE_URL the issuer comes from the request's host headers; a value that is not a host was
+    # echoed into the discovery documents, which shared caches keep for five minutes.
+    host = sso.base.split("://")[1]
+    for path in ("/.well-known/openid-configuration", "/.well-known/smart-configuration"):
+        r = httpx.get(sso.base + path, headers={"X-Forwarded-Host": 'a"b<script>', "X-Forwarded-Proto": "javascript"})
+        assert r.status_code == 200, r.text
+        assert "<script>" not in r.text and "javascript" not in r.text
+        assert r.json()["token_endpoint"].startswith(f"http://{host}/")
+        assert "X-Forwarded-Host" in r.headers["vary"]
+        good = httpx.get(sso.base + path, headers={"X-Forwarded-Host": "dhp.example.uz", "X-Forwarded-Proto": "https"})
+        assert good.json()["token_endpoint"].startswith("https://dhp.example.uz/")

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -420,10 +421,21 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
     return v
 
 
+#: RFC 3986 host (a name or an IPv6 literal) and optional port: what a Host header may hold.
+_HOST = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
 def _origin(headers: Mapping[str, str]) -> str:
-    host = header(headers, "x-forwarded-host") or header(headers, "host") or "localhost"
-    proto = header(headers, "x-forwarded-proto") or "http"
-    return f"{proto}://{host.split(',')[0].strip()}"
+    """The public origin when DHP_BASE_URL is not set, from the (proxy's) headers. A value that is not a host
+    (``a"b<script>``) is passed over: it would otherwise be echoed into issuer, audience and discovery."""
+    host = "localhost"
+    for cand in (header(headers, "x-forwarded-host"), header(headers, "host")):
+        first = cand.split(",")[0].strip() if cand else ""
+        if first and _HOST.fullmatch(first):
+            host = first
+            break
+    proto = (header(headers, "x-forwarded-proto") or "http").split(",")[0].strip().lower()
+    return f"{proto if proto in ('http', 'https') else 'http'}://{host}"
 
 
 def _same_ignoring_scheme(a: Any, b: str) -> bool:

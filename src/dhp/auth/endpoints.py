@@ -72,6 +72,11 @@ _VERIFIER = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
 _CHALLENGE = re.compile(r"[A-Za-z0-9\-_]{43}")
 
 
+#: Discovery documents name this server's URLs, which (without DHP_BASE_URL) come from the request's host
+#: headers: a shared cache must keep one copy per host.
+_PUBLIC_BY_HOST = {"Cache-Control": "public, max-age=300", "Vary": "Host, X-Forwarded-Host, X-Forwarded-Proto"}
+
+
 @functools.cache
 def _dummy_hash() -> str:
     # Verified against when the username is unknown, so both cases cost the same.
@@ -503,7 +508,7 @@ class Endpoints:
         }
 
     async def openid_configuration(self, request: Request) -> Response:
-        return JSONResponse(self._discovery(request), headers={"Cache-Control": "public, max-age=300"})
+        return JSONResponse(self._discovery(request), headers=_PUBLIC_BY_HOST)
 
     async def smart_configuration(self, request: Request) -> Response:
         d = self._discovery(request)
@@ -517,7 +522,7 @@ class Endpoints:
             "sso-openid-connect", "permission-offline", "permission-online", "permission-patient",
             "permission-user", "permission-v1", "permission-v2",
         ]
-        return JSONResponse(smart, headers={"Cache-Control": "public, max-age=300"})
+        return JSONResponse(smart, headers=_PUBLIC_BY_HOST)
 
     # ------------------------------------------------------------------ /oauth/authorize
 
