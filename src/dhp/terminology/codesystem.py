@@ -90,7 +90,7 @@ class CodeSystemIndex:
     """One CodeSystem, ready for lookups, filters and subsumption."""
 
     def __init__(self, resource: dict[str, Any], supplements: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
-        self.url: str = resource.get("url", "")
+        self.url: str = resource.get("url") or ""
         self.version: str | None = resource.get("version")
         self.name: str = resource.get("title") or resource.get("name") or self.url
         self.content: str = resource.get("content", "complete")
@@ -100,7 +100,7 @@ class CodeSystemIndex:
         self.language: str = str(resource.get("language") or "en").lower()
         self.resource_meta = {k: v for k, v in resource.items() if k not in ("concept", "text")}
         self.property_defs: dict[str, dict[str, Any]] = {
-            p["code"]: p for p in resource.get("property", []) if isinstance(p, dict) and "code" in p}
+            p["code"]: p for p in (resource.get("property") or []) if isinstance(p, dict) and "code" in p}
         self.concepts: dict[str, Concept] = {}
         self.order: list[Concept] = []
         self.supplements: list[str] = []

@@ -221,6 +221,11 @@ class Terminology:
     def expansion_for(self, ref: str, opts: Options = Options(), stack: tuple[str, ...] = ()) -> Expansion:
         """The (cached) full expansion of the ValueSet ``ref`` (``url`` or ``url|version``)."""
         url, _, version = ref.partition("|")
+        if url in stack:
+            # Checked before resolving: an inline value set that includes its own url is not in the registry,
+            # and "not known here" would hide the real problem.
+            raise FHIRError(422, f"ValueSet {url} includes itself (via {' → '.join(stack)})", "processing",
+                            message_id="vs-circular")
         vs = self.value_set(url, version or None)
         if vs is None:
             if stack:

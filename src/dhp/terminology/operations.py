@@ -12,12 +12,18 @@ from typing import TYPE_CHECKING, Any
 from dhp import fhirjson
 from dhp.errors import FHIRError, bad_request
 from dhp.terminology.engine import Terminology, Verdict
+from dhp.terminology.shape import check_datatype, check_resource
 from dhp.terminology.text import language_list
 
 if TYPE_CHECKING:
-    from dhp.interactions.operations import OperationCall
+    from dhp.interactions.operations import OperationCall, Params
 
-_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+# FHIR date/dateTime, with month, day and time fields range-checked (``2020-13`` is not a date).
+_DATE = re.compile(r"[0-9]{4}(-(0[1-9]|1[0-2])(-(0[1-9]|[12][0-9]|3[01])"
+                   r"(T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?")
+# FHIR ``integer``: a signed 32-bit number in ASCII digits ([0-9]: ``\d`` takes any script's digits).
+_INTEGER = re.compile(r"[+-]?[0-9]{1,10}")
+_INT_MAX = 2**31 - 1
 
 # Parameters other tools send that change nothing here; accepted so those clients keep working.
 IGNORED = frozenset({"cache-id", "tx-resource", "profile", "diagnostics", "lenient-display-validation",
@@ -40,7 +46,7 @@ def check_names(call: OperationCall, allowed: set[str]) -> None:
         raise bad_request(f"${call.name} does not take parameter(s) {', '.join(unknown)}; it takes "
                           f"{', '.join(sorted(allowed))}", unknown[0], message_id="param-unknown")
     date = call.params.value("date")
-    if date is not None and (not isinstance(date, str) or not _DATE.match(date)):
+    if date is not None and (not isinstance(date, str) or not _DATE.fullmatch(date)):
         raise bad_request(f"parameter 'date' must be a FHIR date or dateTime, not {date!r}", "date")
     for ref in call.params.values("useSupplement"):
         sup = call.server.registry.resolve(str(ref), "CodeSystem")
@@ -72,8 +78,9 @@ def coding(call: OperationCall, name: str) -> dict[str, Any] | None:
     if v is None:
         return None
     if isinstance(v, dict):
-        if not isinstance(v.get("code"), str):
+        if not isinstance(v.get("code"), str) or not v["code"]:
             raise bad_request(f"parameter '{name}' needs a code", name)
+        check_datatype("Coding", v, name)
         return v
     if isinstance(v, str) and v:
         system, bar, code = v.rpartition("|")
@@ -90,6 +97,7 @@ def codeable(call: OperationCall, name: str) -> dict[str, Any] | None:
     if not isinstance(v, dict) or not isinstance(v.get("coding", []), list):
         raise bad_request(f"parameter '{name}' must be a CodeableConcept (send it in a POST Parameters body)",
                           name)
+    check_datatype("CodeableConcept", v, name)
     return v
 
 
@@ -99,14 +107,43 @@ def resource(call: OperationCall, name: str, rtype: str) -> dict[str, Any] | Non
         return None
     if not isinstance(v, dict) or v.get("resourceType") != rtype:
         raise bad_request(f"parameter '{name}' must be a {rtype} resource (in a POST Parameters body)", name)
+    check_resource(v, name)
     return v
+
+
+def integer(call: OperationCall, name: str) -> int | None:
+    """A FHIR ``integer`` parameter. Stricter than ``int()``: that takes "٣", " 3" and "2_0", and its
+    unbounded result (count=10**30) broke JSON output with a 500."""
+    v = call.params.value(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | str) or (isinstance(v, str) and not _INTEGER.fullmatch(v)):
+        raise bad_request(f"parameter '{name}' must be an integer, not {v!r}", name)
+    n = int(v)
+    if not -_INT_MAX - 1 <= n <= _INT_MAX:
+        raise bad_request(f"parameter '{name}' is out of range (a FHIR integer is 32-bit)", name)
+    return n
 
 
 def non_negative(call: OperationCall, name: str) -> int | None:
-    v = call.params.int(name)
+    v = integer(call, name)
     if v is not None and v < 0:
         raise bad_request(f"parameter '{name}' must not be negative", name)
     return v
+
+
+def parts(call: OperationCall, name: str) -> list[Params]:
+    """A repeating parameter made of parts (``dependency``), each part a named object."""
+    from dhp.interactions.operations import Params
+
+    out: list[Params] = []
+    for p in call.params.all(name):
+        part = p.get("part")
+        if not isinstance(part, list) or not all(isinstance(x, dict) and isinstance(x.get("name"), str)
+                                                 for x in part):
+            raise bad_request(f"parameter '{name}' must have parts, each with a name", name)
+        out.append(Params(part))
+    return out
 
 
 async def instance(call: OperationCall) -> dict[str, Any]:

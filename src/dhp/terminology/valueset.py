@@ -8,6 +8,7 @@ search (``:in``/``:not-in``) and profile validation (bindings).
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from bisect import bisect_left
 from collections import defaultdict
@@ -19,6 +20,11 @@ from typing import TYPE_CHECKING, Any
 from dhp.errors import FHIRError
 from dhp.terminology.codesystem import CodeSystemIndex, Concept, value_text
 from dhp.terminology.text import no_gc, words, words_many
+
+try:  # the regular-expression parser, to vet client regexes before running them
+    from re import _parser as _sre  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python < 3.11
+    import sre_parse as _sre  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     from dhp.terminology.engine import Terminology
@@ -419,15 +425,76 @@ def eval_filter(cs: CodeSystemIndex, f: dict[str, Any], where: str) -> set[str]:
         hit = {c.code for c in cs.order if wanted & set(getter(c))}
         return hit if op == "in" else set(concepts) - hit
     if op == "regex":
-        try:
-            rx = re.compile(value)
-        except re.error as e:
-            raise FHIRError(422, f"{where}: bad regex {value!r}: {e}", "invalid", expression=where,
-                            message_id="vs-filter-regex") from None
-        return {c.code for c in cs.order if any(rx.fullmatch(v) for v in getter(c))}
+        return _regex_matches(cs, getter, value, where)
     # exists
     want = value.lower() == "true"
     return {c.code for c in cs.order if bool(getter(c)) == want}
+
+
+# Python's backtracking regex engine can take exponential time (nested or ambiguous repeats) or high
+# polynomial time (many ``.*``) per string, and a filter runs over every concept in the event loop: one
+# ``(.*a){12}`` in an inline ValueSet froze the whole server. Such patterns are refused, and the rest get a
+# time budget.
+_REGEX_MAX_UNBOUNDED = 3
+_REGEX_BUDGET_S = 3.0
+_REPEATS = frozenset({"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"})
+
+
+def _regex_risk(items: Any, in_repeat: bool, counts: list[int]) -> str | None:
+    for op, av in items:
+        name = str(op)
+        if name in _REPEATS:
+            lo, hi, sub = av
+            variable = lo != hi
+            if hi == _sre.MAXREPEAT or hi > 1000:
+                counts[0] += 1
+            if in_repeat and variable:
+                return "a repeat inside a repeat"
+            why = _regex_risk(sub, in_repeat or hi > 1, counts)
+        elif name == "SUBPATTERN":
+            why = _regex_risk(av[3], in_repeat, counts)
+        elif name == "BRANCH":
+            if in_repeat:
+                return "alternatives inside a repeat"
+            why = next((w for b in av[1] if (w := _regex_risk(b, in_repeat, counts))), None)
+        elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+            return "a back-reference"
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            why = _regex_risk(av[1], in_repeat, counts)
+        elif name == "ATOMIC_GROUP":
+            why = _regex_risk(av, in_repeat, counts)
+        else:
+            why = None
+        if why:
+            return why
+    return None
+
+
+def _regex_matches(cs: CodeSystemIndex, getter: Callable[[Concept], list[str]], value: str,
+                   where: str) -> set[str]:
+    def refuse(why: str, code: str = "too-costly") -> FHIRError:
+        return FHIRError(422, f"{where}: regex {value!r} {why}", code, expression=where,
+                         message_id="vs-filter-regex")
+
+    try:
+        rx = re.compile(value)
+        parsed = _sre.parse(value)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise refuse(f"is not valid: {e}", "invalid") from None
+    counts = [0]
+    why = _regex_risk(parsed, False, counts)
+    if why is None and counts[0] > _REGEX_MAX_UNBOUNDED:
+        why = f"more than {_REGEX_MAX_UNBOUNDED} unbounded repeats"
+    if why:
+        raise refuse(f"is refused: it has {why}, which can take very long to match")
+    out: set[str] = set()
+    start = time.monotonic()
+    for i, c in enumerate(cs.order):
+        if any(rx.fullmatch(v) for v in getter(c)):
+            out.add(c.code)
+        if i % 256 == 255 and time.monotonic() - start > _REGEX_BUDGET_S:
+            raise refuse(f"took more than {_REGEX_BUDGET_S:g} s over {cs.canonical}; simplify it")
+    return out
 
 
 def _getter(cs: CodeSystemIndex, prop: str) -> Callable[[Concept], list[str]]:

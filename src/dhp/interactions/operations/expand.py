@@ -66,8 +66,9 @@ async def expand(call: OperationCall) -> dict[str, Any]:
                        ("includeDesignations", "valueBoolean"), ("excludeNested", "valueBoolean"),
                        ("excludeNotForUI", "valueBoolean")):
         if p.has(name):
-            value: Any = p.int(name) if kind == "valueInteger" else p.bool(name) if kind == "valueBoolean" \
-                else p.str(name)
+            # count/offset echo the checked numbers (p.int is lenient and unbounded)
+            value: Any = (count if name == "count" else offset) if kind == "valueInteger" \
+                else p.bool(name) if kind == "valueBoolean" else p.str(name)
             echo.append({"name": name, kind: value})
     ro = RenderOptions(
         langs=tx.langs(call),

@@ -48,6 +48,8 @@ async def translate(call: OperationCall) -> dict[str, Any]:
             raise bad_request("an instance-level $translate takes neither 'url' nor 'conceptMap'", "url")
         maps = [await tx.instance(call)]
     elif inline is not None:
+        if url is not None:
+            raise bad_request("give either 'url' or 'conceptMap', not both", "url")
         maps = [inline]
     elif url is not None:
         cm = term.concept_map(url.partition("|")[0], p.str("conceptMapVersion") or url.partition("|")[2] or None)
@@ -73,9 +75,7 @@ async def translate(call: OperationCall) -> dict[str, Any]:
     codings = given.get("codings") or [given]
     target_system = tx.text(call, "targetSystem")
     deps: list[tuple[str, str]] = []
-    for d in p.values("dependency"):
-        if not hasattr(d, "str"):
-            raise bad_request("'dependency' needs parts 'attribute' and 'value'", "dependency")
+    for d in tx.parts(call, "dependency"):
         attr, val = d.str("attribute"), d.value("value")
         if not attr or val is None:
             raise bad_request("'dependency' needs parts 'attribute' and 'value'", "dependency")

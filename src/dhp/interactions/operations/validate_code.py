@@ -62,6 +62,8 @@ async def validate_code_vs(call: OperationCall) -> dict[str, Any]:
             raise bad_request("an instance-level $validate-code takes neither 'url' nor 'valueSet'", "url")
         vs = await tx.instance(call)
     elif inline is not None:
+        if url is not None:  # as $expand does: which one to check against would be a guess
+            raise bad_request("give either 'url' or 'valueSet', not both", "url")
         vs = inline
     elif url is not None:
         vs = term.value_set(url.partition("|")[0], p.str("valueSetVersion") or url.partition("|")[2] or None)
@@ -91,6 +93,7 @@ async def validate_code_cs(call: OperationCall) -> dict[str, Any]:
     inline = tx.resource(call, "codeSystem", "CodeSystem")
     index: CodeSystemIndex | None = None
     system: str | None
+    pinned: str | None = None
     if call.id is not None:
         if url is not None or inline is not None:
             raise bad_request("an instance-level $validate-code takes neither 'url' nor 'codeSystem'", "url")
@@ -99,11 +102,17 @@ async def validate_code_cs(call: OperationCall) -> dict[str, Any]:
         if not system or term.code_system(system, cs.get("version")) is None:
             index = CodeSystemIndex(cs)
     elif inline is not None:
+        if url is not None:
+            raise bad_request("give either 'url' or 'codeSystem', not both", "url")
         system = inline.get("url")
         index = CodeSystemIndex(inline)
     else:
-        system = url
+        # url=system|version: the version is not part of the system (the answer's 'system' must be bare)
+        bare, _, ver = (url or "").partition("|")
+        system, pinned = bare or None, ver or None
     items, paths, cc = _codings(call, system, "version")
+    if pinned:
+        items = [(s, c, v or pinned, d) for s, c, v, d in items]
     if system is None and any(s is None for s, *_ in items):
         raise bad_request("CodeSystem/$validate-code needs 'url' (or a coding with a system)", "url")
     langs = tx.langs(call)
