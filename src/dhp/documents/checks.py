@@ -37,16 +37,22 @@ def err(code: str, mid: str, msg: str, where: str) -> Issue:
     return Issue("error", code, msg, [where] if where else [], mid)
 
 
+def arr(x: Any) -> list[Any]:
+    """A JSON array property as a list, anything else as empty: these rules run before or beside the
+    validator, which reports the wrong JSON type; they must not crash on it."""
+    return x if isinstance(x, list) else []
+
+
 def document_kind(composition: dict[str, Any]) -> str | None:
     """``form-096`` (birth), ``form-003`` (inpatient stay) or None, from the profile or the category."""
     meta = composition.get("meta") if isinstance(composition.get("meta"), dict) else {}
-    profiles = [p.split("|")[0] for p in meta.get("profile") or () if isinstance(p, str)]
+    profiles = [p.split("|")[0] for p in arr(meta.get("profile")) if isinstance(p, str)]
     if FORM_096_PROFILE in profiles:
         return "form-096"
     if FORM_003_PROFILE in profiles:
         return "form-003"
-    for cat in composition.get("category") or ():
-        for c in (cat or {}).get("coding") or () if isinstance(cat, dict) else ():
+    for cat in arr(composition.get("category")):
+        for c in arr(cat.get("coding")) if isinstance(cat, dict) else ():
             if isinstance(c, dict) and c.get("system") == FORM_CS and c.get("code") in ("form-096", "form-003"):
                 return str(c["code"])
     return None
@@ -55,7 +61,7 @@ def document_kind(composition: dict[str, Any]) -> str | None:
 def codes(concept: Any) -> set[str]:
     if not isinstance(concept, dict):
         return set()
-    return {str(c.get("code")) for c in concept.get("coding") or () if isinstance(c, dict) and c.get("code")}
+    return {str(c.get("code")) for c in arr(concept.get("coding")) if isinstance(c, dict) and c.get("code")}
 
 
 def iter_refs(node: Any, path: str) -> list[tuple[str, str]]:
@@ -129,6 +135,11 @@ async def rule_issues(bundle: dict[str, Any], exists: Callable[[str, str], Await
         where = f"Bundle.entry[{i}]"
         if not isinstance(e, dict) or not isinstance(e.get("resource"), dict):
             issues.append(err("required", "doc-entry-resource", f"bdl-3a: {where} has no resource", where))
+            continue
+        if not isinstance(e["resource"].get("resourceType"), str):
+            # A rule, not only a profile error: lenient validation would let it through to the split.
+            issues.append(err("structure", "doc-entry-resource", f"{where}.resource has no resourceType",
+                              f"{where}.resource"))
             continue
         if "request" in e or "response" in e:
             issues.append(err("invariant", "doc-entry-request",
@@ -216,9 +227,11 @@ def with_required_profiles(bundle: dict[str, Any], kind: str | None) -> dict[str
     """
     if kind is None:
         return bundle
-    entries = bundle.get("entry") or []
+    entries = arr(bundle.get("entry"))
     comp = entries[0].get("resource") or {}
-    subjects = {r.get("reference") for r in comp.get("subject") or () if isinstance(r, dict)}
+    # Only string references and fullUrls take part: other JSON types are reported by the validator.
+    subjects = {r["reference"] for r in arr(comp.get("subject")) if isinstance(r, dict)
+                and isinstance(r.get("reference"), str)}
     out = dict(bundle)
     new_entries = []
     for i, e in enumerate(entries):
@@ -226,12 +239,13 @@ def with_required_profiles(bundle: dict[str, Any], kind: str | None) -> dict[str
         if not isinstance(r, dict):
             new_entries.append(e)
             continue
-        want = required_profile(kind, i, r, e.get("fullUrl") in subjects)
+        fu = e.get("fullUrl")
+        want = required_profile(kind, i, r, isinstance(fu, str) and fu in subjects)
         if want is None:
             new_entries.append(e)
             continue
         meta = dict(r.get("meta") or {}) if isinstance(r.get("meta"), dict) else {}
-        profs = [p for p in meta.get("profile") or () if isinstance(p, str)] if isinstance(
+        profs = [p for p in arr(meta.get("profile")) if isinstance(p, str)] if isinstance(
             meta.get("profile"), list) else []
         if want in [p.split("|")[0] for p in profs]:
             new_entries.append(e)
@@ -244,6 +258,8 @@ def with_required_profiles(bundle: dict[str, Any], kind: str | None) -> dict[str
 
 def required_profile(kind: str, index: int, r: dict[str, Any], is_subject: bool) -> str | None:
     rt = r.get("resourceType")
+    if not isinstance(rt, str):  # reported by the rules and the validator; not a key to look up
+        return None
     if kind == "form-096":
         if index == 0:
             return FORM_096_PROFILE

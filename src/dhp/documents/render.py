@@ -16,7 +16,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from dhp import fhirjson
-from dhp.documents.checks import FORM_CS
+from dhp.documents.checks import FORM_CS, arr
 from dhp.httputil import weighted_values
 from dhp.interactions.context import Server
 from dhp.store import StoredResource
@@ -128,7 +128,7 @@ def sanitize(div: str) -> Markup:
 def coding_text(concept: Any, server: Server | None = None, lang: str = "uz") -> str:
     if not isinstance(concept, dict):
         return ""
-    for c in concept.get("coding") or ():
+    for c in arr(concept.get("coding")):
         if not isinstance(c, dict):
             continue
         disp = _designation(server, c, lang)
@@ -136,7 +136,7 @@ def coding_text(concept: Any, server: Server | None = None, lang: str = "uz") ->
             return disp
     if concept.get("text"):
         return str(concept["text"])
-    for c in concept.get("coding") or ():
+    for c in arr(concept.get("coding")):
         if isinstance(c, dict) and c.get("code"):
             return str(c["code"])
     return ""
@@ -148,7 +148,7 @@ def _designation(server: Server | None, c: dict[str, Any], lang: str) -> str | N
     if term is not None and isinstance(system, str) and isinstance(code, str):
         try:
             out = term.lookup(system, code, langs=(lang,))
-            for p in out.get("parameter") or ():
+            for p in arr(out.get("parameter")):
                 if p.get("name") == "display" and p.get("valueString"):
                     return str(p["valueString"])
         except Exception:  # unknown systems are normal here (LOINC, ICD-10 are not loaded)
@@ -158,14 +158,14 @@ def _designation(server: Server | None, c: dict[str, Any], lang: str) -> str | N
 
 def _absent(el: Any) -> str | None:
     if isinstance(el, dict):
-        for ext in el.get("extension") or ():
-            if isinstance(ext, dict) and ext.get("url", "").endswith("/data-absent-reason"):
+        for ext in arr(el.get("extension")):
+            if isinstance(ext, dict) and str(ext.get("url", "")).endswith("/data-absent-reason"):
                 return str(ext.get("valueCode") or "")
     return None
 
 
 def human_name(r: dict[str, Any], lab: dict[str, str]) -> str:
-    for n in r.get("name") or ():
+    for n in arr(r.get("name")):
         if not isinstance(n, dict):
             continue
         reason = _absent(n)
@@ -173,7 +173,7 @@ def human_name(r: dict[str, Any], lab: dict[str, str]) -> str:
             return f"({lab['absent']}: {reason})"
         if n.get("text"):
             return str(n["text"])
-        parts = [n.get("family") or "", " ".join(n.get("given") or ())]
+        parts = [n.get("family") or "", " ".join(g for g in arr(n.get("given")) if isinstance(g, str))]
         if any(parts):
             return " ".join(p for p in parts if p)
     if isinstance(r.get("name"), str):
@@ -190,6 +190,14 @@ def _quantity(q: Any) -> str:
     return f"{q.get('value', '')} {unit}".strip()
 
 
+def _first(x: Any) -> dict[str, Any]:
+    """The first object of an array, or the object itself: stored data may have the wrong JSON shape
+    (lenient validation), and a page must still render."""
+    if isinstance(x, list):
+        x = x[0] if x else None
+    return x if isinstance(x, dict) else {}
+
+
 def _period(p: Any) -> str:
     if not isinstance(p, dict):
         return ""
@@ -203,7 +211,7 @@ def summary(r: dict[str, Any], server: Server | None, lang: str) -> str:
     ct = lambda c: coding_text(c, server, lang)  # noqa: E731
     if rt == "Patient":
         bits = [human_name(r, lab) or rt]
-        if r.get("gender"):
+        if isinstance(r.get("gender"), str):  # other JSON types are stored in lenient mode: not labels
             bits.append(lab.get(r["gender"], r["gender"]))
         if r.get("birthDate"):
             bits.append(f"{lab['born']} {r['birthDate']}")
@@ -211,15 +219,15 @@ def summary(r: dict[str, Any], server: Server | None, lang: str) -> str:
             bits.append(lab["deceased"])
         return ", ".join(bits)
     if rt in ("RelatedPerson", "Practitioner"):
-        rel = ", ".join(ct(x) for x in r.get("relationship") or () if ct(x))
+        rel = ", ".join(ct(x) for x in arr(r.get("relationship")) if ct(x))
         return human_name(r, lab) + (f" ({rel})" if rel else "")
     if rt == "PractitionerRole":
-        return ", ".join(x for x in (ct((r.get("code") or [None])[0]), (r.get("practitioner") or {}).get(
-            "display", "")) if x) or rt
+        return ", ".join(x for x in (ct(_first(r.get("code"))), str(_first(r.get("practitioner")).get(
+            "display") or "")) if x) or rt
     if rt in ("Organization", "Location"):
         return str(r.get("name") or rt)
     if rt == "Encounter":
-        cls = ct((r.get("class") or [None])[0])
+        cls = ct(_first(r.get("class")))
         adm = r.get("admission") if isinstance(r.get("admission"), dict) else {}
         extra = [ct(adm.get("admitSource")), ct(adm.get("dischargeDisposition"))]
         return "; ".join(x for x in [cls, _period(r.get("actualPeriod")), *extra] if x)
@@ -230,9 +238,10 @@ def summary(r: dict[str, Any], server: Server | None, lang: str) -> str:
             value = f"{lab['absent']}: {ct(r['dataAbsentReason'])}"
         return f"{ct(r.get('code'))}: {value}"
     if rt == "Condition":
-        kinds = [ct(e.get("valueCodeableConcept")) for e in r.get("extension") or ()
+        kinds = [ct(e.get("valueCodeableConcept")) for e in arr(r.get("extension"))
                  if isinstance(e, dict) and str(e.get("url", "")).endswith("/diagnosis-type")]
-        codes = [f"{c.get('code')}" for c in (r.get("code") or {}).get("coding") or () if isinstance(c, dict)]
+        code = r.get("code") if isinstance(r.get("code"), dict) else {}
+        codes = [f"{c.get('code')}" for c in arr(code.get("coding")) if isinstance(c, dict)]
         head = f"{', '.join(kinds)}: " if kinds else ""
         return f"{head}{ct(r.get('code'))}" + (f" ({', '.join(codes)})" if codes else "")
     if rt == "Procedure":
@@ -258,7 +267,7 @@ def fill_narratives(bundle: dict[str, Any], server: Server | None, lang: str = "
     index = _index(bundle)
 
     def walk(sections: Any) -> None:
-        for s in sections or ():
+        for s in arr(sections):
             if not isinstance(s, dict):
                 continue
             if not s.get("text"):
@@ -272,7 +281,7 @@ def fill_narratives(bundle: dict[str, Any], server: Server | None, lang: str = "
 
 def _index(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for e in bundle.get("entry") or ():
+    for e in arr(bundle.get("entry")):
         if isinstance(e, dict) and isinstance(e.get("resource"), dict):
             r = e["resource"]
             if isinstance(e.get("fullUrl"), str):
@@ -284,7 +293,7 @@ def _index(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _resolve_all(section: dict[str, Any], index: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for ref in section.get("entry") or ():
+    for ref in arr(section.get("entry")):
         if isinstance(ref, dict) and isinstance(ref.get("reference"), str) and ref["reference"] in index:
             out.append(index[ref["reference"]])
     return out
@@ -302,7 +311,7 @@ def _ref_text(ref: Any, index: dict[str, dict[str, Any]], server: Server | None,
 def section_title(s: dict[str, Any], server: Server | None, lang: str) -> str:
     code = s.get("code") if isinstance(s.get("code"), dict) else None
     if code and any(isinstance(c, dict) and c.get("system") == SECTION_CS
-                                     for c in code.get("coding") or ()):
+                                     for c in arr(code.get("coding"))):
         t = coding_text(code, server, lang)
         if t:
             return t
@@ -315,27 +324,27 @@ def page_model(bundle: dict[str, Any], server: Server | None, lang: str, *, curr
     comp = bundle["entry"][0]["resource"]
     index = _index(bundle)
     header: list[tuple[str, str]] = []
-    form = [c.get("code") for cat in comp.get("category") or () for c in (cat or {}).get("coding") or ()
-            if isinstance(c, dict) and c.get("system") == FORM_CS]
+    form = [c["code"] for cat in arr(comp.get("category")) if isinstance(cat, dict) for c in arr(cat.get("coding"))
+            if isinstance(c, dict) and c.get("system") == FORM_CS and isinstance(c.get("code"), str)]
     status = str(comp.get("status") or "")
     header.append((lab["status"], lab.get(status, status)))
     if comp.get("date"):
         header.append((lab["date"], str(comp["date"])))
-    for i in comp.get("identifier") or () if isinstance(comp.get("identifier"), list) else [comp.get("identifier")]:
+    for i in arr(comp.get("identifier")) if isinstance(comp.get("identifier"), list) else [comp.get("identifier")]:
         if isinstance(i, dict) and i.get("value"):
             header.append((lab["identifier"], str(i["value"])))
-    for s in comp.get("subject") or ():
+    for s in arr(comp.get("subject")):
         header.append((lab["subject"], _ref_text(s, index, server, lang)))
     if comp.get("encounter"):
         header.append((lab["encounter"], _ref_text(comp["encounter"], index, server, lang)))
-    for a in comp.get("author") or ():
+    for a in arr(comp.get("author")):
         header.append((lab["author"], _ref_text(a, index, server, lang)))
     if comp.get("custodian"):
         header.append((lab["custodian"], _ref_text(comp["custodian"], index, server, lang)))
     sections = []
 
     def walk(secs: Any, level: int) -> None:
-        for s in secs or ():
+        for s in arr(secs):
             if not isinstance(s, dict):
                 continue
             text = s.get("text") if isinstance(s.get("text"), dict) else None
@@ -349,7 +358,7 @@ def page_model(bundle: dict[str, Any], server: Server | None, lang: str, *, curr
 
     walk(comp.get("section"), 2)
     attesters = [(coding_text(a.get("mode"), server, lang), str(a.get("time") or ""),
-                  _ref_text(a.get("party"), index, server, lang)) for a in comp.get("attester") or ()
+                  _ref_text(a.get("party"), index, server, lang)) for a in arr(comp.get("attester"))
                  if isinstance(a, dict)]
     title = str(comp.get("title") or lab["document"])
     return {"lang": lang, "lab": lab, "title": title, "form": [lab.get(f, f) for f in form], "header": header,

@@ -50,7 +50,7 @@ def _composition_key(comp: dict[str, Any]) -> str | None:
 
 
 def _patient_of(comp: dict[str, Any], mapping: dict[str, str]) -> str | None:
-    for s in comp.get("subject") or ():
+    for s in checks.arr(comp.get("subject")):
         if isinstance(s, dict) and isinstance(s.get("reference"), str):
             ref = mapping.get(s["reference"], s["reference"])
             if ref.startswith("Patient/") and ref.count("/") == 1:
@@ -215,7 +215,8 @@ class DocumentService:
 
     async def _previous(self, t: WriteTx, comp: dict[str, Any], key: str, status: str) -> docstore.DocumentRow | None:
         """The version this document replaces (life-cycle rules), or None for a first version."""
-        replaces = [r for r in comp.get("relatesTo") or () if isinstance(r, dict) and r.get("type") == "replaces"]
+        replaces = [r for r in checks.arr(comp.get("relatesTo"))
+                    if isinstance(r, dict) and r.get("type") == "replaces"]
         where = "Bundle.entry[0].resource.ofType(Composition).relatesTo"
         current = await docstore.current_for_composition(t, key) if key else None
         if not replaces:
@@ -243,7 +244,8 @@ class DocumentService:
                 prev = current
         elif isinstance(target.get("identifier"), dict):
             ti = target["identifier"]
-            if ti.get("system") and ti.get("value"):
+            # Strings only: other JSON types reach here in lenient mode and are no registry key.
+            if isinstance(ti.get("system"), str) and isinstance(ti.get("value"), str) and ti["system"] and ti["value"]:
                 prev = await docstore.by_identifier(t, ti["system"], ti["value"])
                 if prev is None and f"{ti['system']}|{ti['value']}" == key:
                     prev = current
@@ -338,10 +340,10 @@ class DocumentService:
         Meant to be called by crud before writing any Provenance (``POST /fhir/Provenance`` or a transaction
         entry), so signatures arriving outside ``$sign`` are checked too.
         """
-        sigs = [s for s in resource.get("signature") or () if isinstance(s, dict)]
+        sigs = [s for s in checks.arr(resource.get("signature")) if isinstance(s, dict)]
         if not sigs:
             return
-        for ti, target in enumerate(resource.get("target") or ()):
+        for ti, target in enumerate(checks.arr(resource.get("target"))):
             ref = target.get("reference") if isinstance(target, dict) else None
             if not isinstance(ref, str) or not ref.startswith("Bundle/"):
                 continue
@@ -378,7 +380,7 @@ class DocumentService:
                 cur = await self.server.store.read("Provenance", pid)
                 if cur is None or cur.deleted:
                     continue
-                for i, s in enumerate(fhirjson.loads(cur.content).get("signature") or ()):
+                for i, s in enumerate(checks.arr(fhirjson.loads(cur.content).get("signature"))):
                     if isinstance(s, dict):
                         found.append((f"Provenance/{pid}.signature[{i}]", s))
         params: list[dict[str, Any]] = []

@@ -14,7 +14,7 @@ import hashlib
 from typing import Any
 
 from dhp import fhirjson
-from dhp.documents.checks import FORM_CS, codes
+from dhp.documents.checks import FORM_CS, arr, codes
 from dhp.interactions import crud
 from dhp.interactions.context import RequestContext, Server
 from dhp.store import WriteTx, new_id
@@ -90,7 +90,7 @@ async def split(server: Server, ctx: RequestContext, t: WriteTx, bundle_id: str,
 
     ``previous``: fullUrl → (type, id) of resources the replaced version wrote (updated, not duplicated).
     """
-    entries = [e for e in bundle.get("entry") or () if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+    entries = [e for e in arr(bundle.get("entry")) if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
     mapping: dict[str, str] = {}
     plan: list[tuple[dict[str, Any], str, str, str]] = []  # (entry, type, id, action)
     for e in entries:
@@ -170,7 +170,7 @@ async def _match_roles(server: Server, t: WriteTx, plan: list[tuple[dict[str, An
 
 
 def _agent_who(comp: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
-    for ref in [comp.get("custodian"), *(comp.get("author") or [])]:
+    for ref in [comp.get("custodian"), *arr(comp.get("author"))]:
         if isinstance(ref, dict):
             out = out_ref(ref, mapping)
             if out:
@@ -209,7 +209,7 @@ def out_ref(ref: dict[str, Any], mapping: dict[str, str], index: dict[str, dict[
             out["reference"] = base
         elif index is not None and base in index:
             target = index[base]
-            idents = [i for i in target.get("identifier") or () if isinstance(i, dict) and i.get("value")] \
+            idents = [i for i in arr(target.get("identifier")) if isinstance(i, dict) and i.get("value")] \
                 if isinstance(target.get("identifier"), list) else []
             if idents:
                 out["identifier"] = {k: v for k, v in idents[0].items() if k in ("system", "value", "type")}
@@ -225,24 +225,24 @@ def document_reference(bundle_id: str, bundle: dict[str, Any], mapping: dict[str
                        kind: str | None, previous_docref: str | None, base_url: str) -> dict[str, Any]:
     """The DocumentReference that indexes a stored document (subject, type, category, author, …)."""
     comp = bundle["entry"][0]["resource"]
-    index = {e["fullUrl"]: e["resource"] for e in bundle.get("entry") or ()
+    index = {e["fullUrl"]: e["resource"] for e in arr(bundle.get("entry"))
              if isinstance(e, dict) and isinstance(e.get("fullUrl"), str) and isinstance(e.get("resource"), dict)}
     status = comp.get("status")
     dr: dict[str, Any] = {
         "resourceType": "DocumentReference",
         "identifier": [{"use": "official", **bundle["identifier"]}]
-        + [i for i in (comp.get("identifier") or []) if isinstance(i, dict)],
+        + [i for i in arr(comp.get("identifier")) if isinstance(i, dict)],
         "status": "entered-in-error" if status == "entered-in-error" else "current",
         "docStatus": status,
     }
     if isinstance(comp.get("type"), dict):
         dr["type"] = comp["type"]
-    cats = [c for c in comp.get("category") or () if isinstance(c, dict)]
+    cats = [c for c in arr(comp.get("category")) if isinstance(c, dict)]
     if kind and not any(kind in codes(c) for c in cats):
         cats.append({"coding": [{"system": FORM_CS, "code": kind}]})
     if cats:
         dr["category"] = cats
-    subjects = [out_ref(s, mapping, index) for s in comp.get("subject") or () if isinstance(s, dict)]
+    subjects = [out_ref(s, mapping, index) for s in arr(comp.get("subject")) if isinstance(s, dict)]
     subjects = [s for s in subjects if s]
     if subjects:
         dr["subject"] = subjects[0]  # DocumentReference.subject is 0..1; twins: the first newborn
@@ -252,11 +252,11 @@ def document_reference(bundle_id: str, bundle: dict[str, Any], mapping: dict[str
             dr["context"] = [enc]
     if isinstance(bundle.get("timestamp"), str):
         dr["date"] = _instant(bundle["timestamp"])
-    authors = [out_ref(a, mapping, index) for a in comp.get("author") or () if isinstance(a, dict)]
+    authors = [out_ref(a, mapping, index) for a in arr(comp.get("author")) if isinstance(a, dict)]
     if any(authors):
         dr["author"] = [a for a in authors if a]
     attesters = []
-    for a in comp.get("attester") or ():
+    for a in arr(comp.get("attester")):
         if not isinstance(a, dict) or not isinstance(a.get("mode"), dict):
             continue
         att: dict[str, Any] = {"mode": a["mode"]}

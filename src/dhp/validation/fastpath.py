@@ -48,6 +48,11 @@ Ctx = dict[str, Any]  # variables: resource, rootResource, context, env (fhirpat
 Fn = Callable[[list[Any], list[Any], Ctx], list[Any]]  # (focus collection, $this collection, ctx) → collection
 
 
+def _arr(x: Any) -> list[Any]:
+    """An ``extension`` property as a list: a wrong JSON type there is a structural error, not a crash here."""
+    return x if isinstance(x, list) else []
+
+
 def val(x: Any) -> Any:
     t = type(x)
     while t is Typed or t is Prim:
@@ -151,7 +156,7 @@ def _children(item: Any) -> list[Any]:
     v = val(item)
     out: list[Any] = []
     if isinstance(item, Prim) and isinstance(item.ext, dict):
-        out.extend(item.ext.get("extension") or [])
+        out.extend(_arr(item.ext.get("extension")))
     if not isinstance(v, dict):
         return out
     for k, x in v.items():
@@ -186,7 +191,7 @@ def _navigate(items: list[Any], name: str) -> list[Any]:
                 continue
         elif isinstance(item, Prim):
             if name == "extension" and isinstance(item.ext, dict):
-                out.extend(item.ext.get("extension") or [])
+                out.extend(_arr(item.ext.get("extension")))
             elif name == "id" and isinstance(item.ext, dict) and "id" in item.ext:
                 out.append(item.ext["id"])
             elif name == "value":

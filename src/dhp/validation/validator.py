@@ -26,6 +26,9 @@ DAR_URL = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 CAPABILITY_ID = "DHPCapabilityStatement"
 _CODED = frozenset({"code", "Coding", "CodeableConcept", "Quantity", "CodeableReference", "string", "uri"})
 _ABSTRACT_CONTAINERS = frozenset({"Resource", "DomainResource"})
+# Deepest nesting of complex values walked. Real resources stay far below (QuestionnaireResponse items are the
+# deepest); hostile ones (an extension inside an extension 500 times) would otherwise exhaust the stack.
+MAX_DEPTH = 100
 _REF_RE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
 _TOKEN_RE = re.compile(r"\$this|resolve\(\)|extension\('([^']*)'\)|extension\(\"([^\"]*)\"\)|ofType\(([^)]*)\)"
                        r"|as\(([^)]*)\)|[A-Za-z0-9_\[\]]+")
@@ -34,8 +37,8 @@ _TOKEN_RE = re.compile(r"\$this|resolve\(\)|extension\('([^']*)'\)|extension\(\"
 class _Run:
     """State of one top-level validate() call."""
 
-    __slots__ = ("bundles", "conform_cache", "contained_flags", "containers", "env", "full_urls", "issues", "n_add",
-                 "profile", "seen", "silent", "unchecked")
+    __slots__ = ("bundles", "conform_cache", "contained_flags", "containers", "depth", "env", "full_urls", "issues",
+                 "n_add", "nested_done", "profile", "seen", "silent", "unchecked")
 
     def __init__(self, silent: bool = False) -> None:
         self.issues: list[Issue] = []
@@ -50,6 +53,11 @@ class _Run:
         self.unchecked = 0
         self.n_add = 0  # add() calls, duplicates included: "did this check report anything?"
         self.env: Any = None
+        self.depth = 0  # nesting of complex values being walked (bounded: MAX_DEPTH)
+        # (id(resource), plan key, profile, path) of nested resources already walked: a resource reached again
+        # through the same path under the same top profile gives the same issues, so one walk is enough.
+        # Without this, contained-in-contained resources with a meta.profile are walked 2^depth times.
+        self.nested_done: set[tuple[Any, ...]] = set()
 
     def add(self, severity: str, code: str, message_id: str, diagnostics: str, path: str) -> None:
         self.n_add += 1
@@ -155,7 +163,12 @@ class Validator:
     def validate(self, resource: Any, profiles: list[str] | None = None, *, source: bytes | None = None,
                  mode: str | None = None) -> list[Issue]:
         run = _Run()
-        self._validate_top(run, resource, profiles, mode)
+        try:
+            self._validate_top(run, resource, profiles, mode)
+        except RecursionError:
+            # Last line of defence (MAX_DEPTH should prevent it): a verdict, never a 500.
+            run.add("fatal", "too-costly", "nesting-too-deep",
+                    "the resource is nested too deeply to be validated", "")
         if run.unchecked:
             run.add("information", "informational", "binding-not-checked",
                     f"{run.unchecked} coded value(s) not checked against their value sets: "
@@ -199,7 +212,8 @@ class Validator:
             wanted = list(profiles)
         for i, url in enumerate(wanted):
             p = self.plan(url)
-            where = f"{rtype}.meta.profile[{declared.index(url)}]" if url in declared else rtype
+            # The index in meta.profile as sent (non-string entries included), not in the filtered list.
+            where = f"{rtype}.meta.profile[{meta['profile'].index(url)}]" if url in declared else rtype
             if p is None:
                 run.add("error", "not-found", "profile-unknown",
                         f"profile {url} is not known to this server (load its package or create the "
@@ -265,7 +279,7 @@ class Validator:
                 return None
             if ref == "#":
                 return container
-            for c in container.get("contained") or ():
+            for c in _arr(container.get("contained")):
                 if isinstance(c, dict) and c.get("id") == ref[1:]:
                     return c
             return None
@@ -353,6 +367,19 @@ class Validator:
 
     def _complex(self, run: _Run, obj: Any, elem: Elem, tcode: str, path: str, ipath: str,
                  resource: bool = False, primitive_ext: bool = False) -> None:
+        if run.depth >= MAX_DEPTH:
+            run.add("error", "too-costly", "nesting-too-deep",
+                    f"{path or tcode}: elements are nested more than {MAX_DEPTH} levels deep; not checked further",
+                    path)
+            return
+        run.depth += 1
+        try:
+            self._complex_walk(run, obj, elem, tcode, path, ipath, resource, primitive_ext)
+        finally:
+            run.depth -= 1
+
+    def _complex_walk(self, run: _Run, obj: Any, elem: Elem, tcode: str, path: str, ipath: str,
+                      resource: bool, primitive_ext: bool) -> None:
         if not isinstance(obj, dict):
             run.add("error", "structure", "json-type",
                     f"{path or tcode}: expected a JSON object for {tcode}, found {_jtype(obj)}", path)
@@ -781,6 +808,10 @@ class Validator:
                 elif p.type == rt and all(p.key != q.key for q in plans):
                     plans.append(p)
         for p in plans:
+            done = (id(value), p.key, run.profile, rpath)
+            if done in run.nested_done:
+                continue
+            run.nested_done.add(done)
             self._resource(run, value, p, rpath, contained=elem.name == "contained")
 
     def _is_a(self, rtype: str, ancestor: str) -> bool:
@@ -880,7 +911,10 @@ class Validator:
         target = self.resolve_reference(run, ref) if (run.bundles or ref.startswith("#")) else None
         rtype = None
         if target is not None:
-            rtype = target.get("resourceType")
+            # The target's own resourceType errors are reported where it stands; a non-string one
+            # (an object, a number) says nothing about the reference's type.
+            rt = target.get("resourceType")
+            rtype = rt if isinstance(rt, str) else None
         else:
             m = _REF_RE.search(ref)
             if m and m.group(1) in self._resource_types:
@@ -944,6 +978,7 @@ class Validator:
         sub.containers = list(run.containers)
         sub.contained_flags = list(run.contained_flags)
         sub.conform_cache = run.conform_cache
+        sub.depth = run.depth  # the stack is shared: keep counting from here
         run.conform_cache[key] = True  # break cycles
         if isinstance(value, dict) and value.get("resourceType") and p.kind == "resource":
             if value.get("resourceType") != p.type:
@@ -962,6 +997,10 @@ class Validator:
     def check_code(self, system: str | None, code: str, valueset: str | None) -> CodeCheck | None:
         if self.terminology is None:
             return None
+        if not (system is None or isinstance(system, str)) or not isinstance(code, str):
+            # A system of the wrong JSON type (object, number) is a structural error reported elsewhere;
+            # it cannot be a cache key nor a code system URL.
+            return CodeCheck(None, "system is not a string", system_known=False)
         key = (system, code, valueset)
         hit = self._codes.get(key)
         if hit is None:
@@ -990,7 +1029,7 @@ class Validator:
             if tcode == "CodeableReference" and cc is None:
                 return
             if isinstance(cc, dict):
-                for c in cc.get("coding") or ():
+                for c in _arr(cc.get("coding")):
                     if isinstance(c, dict) and isinstance(c.get("code"), str):
                         codes.append((c.get("system"), c["code"]))
                 if not codes and strength == "required" and not _has_dar(cc):
@@ -1038,7 +1077,7 @@ class Validator:
         elif isinstance(value, dict):
             if isinstance(value.get("code"), str):
                 codes = [(value.get("system"), value["code"])]
-            for c in value.get("coding") or ():
+            for c in _arr(value.get("coding")):
                 if isinstance(c, dict) and isinstance(c.get("code"), str):
                     codes.append((c.get("system"), c["code"]))
         answers = [self.check_code(s, c, vs) for s, c in codes]
@@ -1358,7 +1397,7 @@ def _n_ext1(v: Validator, run: _Run, focus: Any, path: str) -> bool | None:
 
 
 def _n_dom2(v: Validator, run: _Run, focus: Any, path: str) -> bool | None:
-    return not any(isinstance(c, dict) and c.get("contained") for c in focus.get("contained") or ())
+    return not any(isinstance(c, dict) and c.get("contained") for c in _arr(focus.get("contained")))
 
 
 def _strings(obj: Any, out: set[str], skip: Any = None) -> None:
@@ -1391,7 +1430,7 @@ def _n_dom3(v: Validator, run: _Run, focus: Any, path: str) -> bool | None:
 
 
 def _n_dom4(v: Validator, run: _Run, focus: Any, path: str) -> bool | None:
-    for c in focus.get("contained") or ():
+    for c in _arr(focus.get("contained")):
         m = c.get("meta") if isinstance(c, dict) else None
         if isinstance(m, dict) and ("versionId" in m or "lastUpdated" in m):
             return False
@@ -1399,7 +1438,7 @@ def _n_dom4(v: Validator, run: _Run, focus: Any, path: str) -> bool | None:
 
 
 def _n_dom5(v: Validator, run: _Run, focus: Any, path: str) -> bool | None:
-    for c in focus.get("contained") or ():
+    for c in _arr(focus.get("contained")):
         m = c.get("meta") if isinstance(c, dict) else None
         if isinstance(m, dict) and m.get("security"):
             return False
@@ -1468,7 +1507,7 @@ def _instant_key(v: str, high: bool = False) -> int | None:
 
 
 def _entries(focus: dict[str, Any]) -> list[dict[str, Any]]:
-    return [e for e in focus.get("entry") or () if isinstance(e, dict)]
+    return [e for e in _arr(focus.get("entry")) if isinstance(e, dict)]
 
 
 def _n_bdl(key: str) -> Callable[[Validator, _Run, Any, str], bool | None]:
@@ -1531,13 +1570,14 @@ def _n_bdl(key: str) -> Callable[[Validator, _Run, Any, str], bool | None]:
             iss = focus.get("issues")
             if not isinstance(iss, dict):
                 return True
-            return all((i or {}).get("severity") in ("information", "warning") for i in iss.get("issue") or ())
+            return all(not isinstance(i, dict) or i.get("severity") in ("information", "warning")
+                       for i in _arr(iss.get("issue")))
         if key == "bdl-17":
             return t != "document" or "issues" not in focus
         if key == "bdl-18":
             return t != "searchset" or any(
                 isinstance(lk, dict) and lk.get("relation") == "self" and lk.get("url")
-                for lk in focus.get("link") or ())
+                for lk in _arr(focus.get("link")))
         if key == "bdl-5":
             return any(k in focus for k in ("resource", "request", "response"))
         if key == "bdl-8":
@@ -1650,9 +1690,15 @@ def _pattern(p: Any, v: Any) -> bool:
     return _num(p) == _num(v)
 
 
+def _arr(x: Any) -> list[Any]:
+    """A JSON array property as a list; anything else (null, object, scalar) as empty. The wrong JSON type is
+    reported by the structural pass, so helpers that only look for values must not iterate it."""
+    return x if isinstance(x, list) else []
+
+
 def _has_dar(obj: Any) -> bool:
     return isinstance(obj, dict) and any(
-        isinstance(x, dict) and x.get("url") == DAR_URL for x in obj.get("extension") or ())
+        isinstance(x, dict) and x.get("url") == DAR_URL for x in _arr(obj.get("extension")))
 
 
 def _sd_is_modifier(sd: dict[str, Any]) -> bool | None:
@@ -1710,7 +1756,7 @@ def _path_values(v: Validator, run: _Run, value: Any, path: str) -> list[Any]:
             url = tok[tok.index("(") + 2: -2]
             for x in cur:
                 if isinstance(x, dict):
-                    nxt += [e for e in x.get("extension") or () if isinstance(e, dict) and e.get("url") == url]
+                    nxt += [e for e in _arr(x.get("extension")) if isinstance(e, dict) and e.get("url") == url]
             cur = nxt
             continue
         if tok.startswith("ofType(") or tok.startswith("as("):
