@@ -205,3 +205,24 @@ def test_error_answers_echoing_a_lone_surrogate_are_still_outcomes(backend: str,
         r = c.post("", content=b'{"resourceType":"Bundle","type":"batch","entry":[%s]}' % entry)
         assert r.status_code == 200, r.text
         assert r.json()["entry"][0]["response"]["status"].startswith("4")
+
+
+def test_malformed_parameters_bodies_are_400(client: httpx.Client) -> None:
+    # Parameters inv-1: one of value[x], resource or part; a null value is malformed, not an absent parameter
+    # (a null count used to mean "no count").
+    url = "http://hl7.org/fhir/ValueSet/administrative-gender"
+    cases = [
+        [{"name": "url", "valueUri": url}, {"name": "count", "valueInteger": None}],
+        [{"name": "url", "valueUri": url, "valueString": url}],
+        [{"name": "url", "valueUri": url}, {"name": "x", "part": {"name": "y"}}],
+        [{"name": "url", "valueUri": url}, {"name": "x", "part": [{"valueString": "no name"}]}],
+        [{"name": "url", "valueUri": url}, {"name": "x", "valueString": "v", "part": []}],
+    ]
+    for params in cases:
+        body = json.dumps({"resourceType": "Parameters", "parameter": params})
+        is_4xx(client.post("/ValueSet/$expand", content=body), 400)
+    ok = json.dumps({"resourceType": "Parameters", "parameter": [{"name": "url", "valueUri": url},
+                                                                  {"name": "count", "valueInteger": 2}]})
+    r = client.post("/ValueSet/$expand", content=ok)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["expansion"]["contains"]) == 2

@@ -33,6 +33,27 @@ if TYPE_CHECKING:
 _VALUE_PREFIX = "value"
 
 
+def _check_parameters(params: list[Any], where: str, depth: int = 0) -> None:
+    """Each parameter has a name and at most one of value[x], resource and part (Parameters inv-1); a null
+    value is malformed JSON for FHIR, not an absent parameter; parts nest the same way."""
+    if depth > 32:
+        raise bad_request("parameters are nested too deeply", where)
+    for i, p in enumerate(params):
+        at = f"{where}[{i}]"
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+            raise bad_request("each parameter needs a name", at)
+        values = [k for k in p if k.startswith(_VALUE_PREFIX)]
+        for k in values:
+            if p[k] is None:
+                raise bad_request(f"parameter '{p['name']}': {k} is null", f"{at}.{k}")
+        if len(values) + ("resource" in p) + ("part" in p) > 1:
+            raise bad_request(f"parameter '{p['name']}' has more than one of value[x], resource and part", at)
+        if "part" in p:
+            if not isinstance(p["part"], list):
+                raise bad_request(f"parameter '{p['name']}': part must be an array", f"{at}.part")
+            _check_parameters(p["part"], f"{at}.part", depth + 1)
+
+
 class Params:
     """The parameters of one operation call, from a Parameters body or the query string.
 
@@ -51,9 +72,7 @@ class Params:
         params = body.get("parameter") or []
         if not isinstance(params, list):
             raise bad_request("Parameters.parameter must be an array", "Parameters.parameter")
-        for i, p in enumerate(params):
-            if not isinstance(p, dict) or not isinstance(p.get("name"), str):
-                raise bad_request("each parameter needs a name", f"Parameters.parameter[{i}]")
+        _check_parameters(params, "Parameters.parameter")
         return cls(params)
 
     def names(self) -> set[str]:
