@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -139,8 +140,9 @@ def packages_install(ref: Annotated[str, typer.Argument(help="ID#VERSION, or a .
             path = Path(ref)
             installed = pm.install_path(path) if path.exists() else pm.ensure(PackageRef.parse(ref))
             pkgs = pm.resolve([installed])
-    except PackageError as e:
-        console.print(f"[red]error:[/] {e}")
+    except (PackageError, OSError) as e:
+        # Escaped: a message quoting a file name or version such as "[/x]" must not be read as markup.
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     for p in pkgs:
         print(f"{p.ref}\t{len(p.entries)} resources\t{p.root}")
@@ -149,11 +151,15 @@ def packages_install(ref: Annotated[str, typer.Argument(help="ID#VERSION, or a .
 @packages_app.command("list")
 def packages_list() -> None:
     """Packages in the cache, and which of them the server loads."""
-    from dhp.conformance import PackageRef, package_manager
+    from dhp.conformance import PackageError, PackageRef, package_manager
 
     settings = Settings.from_env()
     pm = package_manager(settings)
-    wanted = {PackageRef.parse(p) for p in settings.package_list}
+    try:
+        wanted = {PackageRef.parse(p) for p in settings.package_list}
+    except PackageError as e:
+        console.print(f"[red]error:[/] DHP_PACKAGES: {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
     table = Table("package", "version", "loaded at start-up", "path")
     for ref in pm.cached():
         table.add_row(ref.id, ref.version, "yes" if ref in wanted else "", str(pm.path_of(ref)))

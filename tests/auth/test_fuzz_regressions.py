@@ -120,3 +120,17 @@ def test_discovery_ignores_host_headers_that_are_not_hosts(sso: SSO) -> None:
         assert "X-Forwarded-Host" in r.headers["vary"]
         good = httpx.get(sso.base + path, headers={"X-Forwarded-Host": "dhp.example.uz", "X-Forwarded-Proto": "https"})
         assert good.json()["token_endpoint"].startswith("https://dhp.example.uz/")
+
+
+def test_reindex_needs_the_admin_scope(sso: SSO) -> None:
+    # Any token used to be able to start a reindex of everything (or read the jobs).
+    c = sso.create_client("system/*.cruds")
+    tok = httpx.post(sso.base + TOKEN, data={"grant_type": "client_credentials", **c}).json()["access_token"]
+    for method, params in (("POST", {}), ("GET", {"mode": "status"})):
+        r = httpx.request(method, sso.fhir + "/Patient/$reindex", params=params,
+                          headers={"Authorization": "Bearer " + tok})
+        assert r.status_code == 403, r.text
+        assert r.json()["resourceType"] == "OperationOutcome"
+    r = httpx.get(sso.fhir + "/$reindex", params={"mode": "status"},
+                  headers={"Authorization": "Bearer " + sso.admin_token()})
+    assert r.status_code == 200, r.text

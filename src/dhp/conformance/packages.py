@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -27,12 +28,21 @@ import orjson
 log = logging.getLogger("dhp.packages")
 
 INDEX_FILE = ".dhp-index.json"
+# The FHIR release this server implements; packages declaring only other releases are refused.
+FHIR_RELEASE = "5."
 INDEX_VERSION = 3
 # Fields kept in the index for every resource file.
 _INDEX_FIELDS = (
     "resourceType", "id", "url", "version", "name", "status", "kind", "type", "derivation",
     "baseDefinition", "abstract", "supplements", "content",
 )
+
+
+# Largest total unpacked size of one package archive: guards the cache against decompression bombs.
+MAX_UNPACKED_BYTES = 2 * 1024 ** 3
+# Package ids and versions become folder names in the cache: no separators, no leading dot.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 class PackageError(Exception):
@@ -53,6 +63,33 @@ class PackageRef:
 
     def __str__(self) -> str:
         return f"{self.id}#{self.version}"
+
+    @classmethod
+    def checked(cls, pid: Any, version: Any, where: str = "package") -> PackageRef:
+        """A ref from untrusted text (a manifest, a dependency list); refuses names that are not safe folder names."""
+        if not isinstance(pid, str) or not _ID_RE.fullmatch(pid) or len(pid) > 200:
+            raise PackageError(f"{where}: invalid package name {pid!r}")
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version) or len(version) > 100:
+            raise PackageError(f"{where}: invalid version {version!r} of package {pid}")
+        return cls(pid, version)
+
+
+def manifest_ref(manifest: Any, where: str) -> PackageRef:
+    """The id#version a package.json declares, validated."""
+    if not isinstance(manifest, dict):
+        raise PackageError(f"{where}: package.json is not a JSON object")
+    if not manifest.get("name") or not manifest.get("version"):
+        raise PackageError(f"{where}: package.json lacks name or version")
+    return PackageRef.checked(manifest["name"], manifest["version"], where)
+
+
+def _load_manifest(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        manifest = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise PackageError(f"{where}: package.json is not valid JSON: {e}") from None
+    manifest_ref(manifest, where)
+    return manifest
 
 
 @dataclass
@@ -75,7 +112,17 @@ class Package:
     @property
     def dependencies(self) -> dict[str, str]:
         deps = self.manifest.get("dependencies") or {}
+        if not isinstance(deps, dict):
+            log.warning("%s: ignoring malformed dependencies %r", self.ref, deps)
+            return {}
         return {str(k): str(v) for k, v in deps.items()}
+
+    def fhir_versions(self) -> list[str]:
+        """The FHIR versions the manifest declares (``fhirVersions``, or the older ``fhir-version-list``)."""
+        raw = self.manifest.get("fhirVersions", self.manifest.get("fhir-version-list"))
+        if isinstance(raw, str):
+            raw = [raw]
+        return [v for v in raw if isinstance(v, str)] if isinstance(raw, list) else []
 
     def read(self, entry: dict[str, Any]) -> dict[str, Any]:
         return orjson.loads((self.root / entry["filename"]).read_bytes())
@@ -89,15 +136,19 @@ class Package:
 
 
 def _version_key(v: str) -> tuple[Any, ...]:
-    main, _, pre = v.partition("-")
+    """Sort key following SemVer 2.0 precedence (build metadata ignored, pre-releases before the release,
+    pre-release identifiers compared numerically when numeric); tolerant of non-SemVer versions."""
+    main, _, pre = v.split("+", 1)[0].partition("-")
     nums: list[int] = []
     for part in main.split("."):
         m = re.match(r"\d+", part)
         nums.append(int(m.group(0)) if m else 0)
     while len(nums) < 3:
         nums.append(0)
+    # Numeric identifiers sort before alphanumeric ones; a shorter list of equal identifiers sorts first.
+    pre_key = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split(".")) if pre else ()
     # A release sorts after its pre-releases.
-    return (*nums[:3], 0 if pre else 1, pre)
+    return (tuple(nums), 0 if pre else 1, pre_key)
 
 
 def nearest_version(wanted: str, available: Iterable[str]) -> str | None:
@@ -117,30 +168,56 @@ def nearest_version(wanted: str, available: Iterable[str]) -> str | None:
 # ---------------------------------------------------------------- unpacking and indexing
 
 
+def _member_name(raw: str) -> str:
+    """A member name with separators normalised and leading ``./`` removed (``./package/x`` is ``package/x``)."""
+    name = raw.replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def _open_tar(data: bytes) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise PackageError(f"not a readable package archive (.tgz): {e}") from None
+
+
 def _safe_extract(data: bytes, dest: Path) -> None:
     """Unpack a package tarball into ``dest`` (which gets ``package/``), refusing unsafe members."""
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        members = []
-        for m in tar.getmembers():
-            name = m.name.replace("\\", "/")
-            if name.startswith("/") or ".." in name.split("/"):
-                raise PackageError(f"unsafe path in package archive: {m.name}")
-            if not (m.isfile() or m.isdir()):
-                continue
-            # Some packages put files at the top level instead of under package/.
-            if not name.startswith("package/"):
-                m.name = "package/" + name
-            members.append(m)
-        tar.extractall(dest, members=members, filter="data")
+    try:
+        with _open_tar(data) as tar:
+            members = []
+            total = 0
+            for m in tar.getmembers():
+                name = _member_name(m.name)
+                if name.startswith("/") or re.match(r"[A-Za-z]:", name) or ".." in name.split("/"):
+                    raise PackageError(f"unsafe path in package archive: {m.name}")
+                # Links, devices and fifos have no place in a package: skipped, never followed.
+                if not (m.isfile() or m.isdir()):
+                    continue
+                total += m.size
+                if total > MAX_UNPACKED_BYTES:
+                    raise PackageError(f"package archive unpacks to more than {MAX_UNPACKED_BYTES} bytes")
+                # Some packages put files at the top level instead of under package/.
+                m.name = name if name.startswith("package/") or name == "package" else "package/" + name
+                members.append(m)
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise PackageError(f"cannot unpack package archive: {e}") from None
 
 
 def read_manifest_from_tgz(data: bytes) -> dict[str, Any]:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        for m in tar.getmembers():
-            if m.name.replace("\\", "/").lstrip("./") in ("package/package.json", "package.json"):
-                f = tar.extractfile(m)
-                if f is not None:
-                    return orjson.loads(f.read())
+    """The archive's package.json (validated: an object with a safe name and version)."""
+    try:
+        with _open_tar(data) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and _member_name(m.name) in ("package/package.json", "package.json"):
+                    f = tar.extractfile(m)
+                    if f is not None:
+                        return _load_manifest(f.read(), "archive")
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise PackageError(f"cannot read package archive: {e}") from None
     raise PackageError("archive has no package/package.json")
 
 
@@ -151,12 +228,16 @@ def _index_folder(folder: Path) -> list[dict[str, Any]]:
     for p in sorted(folder.iterdir()):
         if p.suffix != ".json" or p.name in ("package.json", "package-lock.json") or p.name.startswith("."):
             continue
+        # Only regular files: a symlink could point anywhere on the machine, a directory cannot be read.
+        if p.is_symlink() or not p.is_file():
+            continue
         try:
             res = orjson.loads(p.read_bytes())
-        except orjson.JSONDecodeError:
-            log.warning("skipping %s: not valid JSON", p)
+        except (orjson.JSONDecodeError, OSError) as e:
+            log.warning("skipping %s: not valid JSON (%s)", p, e)
             continue
-        if not isinstance(res, dict) or "resourceType" not in res:
+        # The registry files entries by resourceType: one that is not a string cannot be looked up.
+        if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             continue
         e: dict[str, Any] = {"filename": str(p.relative_to(folder.parent if folder.name == "example" else folder))}
         for k in _INDEX_FIELDS:
@@ -171,18 +252,21 @@ def open_package(root: Path) -> Package:
     manifest_path = root / "package.json"
     if not manifest_path.is_file():
         raise PackageError(f"{root} has no package.json")
-    manifest = orjson.loads(manifest_path.read_bytes())
-    pid, ver = manifest.get("name"), manifest.get("version")
-    if not pid or not ver:
-        raise PackageError(f"{manifest_path} lacks name or version")
+    try:
+        manifest = _load_manifest(manifest_path.read_bytes(), str(manifest_path))
+    except OSError as e:
+        raise PackageError(f"cannot read {manifest_path}: {e}") from None
+    pid, ver = manifest["name"], manifest["version"]
     index_path = root / INDEX_FILE
     index: dict[str, Any] | None = None
     if index_path.is_file():
         try:
             index = orjson.loads(index_path.read_bytes())
-            if index.get("version") != INDEX_VERSION:
+            # A damaged index is rebuilt rather than trusted.
+            if (not isinstance(index, dict) or index.get("version") != INDEX_VERSION
+                    or not isinstance(index.get("resources"), list) or not isinstance(index.get("examples"), list)):
                 index = None
-        except orjson.JSONDecodeError:
+        except (orjson.JSONDecodeError, OSError):
             index = None
     if index is None:
         index = {
@@ -279,16 +363,15 @@ class PackageManager:
                     if p.is_file() and p.name.endswith((".tgz", ".tar.gz")):
                         m = read_manifest_from_tgz(p.read_bytes())
                     elif p.is_dir() and (p / "package" / "package.json").is_file():
-                        m = orjson.loads((p / "package" / "package.json").read_bytes())
+                        m = _load_manifest((p / "package" / "package.json").read_bytes(), str(p))
                     elif p.is_dir() and (p / "package.json").is_file():
-                        m = orjson.loads((p / "package.json").read_bytes())
+                        m = _load_manifest((p / "package.json").read_bytes(), str(p))
                     else:
                         continue
-                except (PackageError, OSError, tarfile.TarError, orjson.JSONDecodeError) as e:
+                except (PackageError, OSError) as e:
                     log.warning("skipping %s: %s", p, e)
                     continue
-                if m.get("name") and m.get("version"):
-                    found.setdefault(PackageRef(str(m["name"]), str(m["version"])), p)
+                found.setdefault(manifest_ref(m, str(p)), p)
         self._local = found
         return found
 
@@ -334,7 +417,7 @@ class PackageManager:
 
     def install_tgz(self, data: bytes) -> PackageRef:
         manifest = read_manifest_from_tgz(data)
-        ref = PackageRef(str(manifest["name"]), str(manifest["version"]))
+        ref = manifest_ref(manifest, "archive")
         dest = self.cache_dir / f"{ref.id}#{ref.version}"
         if (dest / "package" / "package.json").is_file():
             return ref
@@ -342,6 +425,16 @@ class PackageManager:
         tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=self.cache_dir))
         try:
             _safe_extract(data, tmp)
+            # The manifest must be where the cache layout expects it, and name the same package.
+            try:
+                unpacked = _load_manifest((tmp / "package" / "package.json").read_bytes(), "archive")
+            except OSError:
+                raise PackageError("archive has no package/package.json") from None
+            if manifest_ref(unpacked, "archive") != ref:
+                raise PackageError("archive holds more than one package.json")
+            # A half-installed folder (no package.json) from an earlier crash would block the rename.
+            if dest.is_dir() and not (dest / "package" / "package.json").is_file():
+                shutil.rmtree(dest, ignore_errors=True)
             try:
                 os.rename(tmp, dest)
             except OSError:
@@ -355,18 +448,41 @@ class PackageManager:
 
     def install_path(self, path: Path, refresh: bool = False) -> PackageRef:
         path = Path(path)
-        if path.is_file():
-            return self.install_tgz(path.read_bytes())
-        root = path / "package" if (path / "package" / "package.json").is_file() else path
-        manifest = orjson.loads((root / "package.json").read_bytes())
-        ref = PackageRef(str(manifest["name"]), str(manifest["version"]))
-        dest = self.cache_dir / f"{ref.id}#{ref.version}"
-        if refresh and dest.is_dir() and _tree_differs(root, dest / "package"):
-            shutil.rmtree(dest, ignore_errors=True)
-        if not (dest / "package" / "package.json").is_file():
+        try:
+            if path.is_file():
+                return self.install_tgz(path.read_bytes())
+            root = path / "package" if (path / "package" / "package.json").is_file() else path
+            if not (root / "package.json").is_file():
+                raise PackageError(f"{path} is neither a package archive nor a folder with package.json")
+            ref = manifest_ref(_load_manifest((root / "package.json").read_bytes(), str(root)), str(root))
+            dest = self.cache_dir / f"{ref.id}#{ref.version}"
+            if (dest / "package" / "package.json").is_file() and not (refresh and _tree_differs(root, dest / "package")):
+                return ref
+            # Copy beside the cache entry and swap it in only when complete: a failed copy must not lose
+            # the copy already installed. Symlinks are not followed (they could point anywhere).
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(root, dest / "package", dirs_exist_ok=True)
-        return ref
+            tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=self.cache_dir))
+            try:
+                shutil.copytree(root, tmp / "package", symlinks=True,
+                                ignore=lambda d, names: [n for n in names if (Path(d) / n).is_symlink()])
+                old = None
+                if dest.exists():
+                    old = Path(tempfile.mkdtemp(prefix=".old-", dir=self.cache_dir))
+                    os.rename(dest, old / "x")
+                try:
+                    os.rename(tmp, dest)
+                except OSError:
+                    # Another process installed it meanwhile.
+                    if not (dest / "package" / "package.json").is_file():
+                        raise
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            return ref
+        except OSError as e:
+            raise PackageError(f"cannot install {path}: {e}") from None
 
     def ensure(self, ref: PackageRef) -> PackageRef:
         """Make ``ref`` (or the nearest available version) present in the cache; return what was installed."""
@@ -410,6 +526,7 @@ class PackageManager:
         chosen: dict[str, PackageRef] = {}
         for r in refs:
             chosen[r.id] = self.ensure(r)
+        wanted_ids = {r.id for r in refs}
         order: list[str] = []
         visiting: set[str] = set()
         opened: dict[str, Package] = {}
@@ -418,11 +535,26 @@ class PackageManager:
             if pid in opened or pid in visiting:
                 return
             visiting.add(pid)
-            pkg = self.open(chosen[pid])
+            try:
+                pkg = self.open(chosen[pid])
+                # A package for another FHIR release would put, say, R4 definitions under the same canonical URLs.
+                fv = pkg.fhir_versions()
+                if fv and not any(v.startswith(FHIR_RELEASE) for v in fv):
+                    raise PackageError(f"package {pkg.ref} is for FHIR {', '.join(fv)}, not R5 ({FHIR_RELEASE}x)")
+            except PackageError as e:
+                if pid in wanted_ids:
+                    raise
+                # A broken or foreign dependency must not stop the packages that were asked for.
+                log.warning("dependency skipped: %s", e)
+                del chosen[pid]
+                return
             for dep_id, dep_ver in pkg.dependencies.items():
+                if dep_id in visiting and dep_id not in chosen:
+                    continue  # refused above
                 if dep_id not in chosen:
                     try:
-                        chosen[dep_id] = self.ensure(PackageRef(dep_id, dep_ver))
+                        # Dependency names come from an untrusted manifest and become cache folder names.
+                        chosen[dep_id] = self.ensure(PackageRef.checked(dep_id, dep_ver, f"dependency of {pkg.ref}"))
                     except PackageError as e:
                         log.warning("dependency %s#%s of %s skipped: %s", dep_id, dep_ver, pkg.ref, e)
                         continue

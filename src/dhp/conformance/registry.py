@@ -54,6 +54,9 @@ class Registry:
     def add_package(self, pkg: Package) -> None:
         self.packages.append(pkg)
         for meta in pkg.entries:
+            # Indexes written by older versions may hold entries without a usable resourceType.
+            if not isinstance(meta.get("resourceType"), str):
+                continue
             e = _Entry(meta, pkg, None)
             self._by_type.setdefault(meta["resourceType"], []).append(e)
             url = meta.get("url")
@@ -106,13 +109,17 @@ class Registry:
             return None
         url, _, version = canonical.partition("|")
         url = url.split("#", 1)[0]
-        for table in (self._overlay_by_url, self._by_url):
-            entries = table.get(url)
-            if entries:
-                e = self._pick(entries, version or None, resource_type)
-                if e is not None:
-                    return self._load(e)
-        return None
+        picked = [self._pick(table.get(url) or [], version or None, resource_type)
+                  for table in (self._overlay_by_url, self._by_url)]
+        mine, packaged = picked
+        if mine is not None and packaged is not None and mine.meta.get("version") \
+                and packaged.meta.get("version"):
+            # Both versioned: the newest wins (SemVer), as for duplicates across packages; on a tie the
+            # API-written copy wins. A version-less API copy stays an override of the package one.
+            if _version_key(str(packaged.meta["version"])) > _version_key(str(mine.meta["version"])):
+                mine = None
+        e = mine or packaged
+        return self._load(e) if e is not None else None
 
     def iter_meta(self, resource_type: str) -> Iterator[dict[str, Any]]:
         """Index entries (not whole resources) of one type; overlay first."""

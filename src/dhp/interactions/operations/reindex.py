@@ -29,12 +29,22 @@ def _engine(call: OperationCall) -> Any:
     return eng
 
 
-@operation("reindex", system=True, type_level=True, instance=True, affects_state=True)
+# Not declared state-changing: the dispatcher would then refuse the documented ``GET $reindex?mode=status``.
+# Every other use changes state, so the handler itself only lets GET through for mode=status.
+@operation("reindex", system=True, type_level=True, instance=True, affects_state=False)
 async def reindex(call: OperationCall) -> dict[str, Any] | OperationResult:
-    eng = _engine(call)
+    principal = call.ctx.principal
+    if principal is not None and not principal.is_admin:
+        # Rewriting every index row is an operator's job: any token with some scope could otherwise start it.
+        raise FHIRError(403, "$reindex needs the dhp/admin scope", "forbidden", message_id="insufficient-scope")
     params = call.params
+    status_only = params.str("mode") == "status"
+    if call.method not in ("POST",) and not status_only:
+        raise FHIRError(405, "$reindex changes the server: use POST (GET only with mode=status)", "not-supported",
+                        message_id="method-not-allowed", headers={"Allow": "POST"})
+    eng = _engine(call)
     codes = [str(c) for c in params.values("code") if c] or None
-    if params.str("mode") == "status":
+    if status_only:
         return {"resourceType": "Parameters",
                 "parameter": [{"name": "job", "part": j.to_parameters()["parameter"]} for j in eng.jobs]}
     if codes:
