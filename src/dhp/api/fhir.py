@@ -353,18 +353,18 @@ class FHIRApp:
             raise bad_request("A conditional operation needs search parameters", message_id="bad-conditional")
         from urllib.parse import urlencode
 
-        ids = await crud.conditional_match(self.server, rtype, urlencode(query))
-        if method == "DELETE":
+        if method in ("DELETE", "PATCH"):
+            ids = await crud.conditional_match(self.server, rtype, urlencode(query))
+            if method == "DELETE":
+                if len(ids) > 1:
+                    raise FHIRError(412, f"Conditional delete matched {len(ids)} resources", "duplicate",
+                                    message_id="conditional-multiple")
+                if not ids:
+                    return Response(status_code=204)
+                return await self.delete(request, rtype, ids[0])
             if len(ids) > 1:
-                raise FHIRError(412, f"Conditional delete matched {len(ids)} resources", "duplicate",
+                raise FHIRError(412, f"Conditional patch matched {len(ids)} resources", "duplicate",
                                 message_id="conditional-multiple")
-            if not ids:
-                return Response(status_code=204)
-            return await self.delete(request, rtype, ids[0])
-        if len(ids) > 1:
-            raise FHIRError(412, f"Conditional {method.lower()} matched {len(ids)} resources", "duplicate",
-                            message_id="conditional-multiple")
-        if method == "PATCH":
             if not ids:
                 raise FHIRError(404, "Conditional patch matched no resource", "not-found")
             return await self.patch(request, pretty, rtype, ids[0])
@@ -372,17 +372,9 @@ class FHIRApp:
         http.content_kind(request)
         source = await self.body(request)
         resource = crud.parse_resource(source)
-        if ids:
-            if resource.get("id") not in (None, ids[0]):
-                raise bad_request(f"Resource id '{resource.get('id')}' differs from the match '{ids[0]}'", "id",
-                                  "id-mismatch")
-            resource["id"] = ids[0]
-            res = await crud.update(self.server, ctx, rtype, ids[0], resource, source,
-                                    if_match=request.headers.get("if-match"))
-        elif resource.get("id"):
-            res = await crud.update(self.server, ctx, rtype, resource["id"], resource, source)
-        else:
-            res = await crud.create(self.server, ctx, rtype, resource, source)
+        # The match and the write in one transaction: racing conditional updates create one resource at most.
+        res = await crud.conditional_update(self.server, ctx, rtype, urlencode(query), resource, source,
+                                            if_match=request.headers.get("if-match"))
         return self._write_response(ctx, res, pretty)
 
     async def post_bundle(self, request: Request, pretty: bool) -> Response:

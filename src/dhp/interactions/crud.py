@@ -6,6 +6,7 @@ version check → validation → resource bytes + history + search index rows, a
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 import uuid
@@ -302,6 +303,31 @@ def check_precondition(server: Server, cur: StoredResource | None, if_match: str
                         "conflict", message_id="version-mismatch", headers={"ETag": etag(cur.version)})
 
 
+async def conditional_update(server: Server, ctx: RequestContext, rtype: str, query: str, resource: dict[str, Any],
+                             source: bytes | None = None, *, if_match: str | None = None) -> WriteResult:
+    """``PUT [type]?query``: the match and the write in one transaction. Transactions matching the same
+    condition take turns (``WriteTx.lock_condition``), so concurrent requests that find no match create one
+    resource, and the others update it."""
+
+    async def work(t: WriteTx) -> WriteResult:
+        body = copy.deepcopy(resource)  # a retried attempt starts from the resource as sent
+        ids = await conditional_match(server, rtype, query, t)
+        if len(ids) > 1:
+            raise FHIRError(412, f"Conditional update matched {len(ids)} resources", "duplicate",
+                            message_id="conditional-multiple")
+        if ids:
+            if body.get("id") not in (None, ids[0]):
+                raise bad_request(f"Resource id '{body.get('id')}' differs from the match '{ids[0]}'", "id",
+                                  "id-mismatch")
+            body["id"] = ids[0]
+            return await update(server, ctx, rtype, ids[0], body, source, if_match=if_match, tx=t)
+        if isinstance(body.get("id"), str) and body["id"]:
+            return await update(server, ctx, rtype, body["id"], body, source, tx=t)
+        return await create(server, ctx, rtype, body, source, tx=t)
+
+    return await _in_tx(server, None, work)  # type: ignore[no-any-return]
+
+
 async def update(server: Server, ctx: RequestContext, rtype: str, rid: str, resource: dict[str, Any],
                  source: bytes | None = None, *, if_match: str | None = None, tx: WriteTx | None = None,
                  method: str = "PUT") -> WriteResult:
@@ -417,6 +443,10 @@ async def conditional_match(server: Server, rtype: str, query: str, tx: WriteTx 
         raise bad_request(f"Malformed conditional query {query!r}", message_id="bad-conditional") from None
     if not params:
         raise bad_request("A conditional operation needs search parameters", message_id="bad-conditional")
+    if tx is not None:
+        # Transactions matching one condition take turns until they commit: two that both found no match
+        # would both create (conditional create/update; the spec allows at most one).
+        await tx.lock_condition(rtype, query)
     if server.search is not None:
         from dhp.interactions.search import find_ids
 
