@@ -294,29 +294,37 @@ async def _includes(eng: SearchEngine, conn: Any, is_sqlite: bool, ctx: Any, inc
     if getattr(ctx, "principal", None) is not None:
         restrict = {}
     truncated = False
-    for round_no in range(MAX_ITERATE + 1):
+    too_deep = False
+    for round_no in range(MAX_ITERATE + 2):
         active = [i for i in includes if round_no == 0 or i.iterate]
         if not active or not frontier:
             break
         wanted: list[tuple[str, str]] = []
         keys = [(h.type, h.id) for h in frontier]
+        # The database caps each lookup; rows already in the page count against that cap, so ask for enough
+        # that a full answer means more new resources than fit (then the page says it was cut short).
+        limit = MAX_INCLUDES - len(out) + len(seen)
         for inc in active:
             if not inc.reverse:
                 srcs = [k for k in keys if inc.source_type in ("*", k[0])]
                 if not srcs:
                     continue
                 codes = None if inc.code == "*" else [inc.code]
-                got = await sql.include_targets(conn, srcs, codes, inc.target_type, MAX_INCLUDES)
+                got = await sql.include_targets(conn, srcs, codes, inc.target_type, limit)
             else:
                 tgts = keys if inc.target_type is None else [k for k in keys if k[0] == inc.target_type]
                 if not tgts:
                     continue
                 codes = None if inc.code == "*" else [inc.code]
-                got = await sql.revinclude_sources(conn, inc.source_type, codes, tgts, MAX_INCLUDES)
+                got = await sql.revinclude_sources(conn, inc.source_type, codes, tgts, limit)
             for k in got:
                 if k not in seen:
                     seen.add(k)
                     wanted.append(k)
+        if round_no > MAX_ITERATE:
+            # One round past the depth limit only looks: if the chain goes on, the page says it was cut.
+            too_deep = bool(wanted)
+            break
         if len(out) + len(wanted) > MAX_INCLUDES:
             wanted = wanted[:MAX_INCLUDES - len(out)]
             truncated = True
@@ -332,5 +340,12 @@ async def _includes(eng: SearchEngine, conn: Any, is_sqlite: bool, ctx: Any, inc
     if truncated:
         issues.append(Issue("warning", "too-costly",
                             f"More than {MAX_INCLUDES} resources to include: the list is cut short; ask for a "
-                            "smaller _count", ["_include"], "search-includes-truncated"))
+                            "smaller _count", sorted({"_revinclude" if i.reverse else "_include" for i in includes}),
+                            "search-includes-truncated"))
+    elif too_deep:
+        issues.append(Issue("warning", "too-costly",
+                            f"_include:iterate / _revinclude:iterate followed references {MAX_ITERATE} levels "
+                            "deep and stopped there: resources further along are not included",
+                            sorted({("_revinclude" if i.reverse else "_include") + ":iterate"
+                                    for i in includes if i.iterate}), "search-includes-too-deep"))
     return out

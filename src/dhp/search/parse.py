@@ -56,6 +56,10 @@ MAX_CHAIN = 6
 EMBEDDED = frozenset({"composition", "message"})
 
 
+#: Result parameters that take one value: a second, different one is refused, not silently preferred.
+_SINGLE_RESULT_PARAMS = frozenset({"_count", "_total", "_summary", "_sort"})
+
+
 def bad(msg: str, param: str, message_id: str = "search-invalid") -> FHIRError:
     return FHIRError(400, msg, "invalid", expression=[param], message_id=message_id)
 
@@ -647,6 +651,10 @@ class Parser:
 
     def _result_param(self, q: SearchQuery, name: str, value: str, system: bool) -> None:
         base, _, mod = name.partition(":")
+        if base in _SINGLE_RESULT_PARAMS and any(k == name and v != value for k, v in q.echo):
+            # Two different answers to one question (say _count in the URL and in a POST body): which one
+            # the client meant is a guess, and the losing one used to vanish without a word.
+            raise bad(f"{name} is given more than once with different values", name)
         if base == "_count":
             try:
                 n = int(value)
@@ -664,7 +672,8 @@ class Parser:
                 raise bad(f"_summary is true, false, text, data or count, not '{value}'", "_summary")
             q.summary = value
         elif base == "_elements":
-            q.elements = [e.strip() for e in value.split(",") if e.strip()]
+            # Repeats add up, like the comma-separated list.
+            q.elements = (q.elements or []) + [e.strip() for e in value.split(",") if e.strip()]
         elif base == "_sort":
             q.sort = self._sort(q.types, value)
         elif base in ("_include", "_revinclude"):
@@ -685,7 +694,9 @@ class Parser:
             if not raw:
                 continue
             desc = raw.startswith("-")
-            code = raw.lstrip("-")
+            code = raw[1:] if desc else raw
+            if not code or code.startswith("-"):
+                raise bad(f"'{raw}' in _sort is not [-]parameter", "_sort")
             if code in ("_id", "_lastUpdated"):
                 keys.append(SortKey(code, code, desc))
                 continue
