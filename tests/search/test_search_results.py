@@ -107,3 +107,30 @@ def test_malformed_sort_directions_are_a_400(fhir: httpx.Client) -> None:
     for value in ("--family", "-", "family,--_id"):
         oo = get(fhir, "/Patient", status=400, params={"_sort": value})
         assert oo["issue"][0]["expression"] == ["_sort"], (value, oo)
+
+
+def test_post_search_at_the_base_and_in_compartments(fhir: httpx.Client) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    r = fhir.post("/_search", content=b"_type=Patient&_id=pat1", headers=form)
+    assert r.status_code == 200, r.text
+    assert ids(r.json()) == ["pat1"]
+    r = fhir.post("/Patient/pat1/Observation/_search", content=b"", headers=form)
+    assert r.status_code == 200, r.text
+    assert set(ids(r.json())) == set(ids(get(fhir, "/Patient/pat1/Observation"))) == {"obs1", "obs2", "obs6"}
+    r = fhir.post("/Patient/pat1/Observation/_search", content=b"code=8480-6", headers=form)
+    assert ids(r.json()) == ["obs2"]
+    assert fhir.get("/_search").status_code == 405
+    r = fhir.post("/Patient/_search", content=b"{}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 415 and "x-www-form-urlencoded" in r.text
+
+
+def test_search_text_that_is_not_utf8_is_a_400(fhir: httpx.Client) -> None:
+    # Decoded with replacement characters, such values were searched for as U+FFFD: a silent wrong answer.
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for body in (b"family=\xff\xfe", b"family=%FF%FE"):
+        r = fhir.post("/Patient/_search", content=body, headers=form)
+        assert r.status_code == 400, r.text
+        assert r.json()["resourceType"] == "OperationOutcome"
+    r = fhir.get("/Patient?family=%FF")
+    assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
+    assert fhir.get("/Patient?family=%C3%A9").status_code == 200  # é, well-formed

@@ -176,6 +176,10 @@ class FHIRApp:
             ctx = self.context(request)
             return http.fhir_response(await crud.history(server, ctx, None, None, self.query(request)),
                                       pretty=pretty)
+        if parts[0] == "_search" and len(parts) == 1:  # POST [base]/_search: a system search
+            if method != "POST":
+                raise _allow("POST")
+            return await self.search(request, pretty, None, None, post=True)
         rtype = parts[0]
         crud.check_type(server, rtype)
         if len(parts) == 1:
@@ -224,13 +228,18 @@ class FHIRApp:
                 return await self.vread(request, pretty, rtype, rid, parts[3])
         if len(parts) == 3 and method == "GET":
             return await self.search(request, pretty, third, None, compartment=(rtype, rid))
+        if len(parts) == 4 and parts[3] == "_search":  # POST [base]/Patient/x/Observation/_search
+            if method != "POST":
+                raise _allow("POST")
+            return await self.search(request, pretty, third, None, post=True, compartment=(rtype, rid))
         raise FHIRError(404, f"No such endpoint: {path}", "not-found", message_id="unknown-endpoint")
 
     @staticmethod
     def query(request: Request) -> list[tuple[str, str]]:
         try:
-            return parse_qsl(request.url.query, keep_blank_values=True, strict_parsing=False)
-        except ValueError as e:
+            # errors="strict": a %-escape that is not UTF-8 would otherwise become U+FFFD and be searched for.
+            return parse_qsl(request.url.query, keep_blank_values=True, strict_parsing=False, errors="strict")
+        except ValueError as e:  # UnicodeDecodeError included
             raise bad_request(f"Malformed query string: {e}") from None
 
     async def body(self, request: Request) -> bytes:
@@ -411,8 +420,11 @@ class FHIRApp:
         if post:
             kind = http.content_kind(request, (_FORM,)) if request.headers.get("content-type") else _FORM
             if kind == _FORM:
-                body = (await self.body(request)).decode("utf-8", "replace")
-                params += parse_qsl(body, keep_blank_values=True)
+                try:
+                    body = (await self.body(request)).decode("utf-8")
+                    params += parse_qsl(body, keep_blank_values=True, errors="strict")
+                except ValueError as e:  # not UTF-8, raw or %-escaped: searching for U+FFFD would be wrong
+                    raise bad_request(f"The form-encoded search body is not UTF-8: {e}") from None
         from dhp.interactions import search as search_mod
 
         # SMART 's' permission: on the searched type, or on every type for a system search.

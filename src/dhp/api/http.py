@@ -123,7 +123,7 @@ def content_kind(request: Request, allowed: tuple[str, ...] = JSON_TYPES) -> str
     if not mt:
         return FHIR_JSON  # tolerate clients that send JSON without saying so
     if mt not in allowed:
-        raise FHIRError(415, f"Unsupported Content-Type '{ct}'; send application/fhir+json", "not-supported",
+        raise FHIRError(415, f"Unsupported Content-Type '{ct}'; send {' or '.join(allowed)}", "not-supported",
                         message_id="unsupported-media-type")
     for p in ct.split(";")[1:]:
         k, _, v = p.strip().partition("=")
