@@ -134,3 +134,10 @@ def test_search_text_that_is_not_utf8_is_a_400(fhir: httpx.Client) -> None:
     r = fhir.get("/Patient?family=%FF")
     assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
     assert fhir.get("/Patient?family=%C3%A9").status_code == 200  # é, well-formed
+
+
+def test_compartment_star_with_a_type_outside_the_compartment_is_a_400(fhir: httpx.Client) -> None:
+    oo = get(fhir, "/Patient/pat1/*", status=400, params={"_type": "Observation,Organization"})
+    assert oo["issue"][0]["expression"] == ["_type"] and "Organization" in oo["issue"][0]["diagnostics"]
+    get(fhir, "/Patient/pat1/Organization", status=400)
+    assert set(ids(get(fhir, "/Patient/pat1/*", params={"_type": "Observation"}))) == {"obs1", "obs2", "obs6"}

@@ -146,6 +146,12 @@ async def search_compartment(server: Any, ctx: Any, comp_type: str, comp_id: str
         node = eng.compartment_node(comp_type, comp_id, rtype_or_star)
         return await _search(server, ctx, [rtype_or_star], params, path, [node])
     types = sorted(set(comp) | {comp_type})
+    outside = sorted({t.strip() for k, v in params if k == "_type" for t in v.split(",") if t.strip()}
+                     - set(types))
+    if outside:
+        # As for Patient/x/Organization: a type outside the compartment is an error, not an empty page.
+        raise FHIRError(400, f"{', '.join(outside)} not in the {comp_type} compartment", "invalid",
+                        expression=["_type"], message_id="search-compartment-type")
     alts = [[TypeIs([t]), eng.compartment_node(comp_type, comp_id, t)] for t in types]
     return await _search(server, ctx, types, params, path, [AnyOf(alts)], system=True)
 
