@@ -148,6 +148,10 @@ def test_references_to_conditional_transaction_entries_point_at_their_result(cli
         {"resourceType": "Patient", "identifier": [{"system": "urn:adv", "value": ident}]})).json()
     pu, pu2 = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
     ident2 = uuid.uuid4().hex
+    # A conditional update that creates on its first run and matches what it created on the second.
+    cond_put = {"fullUrl": pu2, "resource": {"resourceType": "Patient",
+                                             "identifier": [{"system": "urn:adv", "value": ident2}]},
+                "request": {"method": "PUT", "url": f"Patient?identifier=urn:adv|{ident2}"}}
 
     def obs(ref: str) -> dict[str, Any]:
         return {"request": {"method": "POST", "url": "Observation"},
@@ -160,9 +164,7 @@ def test_references_to_conditional_transaction_entries_point_at_their_result(cli
         {"fullUrl": pu, "resource": {"resourceType": "Patient"},
          "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier=urn:adv|{ident}"}},
         # A conditional update with no match creates; a POST (run before it) refers to it by fullUrl.
-        {"fullUrl": pu2, "resource": {"resourceType": "Patient",
-                                      "identifier": [{"system": "urn:adv", "value": ident2}]},
-         "request": {"method": "PUT", "url": f"Patient?identifier=urn:adv|{ident2}"}},
+        cond_put,
         obs(pu2)))
     assert r.status_code == 200, r.text
     es = r.json()["entry"]
@@ -181,9 +183,7 @@ def test_references_to_conditional_transaction_entries_point_at_their_result(cli
     # Run again: now the conditional update matches what it created, and the references follow.
     r = client.post("", content=bundle(
         "transaction",
-        {"fullUrl": pu2, "resource": {"resourceType": "Patient",
-                                      "identifier": [{"system": "urn:adv", "value": ident2}]},
-         "request": {"method": "PUT", "url": f"Patient?identifier=urn:adv|{ident2}"}},
+        cond_put,
         obs(pu2)))
     assert r.status_code == 200, r.text
     es = r.json()["entry"]

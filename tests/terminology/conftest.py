@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from dhp.terminology import Terminology
@@ -11,6 +13,9 @@ from dhp.terminology import Terminology
 CORE = "https://terminology.dhp.uz/fhir/core/"
 CS = CORE + "CodeSystem/"
 VS = CORE + "ValueSet/"
+FJ = "application/fhir+json"
+H = {"Content-Type": FJ, "Accept": FJ}
+ADDRESS_USE = "http://hl7.org/fhir/address-use"
 
 
 @pytest.fixture(scope="module")
@@ -28,3 +33,10 @@ def package_cs(registry: Any) -> Any:
         return res
 
     return get
+
+
+@pytest.fixture(scope="module")
+def client(server: Any) -> Iterator[httpx.Client]:
+    """A FHIR JSON client of the (parametrised) test server."""
+    with httpx.Client(base_url=server.fhir, headers=H, timeout=60) as c:
+        yield c

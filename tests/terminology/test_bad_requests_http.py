@@ -3,25 +3,15 @@ answers that were wrong. Real HTTP, both backends."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from tests.terminology.conftest import VS
+from tests.terminology.conftest import ADDRESS_USE, VS
 
-FJ = "application/fhir+json"
-H = {"Content-Type": FJ, "Accept": FJ}
-ADDRESS_USE = "http://hl7.org/fhir/address-use"
 MAHALLA = VS + "mahalla-vs"
-
-
-@pytest.fixture(scope="module")
-def client(server: Any) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.fhir, headers=H, timeout=60) as c:
-        yield c
 
 
 def body(*params: dict[str, Any]) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -11,18 +10,9 @@ import orjson
 import pytest
 
 from dhp.terminology.text import words
-from tests.terminology.conftest import CS, VS
+from tests.terminology.conftest import ADDRESS_USE, CS, VS
 
-FJ = "application/fhir+json"
-H = {"Content-Type": FJ, "Accept": FJ}
-ADDRESS_USE = "http://hl7.org/fhir/address-use"
 POSITION = CS + "position-and-profession-cs"
-
-
-@pytest.fixture(scope="module")
-def client(server: Any) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.fhir, headers=H, timeout=60) as c:
-        yield c
 
 
 def params(*items: tuple[str, str, Any]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -503,8 +504,6 @@ def _none_match(value: str, version: int) -> bool:
 def _http_date(value: str) -> int | None:
     """An HTTP-date as Unix seconds, or None when it is not one (RFC 9110 13.1.3: the header is then ignored).
     HTTP dates are GMT; asctime's form carries no zone and a ``-0000`` zone parses as naive: both are UTC."""
-    from email.utils import parsedate_to_datetime
-
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):

@@ -109,15 +109,15 @@ class Registry:
             return None
         url, _, version = canonical.partition("|")
         url = url.split("#", 1)[0]
-        picked = [self._pick(table.get(url) or [], version or None, resource_type)
-                  for table in (self._overlay_by_url, self._by_url)]
-        mine, packaged = picked
-        if mine is not None and packaged is not None and mine.meta.get("version") \
-                and packaged.meta.get("version"):
+        mine = self._pick(self._overlay_by_url.get(url) or [], version or None, resource_type)
+        # A version-less API copy is an override of the package one: no need to look there.
+        packaged = (self._pick(self._by_url.get(url) or [], version or None, resource_type)
+                    if mine is None or mine.meta.get("version") else None)
+        if mine is not None and packaged is not None and packaged.meta.get("version") \
+                and _version_key(str(packaged.meta["version"])) > _version_key(str(mine.meta["version"])):
             # Both versioned: the newest wins (SemVer), as for duplicates across packages; on a tie the
-            # API-written copy wins. A version-less API copy stays an override of the package one.
-            if _version_key(str(packaged.meta["version"])) > _version_key(str(mine.meta["version"])):
-                mine = None
+            # API-written copy wins.
+            mine = None
         e = mine or packaged
         return self._load(e) if e is not None else None
 

@@ -446,7 +446,7 @@ async def conditional_match(server: Server, rtype: str, query: str, tx: WriteTx 
     if tx is not None:
         # Transactions matching one condition take turns until they commit: two that both found no match
         # would both create (conditional create/update; the spec allows at most one).
-        await tx.lock_condition(rtype, query)
+        await tx.lock_condition(rtype, params)
     if server.search is not None:
         from dhp.interactions.search import find_ids
 

@@ -828,17 +828,15 @@ class WriteTx:
                 p.index_rows.setdefault(k, []).extend(lst)
                 p.index_keys.update((r[0], r[1]) for r in lst)
 
-    async def lock_condition(self, rtype: str, query: str) -> None:
+    async def lock_condition(self, rtype: str, params: Sequence[tuple[str, str]]) -> None:
         """Serialize, until this transaction ends, with every other transaction locking the same ``rtype`` and
-        conditional ``query`` (conditional create): without it two PostgreSQL transactions both find no match
-        under READ COMMITTED and both create. SQLite needs nothing: writers run one at a time (BEGIN
+        conditional search ``params`` (conditional create): without it two PostgreSQL transactions both find no
+        match under READ COMMITTED and both create. SQLite needs nothing: writers run one at a time (BEGIN
         IMMEDIATE), and a group's members see the earlier members' rows."""
         if self._pending is None:
             return
-        # The query's parameters in order, so that reordered forms of one condition share a lock.
-        from urllib.parse import parse_qsl
-
-        norm = "&".join(sorted(f"{k}={v}" for k, v in parse_qsl(query.lstrip("?"), keep_blank_values=True)))
+        # The parameters in order, so that reordered forms of one condition share a lock.
+        norm = "&".join(sorted(f"{k}={v}" for k, v in params))
         key = int.from_bytes(hashlib.blake2b(f"{rtype}?{norm}".encode(), digest_size=8).digest(), "big",
                              signed=True)
         await self.conn.exec_driver_sql("SELECT pg_advisory_xact_lock($1)", (key,))
