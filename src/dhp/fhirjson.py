@@ -35,9 +35,11 @@ class SourceDecimal(Decimal):
 
 def _parse_int(text: str) -> int | SourceDecimal:
     # Integers beyond 64 bits cannot be written by orjson; no FHIR integer type holds them anyway, so keep
-    # their text as a number that validation will reject with a clear message (never a 500).
+    # their text as a number that validation will reject with a clear message (never a 500). ``-0`` keeps its
+    # text too: a decimal element keeps its sign, an integer element refuses it (the FHIR integer syntax has
+    # no -0).
     value = int(text)
-    if -(2**63) <= value < 2**64:
+    if -(2**63) <= value < 2**64 and text != "-0":
         return value
     return SourceDecimal(text)
 

@@ -73,3 +73,17 @@ def test_lenient_documents_are_stored_or_refused_never_500(lenient: tuple[httpx.
         assert "text/html" in page.headers["content-type"]
     else:
         assert r.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize("rtype", ["Unicorn", "Resource", "DomainResource"])
+def test_lenient_document_entry_of_no_resource_type_is_422(lenient: tuple[httpx.Client, str], rtype: str) -> None:
+    """An entry whose resourceType names no storable FHIR type cannot be split out of the document: a rule of
+    the document, refused in lenient mode too (it was a 404 'unknown type' from the split)."""
+    client, _base = lenient
+    b = fx.form_096()
+    b["entry"][1]["resource"]["resourceType"] = rtype
+    r = post(client, b)
+    assert r.status_code == 422, r.text
+    codes = [i.get("details", {}).get("coding", [{}])[0].get("code") for i in r.json()["issue"]]
+    assert "doc-entry-type" in str(r.json()), codes
+    assert "Bundle.entry[1].resource" in str(r.json())

@@ -416,3 +416,17 @@ def test_package_conformance_resources_are_readable(client: httpx.Client) -> Non
     assert sd.json()["url"] == "https://dhp.uz/fhir/core/StructureDefinition/uz-core-patient"
     vs = client.get("/ValueSet/mahalla-vs")
     assert vs.status_code == 200 and vs.json()["resourceType"] == "ValueSet"
+
+
+def test_negative_zero_keeps_its_sign(client: httpx.Client) -> None:
+    """``-0`` is a valid FHIR decimal and keeps its sign byte for byte (it was parsed as the integer 0)."""
+    raw = b'{"resourceType":"Observation","status":"final","code":{"text":"t"},"valueQuantity":{"value":-0}}'
+    r = client.post("/Observation", content=raw)
+    assert r.status_code == 201, r.text
+    oid = r.json()["id"]
+    ops = b'[{"op":"replace","path":"/status","value":"amended"}]'
+    patched = client.patch(f"/Observation/{oid}", content=ops,
+                           headers={"Content-Type": "application/json-patch+json"})
+    assert patched.status_code == 200
+    for text in (r.text, client.get(f"/Observation/{oid}").text, patched.text):
+        assert '"value":-0}' in text, text

@@ -160,6 +160,11 @@ CASES: list[tuple[str, set[str]]] = [
     ("Observation?component-code-value-quantity=8480-6$gt125", {"obs4"}),
     ("Observation?combo-code-value-quantity=8480-6$lt125", {"obs2"}),
     ("Observation?combo-code-value-quantity=8480-6$gt125", {"obs4"}),
+    # a quantity component's ||unit matches the code or the human unit, as value-quantity does
+    ("Observation?code-value-quantity=8867-4$le100||/min", {"obs1", "obs3"}),
+    ("Observation?code-value-quantity=8867-4$le100||beats/minute", {"obs1", "obs3"}),
+    ("Observation?code-value-quantity=8867-4$le100|http://unitsofmeasure.org|beats/minute", set()),
+    ("Observation?component-code-value-quantity=8480-6$130||mmHg", {"obs4"}),
     ("Observation?code-value-string=72166-2$never", {"obs6"}),
     # special
     ("Location?near=41.3|69.28|5|km", {"loc1"}),

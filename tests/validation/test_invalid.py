@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from dhp import fhirjson
 from tests.validation.conftest import DAR, INT, UZ, errors, find
 
 XHTML = "http://www.w3.org/1999/xhtml"
@@ -40,6 +41,8 @@ def check(validator: Any, res: dict[str, Any], message_id: str, expression: str,
     (lambda p: p["meta"].update(lastUpdated="2020-01-01"), "primitive-format", "Patient.meta.lastUpdated"),
     (lambda p: p.update(multipleBirthInteger=3000000000), "primitive-format", "Patient.multipleBirth.ofType(integer)"),
     (lambda p: p.update(multipleBirthInteger=1.5), "json-type", "Patient.multipleBirth.ofType(integer)"),
+    (lambda p: p.update(multipleBirthInteger=fhirjson.loads(b"-0")), "primitive-format",
+     "Patient.multipleBirth.ofType(integer)"),
     (lambda p: p.update(photo=[{"contentType": "image/png", "data": "***"}]), "primitive-format",
      "Patient.photo[0].data"),
     (lambda p: p.update(gender=" male"), "primitive-format", "Patient.gender"),

@@ -10,7 +10,7 @@ amended documents; ``Composition.identifier`` as the stable identity).
 from __future__ import annotations
 
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 from dhp.errors import Issue
@@ -109,8 +109,10 @@ def _storable_identifier(ident: dict[str, Any]) -> bool:
     return all(isinstance(ident.get(k), str) and len(ident[k]) <= IDENTIFIER_MAX for k in ("system", "value"))
 
 
-async def rule_issues(bundle: dict[str, Any], exists: Callable[[str, str], Awaitable[bool]]) -> list[Issue]:
-    """Every violation of the document rules (not the profiles) in ``bundle``."""
+async def rule_issues(bundle: dict[str, Any], exists: Callable[[str, str], Awaitable[bool]],
+                      types: Container[str] | None = None) -> list[Issue]:
+    """Every violation of the document rules (not the profiles) in ``bundle``; ``types``: the resource types
+    the server stores (an entry of another type cannot be split out of the document)."""
     issues: list[Issue] = []
     ident = bundle.get("identifier")
     if not isinstance(ident, dict) or not ident.get("system") or not ident.get("value"):
@@ -139,6 +141,11 @@ async def rule_issues(bundle: dict[str, Any], exists: Callable[[str, str], Await
         if not isinstance(e["resource"].get("resourceType"), str):
             # A rule, not only a profile error: lenient validation would let it through to the split.
             issues.append(err("structure", "doc-entry-resource", f"{where}.resource has no resourceType",
+                              f"{where}.resource"))
+            continue
+        if types is not None and e["resource"]["resourceType"] not in types:
+            issues.append(err("structure", "doc-entry-type", f"{where}.resource has resourceType "
+                              f"{e['resource']['resourceType']!r}, which is not a FHIR R5 resource type",
                               f"{where}.resource"))
             continue
         if "request" in e or "response" in e:

@@ -128,7 +128,7 @@ class DocumentService:
                 return cur is not None and not cur.deleted
             return await server.store.exists(rtype, rid_)
 
-        problems = await checks.rule_issues(bundle, exists)
+        problems = await checks.rule_issues(bundle, exists, server.registry.resource_types())
         canonical = sign.canonical(bundle)
         issues = problems + self.profile_issues(bundle, kind, source) + self.signature_issues(bundle, canonical)
         errors = [i for i in issues if i.severity in ("error", "fatal")]

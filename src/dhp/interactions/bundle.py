@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -178,27 +179,55 @@ def _response(ctx: RequestContext, res: crud.WriteResult, prefer_return: str) ->
     return e
 
 
-async def _resolve_conditional_refs(server: Server, tx: WriteTx | None, resource: dict[str, Any],
-                                    index: int) -> None:
-    """``Patient?identifier=…`` references inside a transaction resolve to the single match."""
+def _conditions(entries: list[_Entry]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Every conditional search a transaction's entries will run (ifNoneExist, ``Type?query`` urls and
+    references): their locks are taken together, in one order, before any entry runs."""
+    out: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def add(rtype: str, query: str) -> None:
+        params = crud.condition_params(query)
+        if params:
+            out.append((rtype, params))
+
+    for e in entries:
+        if e.method == "POST" and isinstance(e.request.get("ifNoneExist"), str) and len(e.path) == 1:
+            add(e.path[0], e.request["ifNoneExist"])
+        elif e.method in ("PUT", "DELETE") and e.query and len(e.path) == 1:
+            add(e.path[0], e.query)
+        if e.method in ("POST", "PUT") and e.resource is not None:
+            for _node, ref in _conditional_refs(e.resource):
+                rtype, _, q = ref.partition("?")
+                add(rtype, q)
+    return out
+
+
+def _conditional_refs(resource: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
+    """The elements of ``resource`` holding a conditional reference (``Patient?identifier=…``), and it."""
     stack: list[Any] = [resource]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
             ref = node.get("reference")
             if isinstance(ref, str) and "?" in ref and not ref.startswith(("http:", "https:", "urn:")):
-                rtype, _, q = ref.partition("?")
-                crud.check_type(server, rtype)
-                ids = await crud.conditional_match(server, rtype, q, tx)
-                if len(ids) != 1:
-                    raise FHIRError(412 if ids else 404,
-                                    f"Bundle.entry[{index}]: conditional reference {ref!r} matched {len(ids)} "
-                                    "resources (exactly one is required)", "not-found" if not ids else "duplicate",
-                                    message_id="conditional-reference")
-                node["reference"] = f"{rtype}/{ids[0]}"
+                yield node, ref
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+
+
+async def _resolve_conditional_refs(server: Server, tx: WriteTx | None, resource: dict[str, Any],
+                                    index: int) -> None:
+    """``Patient?identifier=…`` references inside a transaction resolve to the single match."""
+    for node, ref in list(_conditional_refs(resource)):
+        rtype, _, q = ref.partition("?")
+        crud.check_type(server, rtype)
+        ids = await crud.conditional_match(server, rtype, q, tx)
+        if len(ids) != 1:
+            raise FHIRError(412 if ids else 404,
+                            f"Bundle.entry[{index}]: conditional reference {ref!r} matched {len(ids)} "
+                            "resources (exactly one is required)", "not-found" if not ids else "duplicate",
+                            message_id="conditional-reference")
+        node["reference"] = f"{rtype}/{ids[0]}"
 
 
 async def _run_entry(server: Server, ctx: RequestContext, e: _Entry, tx: WriteTx | None) -> dict[str, Any]:
@@ -369,11 +398,13 @@ async def transaction(server: Server, ctx: RequestContext, bundle: dict[str, Any
             if e.resource is not None and mapping:
                 _rewrite(e.resource, mapping, server)
     originals = {e.index: copy.deepcopy(e.resource) for e in entries if conditional and e.resource is not None}
+    conditions = _conditions(entries)
 
     async def run() -> list[tuple[int, dict[str, Any]]]:
         results: list[tuple[int, dict[str, Any]]] = []
         async with server.store.begin() as tx:
             await tx.prefetch(targets)  # one locking read for every resource the entries will change
+            await tx.lock_conditions(conditions)
             resolved = not conditional
             for e in ordered:
                 if not resolved and e.method != "DELETE":

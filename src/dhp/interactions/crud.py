@@ -433,14 +433,22 @@ async def delete(server: Server, ctx: RequestContext, rtype: str, rid: str, *, i
     return await _in_tx(server, tx, work)
 
 
-async def conditional_match(server: Server, rtype: str, query: str, tx: WriteTx | None = None) -> list[str]:
-    """Ids of ``rtype`` resources matching a search query string (conditional create/update/delete)."""
+def condition_params(query: str) -> list[tuple[str, str]] | None:
+    """A conditional query's parameters (None: malformed)."""
     from urllib.parse import parse_qsl
 
     try:
-        params = parse_qsl(query.lstrip("?"), keep_blank_values=True, strict_parsing=True)
+        return parse_qsl(query.lstrip("?"), keep_blank_values=True, strict_parsing=True)
     except ValueError:
-        raise bad_request(f"Malformed conditional query {query!r}", message_id="bad-conditional") from None
+        return None
+
+
+async def conditional_match(server: Server, rtype: str, query: str, tx: WriteTx | None = None) -> list[str]:
+    """Ids of ``rtype`` resources matching a search query string (conditional create/update/delete)."""
+
+    params = condition_params(query)
+    if params is None:
+        raise bad_request(f"Malformed conditional query {query!r}", message_id="bad-conditional")
     if not params:
         raise bad_request("A conditional operation needs search parameters", message_id="bad-conditional")
     if tx is not None:

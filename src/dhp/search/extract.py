@@ -598,7 +598,14 @@ def component_cells(ptype: str, values: list[Any], type_names: frozenset[str]) -
     if ptype == "token":
         return [(s, c, None, None) for s, c, *_ in token_rows(values) if c is not None]
     if ptype == "quantity":
-        return [(s, c, lo, hi) for lo, hi, s, c, _u in quantity_rows(values)]
+        # A search's ``||unit`` names the code or the human unit (as value-quantity's does): a unit that differs
+        # from the code gets a cell of its own, without a system, so a system-qualified search skips it.
+        out = []
+        for lo, hi, s, c, u in quantity_rows(values):
+            out.append((s, c, lo, hi))
+            if u is not None and u != c:
+                out.append((None, u, lo, hi))
+        return out
     if ptype == "date":
         return [(None, None, float(lo), float(hi)) for lo, hi in date_rows(values)]
     if ptype == "number":

@@ -126,6 +126,12 @@ def now_us() -> int:
     return time.time_ns() // 1_000_000 * 1000
 
 
+def _condition_key(rtype: str, params: Sequence[tuple[str, str]]) -> int:
+    """The advisory lock key of a conditional search: reordered forms of one condition share it."""
+    norm = "&".join(sorted(f"{k}={v}" for k, v in params))
+    return int.from_bytes(hashlib.blake2b(f"{rtype}?{norm}".encode(), digest_size=8).digest(), "big", signed=True)
+
+
 def new_id() -> str:
     """A server-assigned resource id: a UUID version 7 (RFC 9562), its first 48 bits the time in ms.
 
@@ -582,6 +588,7 @@ class WriteTx:
         self.conformance_changed = False
         self._pending: _Pending | None = None
         self._known: dict[tuple[str, str], StoredResource | None] = {}  # locked by prefetch, unchanged since
+        self._conditions: set[int] = set()  # PostgreSQL: condition locks held (``lock_condition``)
         self._base: AsyncConnection | SyncConn | None = conn
         self._opener = opener
         self._solo = solo
@@ -833,13 +840,22 @@ class WriteTx:
         conditional search ``params`` (conditional create): without it two PostgreSQL transactions both find no
         match under READ COMMITTED and both create. SQLite needs nothing: writers run one at a time (BEGIN
         IMMEDIATE), and a group's members see the earlier members' rows."""
+        await self.lock_conditions([(rtype, params)])
+
+    async def lock_conditions(self, conditions: Iterable[tuple[str, Sequence[tuple[str, str]]]]) -> None:
+        """:meth:`lock_condition` for several conditions at once, taken in one global order: two transactions
+        naming the same conditions in different orders (a Bundle's entries) then never hold one each while
+        waiting for the other's."""
         if self._pending is None:
             return
-        # The parameters in order, so that reordered forms of one condition share a lock.
-        norm = "&".join(sorted(f"{k}={v}" for k, v in params))
-        key = int.from_bytes(hashlib.blake2b(f"{rtype}?{norm}".encode(), digest_size=8).digest(), "big",
-                             signed=True)
-        await self.conn.exec_driver_sql("SELECT pg_advisory_xact_lock($1)", (key,))
+        keys = sorted({_condition_key(rtype, params) for rtype, params in conditions} - self._conditions)
+        if not keys:
+            return
+        # The subquery's order is the order the locks are taken in.
+        await self.conn.exec_driver_sql(
+            "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT unnest($1::bigint[]) AS k ORDER BY 1) AS s",
+            (keys,))
+        self._conditions.update(keys)
 
     async def bump(self, name: str) -> None:
         n = await self.conn.execute(update(counters).where(counters.c.name == name)

@@ -148,6 +148,8 @@ def _boolean(v: Any) -> str | None:
 
 def _int_range(v: Any, lo: int, hi: int, name: str) -> str | None:
     if isinstance(v, bool) or not isinstance(v, int):
+        if str(v) == "-0":  # the integer syntax has no signed zero (a decimal element keeps it)
+            return f"-0 is not a valid {name} (zero has no sign)"
         if isinstance(v, Decimal) and v == v.to_integral_value() and "." not in str(v) and "e" not in str(v).lower():
             v = int(v)
         else:
