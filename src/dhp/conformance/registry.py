@@ -140,6 +140,10 @@ class Registry:
                 continue
             yield self._load(e)
 
+    def overlay(self, resource_type: str) -> list[dict[str, Any]]:
+        """The API-written resources of one type (not package content)."""
+        return [self._load(e) for e in self._overlay_by_type.get(resource_type, ())]
+
     def package_resources(self) -> Iterator[tuple[Package, dict[str, Any], dict[str, Any]]]:
         """(package, index entry, resource) for every resource of every package, in load order."""
         for p in self.packages:

@@ -184,6 +184,16 @@ def _validate(server: Server, resource: dict[str, Any], source: bytes | None) ->
     # with profile validation off: a broken CodeSystem would break every expansion that uses it.
     if server.terminology is not None and resource.get("resourceType") in _TERMINOLOGY_TYPES:
         issues += server.terminology.check_definition(resource)
+    if server.search is not None and resource.get("resourceType") == "SearchParameter":
+        # Refused in every validation mode: a parameter takes effect at once on every write of its base types.
+        bad = server.search.check_definition(resource)
+        if bad:
+            raise FHIRError(422, bad[0].diagnostics, issues=bad)
+    if server.validator is not None and resource.get("resourceType") == "StructureDefinition":
+        # Likewise a profile that cannot be used: every resource claiming it would fail (or crash) later.
+        unusable = server.validator.check_definition(resource)
+        if unusable:
+            raise FHIRError(422, unusable[0].diagnostics, issues=unusable)
     if mode != "off" and server.validator is not None:
         issues += server.validator.validate(resource, source=source)
     errors = [i for i in issues if i.severity in ("error", "fatal")]

@@ -227,6 +227,12 @@ class SearchEngine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def check_definition(self, sp: dict[str, Any]) -> list[Any]:
+        """Errors (``Issue``) that must refuse a SearchParameter written through the API."""
+        from dhp.search.definition import check
+
+        return check(sp, self.params, self.registry.overlay("SearchParameter"))
+
     @staticmethod
     def _entries(params: ParamRegistry, rtype: str) -> list[tuple[str, str, ParamExtractor]]:
         """(table kind, code, extractor) of every indexed parameter of ``rtype``."""
@@ -234,7 +240,12 @@ class SearchEngine:
         for p in params.indexed(rtype):
             kind = TABLE_OF.get(p.type)
             if kind is not None:
-                ex = ParamExtractor(p, rtype, params.resource_types)
+                try:
+                    ex = ParamExtractor(p, rtype, params.resource_types)
+                except Exception as e:  # an expression fhirpathpy cannot even tokenize: skip it, not every write
+                    log.warning("search parameter %s (%s) on %s cannot be compiled: %s", p.url, p.code, rtype, e)
+                    p.unevaluable = f"its expression cannot be compiled ({e})"  # searches say so, not miss
+                    continue
                 if ex.root is not None:
                     out.append((kind, p.code, ex))
         return out

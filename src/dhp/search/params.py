@@ -6,10 +6,13 @@ definitions with the same base and code. Compartments come from CompartmentDefin
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from dhp.conformance import Registry
+
+log = logging.getLogger("dhp.search")
 
 #: Types that are Resources but not DomainResources (no text/contained/extension).
 NON_DOMAIN = frozenset({"Bundle", "Binary", "Parameters"})
@@ -84,6 +87,11 @@ def _infer_type(expression: str) -> str:
         if f"ofType({name})" in expression:
             return kind
     return ""
+
+
+def _strings(v: Any) -> tuple[str, ...]:
+    """A list of strings as a tuple; anything else (a bare string would be its characters) as none."""
+    return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else ()
 
 
 class ParamRegistry:
@@ -165,17 +173,31 @@ class ParamRegistry:
             return None
         if sp.get("status") == "retired":
             return None
-        if str(sp.get("url", "")).startswith("http://hl7.org/fhir/SearchParameter/example"):
+        url = sp.get("url")
+        url = url if isinstance(url, str) else ""
+        if url.startswith("http://hl7.org/fhir/SearchParameter/example"):
             return None  # the spec's worked examples (e.g. "part-agree"), not parameters of the base spec
+        # Definitions are loaded on every request that searches or writes: one with wrong JSON types (stored
+        # before create-time checks existed, or through a path without them) is skipped, never a 500 for all.
+        expr = sp.get("expression")
+        if expr is not None and not isinstance(expr, str):
+            log.warning("SearchParameter %s (%s) skipped: expression is not a string", url, code)
+            return None
         comps = []
         for c in sp.get("component") or []:
+            if not isinstance(c, dict) or not isinstance(c.get("definition", ""), str) \
+                    or not isinstance(c.get("expression", ""), str):
+                log.warning("SearchParameter %s (%s) skipped: a component is malformed", url, code)
+                return None
             d = urls.get(c.get("definition", "").split("|")[0])
             ctype = d.get("type", "") if d else _infer_type(c.get("expression", ""))
-            comps.append(Component(c.get("definition", ""), c.get("expression", ""), ctype))
+            comps.append(Component(c.get("definition", ""), c.get("expression", ""),
+                                   ctype if isinstance(ctype, str) else ""))
+        name = sp.get("name")
         return ParamDef(
-            code=code, type=ptype, url=sp.get("url", ""), base=tuple(b for b in base if isinstance(b, str)),
-            expression=sp.get("expression") or "", targets=tuple(sp.get("target") or ()),
-            components=tuple(comps), modifiers=tuple(sp.get("modifier") or ()), name=sp.get("name", ""))
+            code=code, type=ptype, url=url, base=tuple(b for b in base if isinstance(b, str)),
+            expression=expr or "", targets=_strings(sp.get("target")), components=tuple(comps),
+            modifiers=_strings(sp.get("modifier")), name=name if isinstance(name, str) else "")
 
     def for_type(self, rtype: str) -> dict[str, ParamDef]:
         """Every parameter applicable to a resource type, by code (own definitions win over Resource's)."""

@@ -10,6 +10,7 @@ expression or that evaluation. So this module never gives a verdict it is unsure
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from decimal import Decimal
 from itertools import repeat
@@ -21,6 +22,39 @@ from dhp.validation.xhtml import check_xhtml
 
 class Unsupported(Exception):
     """This expression (or this evaluation) needs the full engine."""
+
+
+class TooCostly(Exception):
+    """The evaluation used up its step budget (an invariant from a profile written through the API may be
+    exponential: nested select over %resource, …): it is stopped instead of blocking the server."""
+
+
+_budget = threading.local()
+
+
+def spend(n: int = 1) -> None:
+    """Count ``n`` evaluation steps against the budget set by :func:`budget` (none set: unlimited)."""
+    left = getattr(_budget, "left", None)
+    if left is None:
+        return
+    left -= n
+    _budget.left = left
+    if left < 0:
+        raise TooCostly("the expression needs too many evaluation steps")
+
+
+def set_budget(steps: int | None) -> int | None:
+    """Bound the steps of the evaluations that follow (fastpath and fhirpathpy; None: unbounded); returns the
+    steps left of the budget it replaces, to be restored with another call. Plain calls, not a context
+    manager: invariants are evaluated dozens of times per resource."""
+    prev: int | None = getattr(_budget, "left", None)
+    _budget.left = steps
+    return prev
+
+
+def budget_left() -> int | None:
+    left: int | None = getattr(_budget, "left", None)
+    return left
 
 
 class Typed:
@@ -700,6 +734,7 @@ def _index(base: Fn, idx: Fn) -> Fn:
 
 def _each(crit: Fn, items: list[Any], x: Ctx) -> list[bool | None]:
     out = []
+    spend(len(items))
     for n, item in enumerate(items):
         x2 = x if "$index" not in x and n == 0 else dict(x, **{"$index": n})
         out.append(_bool_of(crit([item], [item], x2)))
@@ -729,15 +764,19 @@ def _function(base: Fn, name: str, args: list[Fn], leading: bool) -> Fn:
     if name == "count" and n == 0:
         return lambda c, t, x: [len(base(c, t, x))]
     if name == "where" and n == 1:
-        return lambda c, t, x: [i for i, b in zip(base(c, t, x), _each(a0, base(c, t, x), x), strict=True)
-                                if b is True]  # type: ignore[arg-type]
+        def where(c: list[Any], t: list[Any], x: Ctx) -> list[Any]:
+            items = base(c, t, x)  # once: evaluating it twice made chained where() exponential
+            return [i for i, b in zip(items, _each(a0, items, x), strict=True) if b is True]  # type: ignore[arg-type]
+        return where
     if name == "all" and n == 1:
         return lambda c, t, x: [all(b is True for b in _each(a0, base(c, t, x), x))]  # type: ignore[arg-type]
     if name == "select" and n == 1:
         def select(c: list[Any], t: list[Any], x: Ctx) -> list[Any]:
             out: list[Any] = []
             for item in base(c, t, x):
-                out.extend(a0([item], [item], x))  # type: ignore[misc]
+                r = a0([item], [item], x)  # type: ignore[misc]
+                spend(1 + len(r))
+                out.extend(r)
             return out
         return select
     if name == "repeat" and n == 1:
@@ -747,6 +786,7 @@ def _function(base: Fn, name: str, args: list[Fn], leading: bool) -> Fn:
             seen: set[int] = set()
             while todo:
                 item = todo.pop(0)
+                spend()
                 for r in a0([item], [item], x):  # type: ignore[misc]
                     if id(r) not in seen:
                         seen.add(id(r))
@@ -915,6 +955,7 @@ def _function(base: Fn, name: str, args: list[Fn], leading: bool) -> Fn:
             todo = list(base(c, t, x))
             while todo:
                 nxt = []
+                spend(len(todo))
                 for i in todo:
                     ch = _children(i)
                     out.extend(ch)

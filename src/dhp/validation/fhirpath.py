@@ -15,9 +15,11 @@ from decimal import Decimal
 from typing import Any
 
 import fhirpathpy
+from fhirpathpy import engine as _engine
 from fhirpathpy.engine.nodes import FP_Quantity, FP_Type, ResourceNode
 from fhirpathpy.models import models
 
+from dhp.validation.fastpath import spend
 from dhp.validation.primitives import date_bounds
 from dhp.validation.xhtml import check_xhtml
 
@@ -170,6 +172,18 @@ USER_FUNCTIONS: dict[str, dict[str, Any]] = {
     "comparable": {"fn": _comparable, "arity": {1: ["AnyAtRoot"]}},
 }
 _OPTIONS = {"userInvocationTable": USER_FUNCTIONS}
+
+_do_eval = _engine.do_eval
+
+
+def _counted_eval(ctx: Any, parent: Any, node: Any) -> Any:
+    spend()  # every node fhirpathpy evaluates counts against fastpath.set_budget, when one is set
+    return _do_eval(ctx, parent, node)
+
+
+# fhirpathpy's evaluators call engine.do_eval through the module, so this sees every step.
+if getattr(_engine.do_eval, "__name__", "") != "_counted_eval":
+    _engine.do_eval = _counted_eval
 
 _compiled: dict[str, Callable[..., list[Any]] | Exception] = {}
 

@@ -69,6 +69,69 @@ class Slicing:
 _MAX_MANY = 1 << 30
 
 
+class PlanError(ValueError):
+    """A snapshot element that cannot be compiled (a property of the wrong JSON type, …): the profile is
+    unusable, and validation against it reports that instead of crashing."""
+
+
+def _check(ed: Any, where: str) -> None:
+    """Refuse JSON types the compiler and validator rely on (only reachable when the StructureDefinition was
+    stored without validation): a clear error instead of an AttributeError at validation time."""
+    if not isinstance(ed, dict):
+        raise PlanError(f"{where}: an element definition must be a JSON object")
+    eid = ed.get("id") if isinstance(ed.get("id"), str) else where
+    if not isinstance(ed.get("path"), str) or not ed["path"]:
+        raise PlanError(f"{eid}: path must be a non-empty string")
+    if ed.get("id") is not None and not isinstance(ed["id"], str):
+        raise PlanError(f"{eid}: id must be a string")
+    for k in ("min", "maxLength"):
+        if ed.get(k) is not None and (type(ed[k]) is not int or ed[k] < 0):
+            raise PlanError(f"{eid}: {k} must be a non-negative integer")
+    m = ed.get("max")
+    if m is not None and not (isinstance(m, str) and (m == "*" or (m.isascii() and m.isdigit()))):
+        raise PlanError(f"{eid}: max must be '*' or a non-negative integer as a string")
+    for k in ("sliceName", "contentReference"):
+        if ed.get(k) is not None and not isinstance(ed[k], str):
+            raise PlanError(f"{eid}: {k} must be a string")
+    for k in ("base", "binding", "slicing"):
+        if ed.get(k) is not None and not isinstance(ed[k], dict):
+            raise PlanError(f"{eid}: {k} must be a JSON object")
+    base = ed.get("base") or {}
+    if not isinstance(base.get("path", ""), str) or not isinstance(base.get("max", ""), str):
+        raise PlanError(f"{eid}: base.path and base.max must be strings")
+    b = ed.get("binding") or {}
+    for k in ("strength", "valueSet"):
+        if b.get(k) is not None and not isinstance(b[k], str):
+            raise PlanError(f"{eid}: binding.{k} must be a string")
+    for k in ("type", "constraint"):
+        v = ed.get(k)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, dict) for x in v)):
+            raise PlanError(f"{eid}: {k} must be an array of JSON objects")
+    for t in ed.get("type") or ():
+        if not isinstance(t.get("code", ""), str):
+            raise PlanError(f"{eid}: type.code must be a string")
+        for k in ("profile", "targetProfile", "aggregation", "extension"):
+            v = t.get(k)
+            if v is not None and not (isinstance(v, list) and all(isinstance(x, str if k != "extension" else dict)
+                                                                  for x in v)):
+                raise PlanError(f"{eid}: type.{k} must be an array")
+    for c in ed.get("constraint") or ():
+        for k in ("key", "severity", "human", "expression", "source"):
+            if c.get(k) is not None and not isinstance(c[k], str):
+                raise PlanError(f"{eid}: constraint.{k} must be a string")
+        if not ((isinstance(c.get("extension"), list) and all(isinstance(x, dict) for x in c["extension"]))
+                or c.get("extension") is None):
+            raise PlanError(f"{eid}: constraint.extension must be an array of JSON objects")
+    s = ed.get("slicing") or {}
+    d = s.get("discriminator")
+    if d is not None and not (isinstance(d, list) and all(
+            isinstance(x, dict) and isinstance(x.get("type", ""), str) and isinstance(x.get("path", ""), str)
+            for x in d)):
+        raise PlanError(f"{eid}: slicing.discriminator must be an array of objects with string type and path")
+    if not isinstance(s.get("rules", ""), str):
+        raise PlanError(f"{eid}: slicing.rules must be a string")
+
+
 def _max(v: Any) -> int:
     if v in (None, "*"):
         return _MAX_MANY
@@ -89,6 +152,7 @@ class Elem:
     )
 
     def __init__(self, ed: dict[str, Any], plan: Plan) -> None:
+        _check(ed, plan.url)
         self.plan = plan
         self.id: str = ed.get("id") or ed["path"]
         self.path: str = ed["path"]
@@ -212,12 +276,17 @@ def _split_id(eid: str) -> tuple[str, str]:
 
 def compile_plan(sd: dict[str, Any]) -> Plan:
     """Build the element tree from ``sd['snapshot']`` (the caller makes sure there is one)."""
-    elements = (sd.get("snapshot") or {}).get("element") or []
-    if not elements:
-        raise ValueError(f"StructureDefinition {sd.get('url')} has no snapshot")
+    snap = sd.get("snapshot")
+    elements = (snap.get("element") if isinstance(snap, dict) else None) or []
+    if not isinstance(elements, list) or not elements:
+        raise PlanError(f"StructureDefinition {sd.get('url')} has no snapshot")
     plan = Plan(str(sd.get("url", "")), str(sd.get("version", "")), str(sd.get("type", "")),
                 str(sd.get("kind", "")), str(sd.get("derivation", "")), sd)
     root = Elem(elements[0], plan)
+    if plan.derivation == "constraint" and "/" not in plan.type and root.path != plan.type:
+        # A Patient profile whose snapshot describes an Observation would check Patients against the wrong model.
+        raise PlanError(f"the snapshot describes {root.path}, not the profiled type {plan.type} "
+                        "(does baseDefinition define that type?)")
     plan.root = root
     plan.by_id[root.id] = root
     plan.by_path.setdefault(root.path, root)
@@ -245,3 +314,14 @@ def compile_plan(sd: dict[str, Any]) -> Plan:
             plan.by_path.setdefault(el.path, el)
         plan.by_id[el.id] = el
     return plan
+
+
+def build_plan(sd: dict[str, Any], registry: Any) -> Plan:
+    """The plan of ``sd``, its snapshot generated first when it has none; raises (``PlanError``,
+    ``SnapshotError``, …) when the definition cannot be used."""
+    snap = sd.get("snapshot")
+    if not (isinstance(snap, dict) and snap.get("element")):
+        from dhp.validation.snapshot import generate_snapshot
+
+        sd = generate_snapshot(sd, registry)
+    return compile_plan(sd)

@@ -72,24 +72,60 @@ class SnapshotError(ValueError):
     """The differential cannot be applied to its base."""
 
 
-def generate_snapshot(sd: dict[str, Any], registry: Any, _depth: int = 0) -> dict[str, Any]:
+class UnknownBase(SnapshotError):
+    """A definition the snapshot is built on is not (yet) known: it may be created later."""
+
+
+#: Bounds on the work one snapshot takes (the largest published profiles have a few thousand elements):
+#: a StructureDefinition written through the API must not make validation hang.
+MAX_DIFFERENTIAL = 5_000
+MAX_SNAPSHOT = 20_000
+
+
+def generate_snapshot(sd: dict[str, Any], registry: Any, _depth: int = 0,
+                      _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """Return a copy of ``sd`` with ``snapshot`` built from its base definition and differential."""
+    url = str(sd.get("url"))
+    if url in _chain:
+        raise SnapshotError(f"definition cycle: {' → '.join((*_chain, url))} (each needs the snapshot of the next)")
     if _depth > 12:
         raise SnapshotError("baseDefinition chain too deep (a cycle?)")
     base_url = sd.get("baseDefinition")
     if not base_url:
         raise SnapshotError(f"{sd.get('url')}: no baseDefinition to build a snapshot from")
+    if not isinstance(base_url, str):
+        raise SnapshotError(f"{sd.get('url')}: baseDefinition must be a string")
+    diff = sd.get("differential")
+    delems = (diff.get("element") if isinstance(diff, dict) else diff) or []
+    if not isinstance(delems, list) or not all(isinstance(de, dict) for de in delems):
+        raise SnapshotError(f"{sd.get('url')}: differential.element must be an array of JSON objects")
+    if len(delems) > MAX_DIFFERENTIAL:
+        raise SnapshotError(f"{sd.get('url')}: the differential has more than {MAX_DIFFERENTIAL} elements")
     base = registry.structure_definition(base_url)
     if base is None:
-        raise SnapshotError(f"{sd.get('url')}: base definition {base_url} is not known")
-    if not (base.get("snapshot") or {}).get("element"):
-        base = generate_snapshot(base, registry, _depth + 1)
+        raise UnknownBase(f"{sd.get('url')}: base definition {base_url} is not known")
+    chain = (*_chain, url)
+    bsnap = base.get("snapshot")
+    if not (isinstance(bsnap, dict) and bsnap.get("element")):
+        base = generate_snapshot(base, registry, _depth + 1, chain)
+    belems = base["snapshot"]["element"]
+    if not isinstance(belems, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str)
+                                               for e in belems):
+        raise SnapshotError(f"{base_url}: snapshot.element must be an array of elements with a path")
     core = _is_core(base)
-    elems: list[dict[str, Any]] = [_inherit(e, core, root=i == 0)
-                                   for i, e in enumerate(copy.deepcopy(base["snapshot"]["element"]))]
-    gen = _Generator(registry, elems, _depth)
-    for de in (sd.get("differential") or {}).get("element") or ():
+    elems: list[dict[str, Any]] = [_inherit(e, core, root=i == 0) for i, e in enumerate(copy.deepcopy(belems))]
+    for e in elems:
+        if not isinstance(e.get("id"), str):
+            e["id"] = e["path"]
+    gen = _Generator(registry, elems, _depth, chain)
+    for de in delems:
+        if not isinstance(de.get("path"), str) or not isinstance(de.get("id", ""), str) \
+                or not isinstance(de.get("sliceName", ""), str):
+            raise SnapshotError(f"{sd.get('url')}: differential element {de.get('id') or de.get('path')!r}: "
+                                "id, path and sliceName must be strings")
         gen.apply(de)
+        if len(gen.elems) > MAX_SNAPSHOT:
+            raise SnapshotError(f"{sd.get('url')}: the snapshot would have more than {MAX_SNAPSHOT} elements")
     out = dict(sd)
     out["snapshot"] = {"element": gen.elems}
     return out
@@ -109,10 +145,12 @@ def _parent_id(eid: str) -> str:
 
 
 class _Generator:
-    def __init__(self, registry: Any, elems: list[dict[str, Any]], depth: int) -> None:
+    def __init__(self, registry: Any, elems: list[dict[str, Any]], depth: int,
+                 chain: tuple[str, ...] = ()) -> None:
         self.registry = registry
         self.elems = elems
         self.depth = depth
+        self.chain = chain  # the definitions being generated (a type profile among them is a cycle)
 
     def index(self, eid: str) -> int:
         for i, e in enumerate(self.elems):
@@ -192,7 +230,7 @@ class _Generator:
                     # Built from its differential as the HL7 generator does, rather than trusting a packaged
                     # snapshot that another tool (or version) produced.
                     try:
-                        psd = generate_snapshot(psd, self.registry, self.depth + 1)
+                        psd = generate_snapshot(psd, self.registry, self.depth + 1, self.chain)
                     except SnapshotError:
                         if not (psd.get("snapshot") or {}).get("element"):
                             raise

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from dhp import fhirpathsyntax
 from dhp.errors import Issue
 from dhp.terminology.types import CodeCheck, CodeValidator
 from dhp.validation import fastpath, fhirpath
-from dhp.validation.plan import BASE, Constraint, Elem, Plan, compile_plan
+from dhp.validation.plan import BASE, Constraint, Elem, Plan, build_plan
 from dhp.validation.primitives import PRIMITIVES, check_primitive
 from dhp.validation.xhtml import check_xhtml
 
@@ -34,11 +35,18 @@ _TOKEN_RE = re.compile(r"\$this|resolve\(\)|extension\('([^']*)'\)|extension\(\"
                        r"|as\(([^)]*)\)|[A-Za-z0-9_\[\]]+")
 
 
+#: FHIRPath steps (fastpath loop items, fhirpathpy nodes) one invariant evaluation, and all the invariants of
+#: one validation, may take: an expression from a profile written through the API can be exponential, and
+#: validation runs on the server's event loop. Far above what real invariants need on large resources.
+INVARIANT_STEPS = 1_000_000
+RUN_STEPS = 20_000_000
+
+
 class _Run:
     """State of one top-level validate() call."""
 
     __slots__ = ("bundles", "conform_cache", "contained_flags", "containers", "depth", "env", "full_urls", "issues",
-                 "n_add", "nested_done", "profile", "seen", "silent", "unchecked")
+                 "n_add", "nested_done", "profile", "seen", "silent", "steps_left", "unchecked")
 
     def __init__(self, silent: bool = False) -> None:
         self.issues: list[Issue] = []
@@ -58,6 +66,7 @@ class _Run:
         # through the same path under the same top profile gives the same issues, so one walk is enough.
         # Without this, contained-in-contained resources with a meta.profile are walked 2^depth times.
         self.nested_done: set[tuple[Any, ...]] = set()
+        self.steps_left = RUN_STEPS  # FHIRPath evaluation steps left for the invariants of this run
 
     def add(self, severity: str, code: str, message_id: str, diagnostics: str, path: str) -> None:
         self.n_add += 1
@@ -72,6 +81,21 @@ class _Run:
         return sum(1 for i in self.issues if i.severity in ("error", "fatal"))
 
 
+class _WithPending:
+    """The registry as it will be once ``sd`` is stored: a cycle through ``sd`` shows up before it is."""
+
+    def __init__(self, registry: Any, sd: dict[str, Any]) -> None:
+        self.registry = registry
+        self.sd = sd
+
+    def structure_definition(self, name_or_url: str) -> dict[str, Any] | None:
+        url = name_or_url if "/" in name_or_url else BASE + name_or_url
+        if url.partition("|")[0] == self.sd.get("url"):
+            return self.sd
+        found: dict[str, Any] | None = self.registry.structure_definition(name_or_url)
+        return found
+
+
 class Validator:
     """Validates parsed FHIR JSON against base definitions and profiles; returns :class:`Issue` lists."""
 
@@ -84,6 +108,7 @@ class Validator:
         self._explicit_defaults = default_profiles
         self._defaults: dict[str, list[str]] | None = None
         self._plans: dict[str, Plan | None] = {}
+        self._plan_errors: dict[str, str] = {}  # canonical → why its StructureDefinition cannot be used
         self._codes: dict[tuple[str | None, str, str | None], CodeCheck] = {}
         self._matchers: dict[int, list[Callable[..., bool]]] = {}
         self._slice_tables: dict[int, dict[Any, int] | None] = {}
@@ -99,6 +124,7 @@ class Validator:
     def clear(self) -> None:
         """Drop compiled plans and caches (the registry's API overlay changed)."""
         self._plans = {}
+        self._plan_errors = {}
         self._codes = {}
         self._matchers = {}
         self._slice_tables = {}
@@ -114,18 +140,54 @@ class Validator:
         sd = self.registry.structure_definition(canonical)
         plan: Plan | None = None
         if sd is not None:
-            if not (sd.get("snapshot") or {}).get("element"):
-                from dhp.validation.snapshot import generate_snapshot
-
-                try:
-                    sd = generate_snapshot(sd, self.registry)
-                except Exception as e:  # a broken profile must not break validation of everything else
-                    log.warning("cannot generate snapshot for %s: %s", canonical, e)
-                    sd = None
-            if sd is not None:
-                plan = compile_plan(sd)
+            try:
+                plan = build_plan(sd, self.registry)
+            except Exception as e:  # a broken profile must not break validation of everything else
+                log.warning("cannot use StructureDefinition %s: %s", canonical, e)
+                self._plan_errors[canonical] = str(e) or type(e).__name__
         self._plans[canonical] = plan
         return plan
+
+    def plan_error(self, canonical: str) -> str | None:
+        """Why :meth:`plan` gave None for a StructureDefinition that exists (None: it does not exist)."""
+        return self._plan_errors.get(canonical)
+
+    def check_definition(self, sd: dict[str, Any]) -> list[Issue]:
+        """Can this StructureDefinition, about to be stored, be used to validate? Errors for what is wrong
+        with it on its own: a snapshot that cannot be generated or compiled (a cycle of baseDefinitions,
+        elements not in the base, wrong JSON types, too many elements) and invariants that do not parse. A
+        base that is not known yet is not an error (it may be created next); validation reports it then."""
+        from dhp.validation.snapshot import UnknownBase
+
+        run = _Run()
+        snap = sd.get("snapshot")
+        if not (isinstance(snap, dict) and snap.get("element")) and sd.get("derivation") != "constraint":
+            return []  # a new type (logical model, …) without snapshot: nothing here generates one
+        try:
+            plan = build_plan(sd, _WithPending(self.registry, sd))
+        except UnknownBase:
+            return []
+        except Exception as e:  # whatever stops it here would stop validation against it
+            run.add("error", "invalid", "profile-unusable",
+                    f"StructureDefinition {sd.get('url')} cannot be used for validation: {e}", "StructureDefinition")
+            return run.issues
+        diff = sd.get("differential")
+        own = {c.get("key") for de in _arr(diff.get("element") if isinstance(diff, dict) else None)
+               if isinstance(de, dict)
+               for c in _arr(de.get("constraint")) if isinstance(c, dict)}
+        seen: set[str] = set()
+        for el in plan.by_id.values():
+            for c in el.constraints:
+                if c.key in NATIVE or not c.expression or c.expression in seen or (
+                        c.key not in own and c.source and c.source != plan.url):
+                    continue
+                seen.add(c.expression)
+                why = fhirpathsyntax.syntax_error(c.expression)
+                if why is not None:
+                    run.add("error", "invalid", "invariant-syntax",
+                            f"{el.id}: constraint {c.key}: the FHIRPath expression does not parse ({why}): "
+                            f"{c.expression}", "StructureDefinition")
+        return run.issues
 
     def type_plan(self, code: str) -> Plan | None:
         return self.plan(BASE + code) if "/" not in code else self.plan(code)
@@ -214,6 +276,10 @@ class Validator:
             p = self.plan(url)
             # The index in meta.profile as sent (non-string entries included), not in the filtered list.
             where = f"{rtype}.meta.profile[{meta['profile'].index(url)}]" if url in declared else rtype
+            if p is None and self.plan_error(url):
+                run.add("error", "invalid", "profile-unusable",
+                        f"profile {url} cannot be used for validation: {self.plan_error(url)}", where)
+                continue
             if p is None:
                 run.add("error", "not-found", "profile-unknown",
                         f"profile {url} is not known to this server (load its package or create the "
@@ -658,6 +724,8 @@ class Validator:
             if t.code == tcode and t.profiles and tcode != "Extension":
                 for prof in t.profiles:
                     p = self.plan(prof)
+                    if p is None and self._unusable(run, prof, path):
+                        continue
                     if p is None:
                         run.add("warning", "not-found", "profile-unknown",
                                 f"{path}: type profile {prof} is not known; not checked", path)
@@ -801,6 +869,8 @@ class Validator:
                 if not isinstance(prof, str):
                     continue
                 p = self.plan(prof)
+                if p is None and self._unusable(run, prof, rpath):
+                    continue
                 if p is None:
                     run.add("warning", "not-found", "profile-unknown",
                             f"{rpath}: meta.profile {prof} is not known; the resource is checked against "
@@ -836,6 +906,8 @@ class Validator:
         if "/" not in url and ":" not in url and ipath.rsplit(".", 1)[0].endswith(("extension", "Extension")):
             return  # a sub-extension of a complex extension: its local name is matched by the parent's slices
         p = self.plan(url)
+        if p is None and self._unusable(run, url, path):
+            return
         if p is None or p.type != "Extension":
             closed = elem.slicing is not None and elem.slicing.rules == "closed"
             if not url.startswith(("http://", "https://", "urn:")):
@@ -863,6 +935,16 @@ class Validator:
                                                    "is a modifier extension and must be in modifierExtension"),
                     path)
         self._complex(run, ext, p.root, "Extension", path, ipath)
+
+    def _unusable(self, run: _Run, url: str, path: str) -> bool:
+        """Report a StructureDefinition that exists but cannot be used (an error: what it requires is
+        unknown, so nothing can be said to conform to it); False when ``url`` is simply not known."""
+        why = self.plan_error(url)
+        if why is None:
+            return False
+        run.add("error", "invalid", "profile-unusable",
+                f"{path}: StructureDefinition {url} cannot be used for validation: {why}", path)
+        return True
 
     def _context_ok(self, p: Plan, ipath: str, elem: Elem, host_names: tuple[str, ...] = ()) -> bool:
         # ipath is the instance path of the extension element, e.g. Patient.gender.extension; host_names
@@ -1346,6 +1428,8 @@ class Validator:
                         "rootResource": self._container_root(run) or focus,
                         "context": focus, "env": self._env(run),
                     }
+                allowed = min(INVARIANT_STEPS, run.steps_left)
+                outer = fastpath.set_budget(allowed)
                 try:
                     try:
                         ok = fastpath.truth(fastpath.evaluate(c.expression, focus, variables))
@@ -1353,6 +1437,11 @@ class Validator:
                         res = fhirpath.evaluate(c.expression, focus, type_path, variables["env"], {
                             "resource": variables["resource"], "rootResource": variables["rootResource"]})
                         ok = fhirpath.truthy(res)
+                except fastpath.TooCostly:
+                    run.add("error", "too-costly", "invariant-too-costly",
+                            f"{path}: constraint {c.key} was stopped: its evaluation takes too many steps "
+                            f"(expression: {c.expression})", path)
+                    continue
                 except fhirpath.NotEvaluable as e:
                     run.add("information", "informational", "invariant-not-evaluated",
                             f"{path}: constraint {c.key} not checked: {e}", path)
@@ -1362,6 +1451,9 @@ class Validator:
                             f"{path}: constraint {c.key} could not be evaluated ({type(e).__name__}: {e}); "
                             f"expression: {c.expression}", path)
                     continue
+                finally:
+                    run.steps_left -= allowed - (fastpath.budget_left() or 0)
+                    fastpath.set_budget(outer)
             if ok is False:
                 run.add(c.severity, "invariant", f"invariant-{c.key}",
                         f"{path}: constraint {c.key} failed: {c.human} ({_where(run, None)})", path)
