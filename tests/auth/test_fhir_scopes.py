@@ -110,3 +110,42 @@ def test_granular_scope_on_reads_and_searches(sso: SSO, world: dict[str, Any]) -
 def test_metadata_and_discovery_stay_public(sso: SSO) -> None:
     assert httpx.get(sso.fhir + "/metadata", headers={"Accept": FJ}).status_code == 200
     assert httpx.get(sso.fhir + "/.well-known/smart-configuration").status_code == 200
+
+
+def _search_parameter(code: str) -> dict[str, Any]:
+    return {"resourceType": "SearchParameter", "url": f"http://dhp.test/fhir/SearchParameter/{code}",
+            "name": code, "status": "active", "description": "d", "code": code, "base": ["Patient"],
+            "type": "token", "expression": "Patient.gender"}
+
+
+@pytest.mark.parametrize("rtype", ["SearchParameter", "StructureDefinition", "ValueSet", "CompartmentDefinition"])
+def test_conformance_writes_need_the_admin_scope(sso: SSO, rtype: str) -> None:
+    """A token with every resource scope but not dhp/admin may read and search conformance resources, not
+    write them: a SearchParameter or CompartmentDefinition changes what every client finds and may access."""
+    vendor = token_for(sso, "system/*.cruds")
+    body = _search_parameter("vendor-x") if rtype == "SearchParameter" else {
+        "resourceType": rtype, "url": f"http://dhp.test/fhir/{rtype}/v", "status": "draft"}
+    r = httpx.post(f"{sso.fhir}/{rtype}", json=body, headers=h(vendor))
+    assert r.status_code == 403, r.text
+    assert "dhp/admin" in r.text
+    tx = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": body, "request": {"method": "POST", "url": rtype}}]}
+    assert httpx.post(sso.fhir, json=tx, headers=h(vendor)).status_code == 403
+    assert httpx.get(f"{sso.fhir}/{rtype}", headers=h(vendor)).status_code == 200  # reading stays open
+
+
+def test_the_admin_scope_writes_and_deletes_a_search_parameter(sso: SSO) -> None:
+    admin = token_for(sso, "system/*.cruds dhp/admin")
+    vendor = token_for(sso, "system/*.cruds")
+    r = httpx.post(f"{sso.fhir}/SearchParameter", json=_search_parameter("admin-x"), headers=h(admin))
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert httpx.delete(f"{sso.fhir}/SearchParameter/{sid}", headers=h(vendor)).status_code == 403
+    assert httpx.delete(f"{sso.fhir}/SearchParameter/{sid}", headers=h(admin)).status_code in (200, 204)
+
+
+def test_content_canonical_resources_need_no_admin_scope(sso: SSO) -> None:
+    """Questionnaires are canonical resources too, but content: the national platform lets clients write them."""
+    vendor = token_for(sso, "system/*.cruds")
+    q = {"resourceType": "Questionnaire", "url": "http://dhp.test/fhir/Questionnaire/intake", "status": "draft"}
+    assert httpx.post(f"{sso.fhir}/Questionnaire", json=q, headers=h(vendor)).status_code == 201

@@ -92,6 +92,13 @@ def encode(resource: dict[str, Any]) -> bytes:
         raise bad_request(f"The resource cannot be stored as JSON: {e}", message_id="invalid-value") from None
 
 
+#: Conformance resources that change the platform for every client once written (Questionnaires and other
+#: canonical resources are content, written with their resource scopes alone).
+PLATFORM_TYPES = frozenset({"StructureDefinition", "SearchParameter", "CompartmentDefinition", "ValueSet",
+                            "CodeSystem", "ConceptMap", "NamingSystem", "OperationDefinition",
+                            "CapabilityStatement"})
+
+
 def authorize(server: Server, ctx: RequestContext, interaction: str, rtype: str,
               resource: dict[str, Any] | None = None) -> None:
     """SMART scope check for one interaction; with a resource, the compartment / query-filter check too."""
@@ -101,6 +108,12 @@ def authorize(server: Server, ctx: RequestContext, interaction: str, rtype: str,
     if not p.can(interaction, rtype):
         raise FHIRError(403, f"The access token's scopes do not allow '{interaction}' on {rtype}", "forbidden",
                         message_id="insufficient-scope")
+    if interaction in ("c", "u", "d") and rtype in PLATFORM_TYPES and not p.is_admin:
+        # Profiles, search parameters, compartments and terminology written through the API change how the
+        # platform validates, indexes and grants access for every client: the operator's job (the national
+        # CapabilityStatement offers clients read and search of them only).
+        raise FHIRError(403, f"Writing {rtype} resources changes the platform for every client: it needs the "
+                        "dhp/admin scope", "forbidden", message_id="insufficient-scope")
     if resource is not None and server.check_resource is not None and needs_resource_check(p, interaction, rtype):
         server.check_resource(server, p, interaction, resource)
 
