@@ -430,3 +430,30 @@ def test_negative_zero_keeps_its_sign(client: httpx.Client) -> None:
     assert patched.status_code == 200
     for text in (r.text, client.get(f"/Observation/{oid}").text, patched.text):
         assert '"value":-0}' in text, text
+
+
+def test_a_failing_reload_neither_fails_the_committed_write_nor_later_requests(server: Any) -> None:
+    """A consumer of conformance changes that raises (a bug) is logged: the write that made the change is
+    committed and answered as such, the other consumers reload, and later requests work."""
+    calls: list[int] = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("consumer bug")
+
+    listeners = server.server.registry.listeners
+    listeners.insert(0, broken)
+    try:
+        with httpx.Client(base_url=server.fhir, headers={"Content-Type": "application/fhir+json"}) as c:
+            vs = {"resourceType": "ValueSet", "url": f"http://dhp.test/fhir/ValueSet/{uuid.uuid4().hex}",
+                  "status": "active", "compose": {"include": [{"system": "http://dhp.test/cs", "concept": [
+                      {"code": "a"}]}]}}
+            r = c.post("/ValueSet", content=orjson.dumps(vs))
+            assert r.status_code == 201, r.text
+            assert calls  # the broken consumer did run
+            exp = c.get("/ValueSet/$expand", params={"url": vs["url"]})
+            assert exp.status_code == 200, exp.text  # the terminology consumer reloaded after it
+            assert [x["code"] for x in exp.json()["expansion"]["contains"]] == ["a"]
+            assert c.get("/Patient").status_code == 200
+    finally:
+        listeners.remove(broken)

@@ -7,11 +7,14 @@ when the database says conformance changed (see ``store.conformance_epoch``).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from dhp.conformance.packages import Package, _version_key
+
+log = logging.getLogger("dhp.conformance")
 
 CANONICAL_TYPES = frozenset({
     "StructureDefinition", "SearchParameter", "CodeSystem", "ValueSet", "ConceptMap", "NamingSystem",
@@ -77,7 +80,12 @@ class Registry:
         with self._lock:
             self._overlay_by_url, self._overlay_by_type, self.epoch = by_url, by_type, epoch
         for fn in self.listeners:
-            fn()
+            try:
+                fn()
+            except Exception:
+                # One consumer that cannot take the new definitions (a bug) must not fail the write that made
+                # them (it is committed) nor every later request: the others still reload; it keeps its old state.
+                log.exception("reloading after a conformance change failed in %r", fn)
 
     # -- reading
 
