@@ -153,3 +153,99 @@ def test_chained_where_is_linear(fhir: str) -> None:
     v, issues = _validate(fhir, sid, telecom=[{"system": "phone", "value": "1"}])
     assert v.status_code == 200
     assert not [i for i in issues if "x-1" in i[2]], issues  # evaluated, and true
+
+
+def _invariant(sid: str, expr: str, key: str = "x-1") -> dict[str, Any]:
+    return _sd(sid, [{"id": "Patient", "path": "Patient", "constraint": [
+        {"key": key, "severity": "error", "human": "h", "expression": expr}]}])
+
+
+@pytest.mark.parametrize("expr", [
+    "name.family.matches('(a+)+$')",
+    "name.family.replaceMatches('(a|aa)*$', '') = ''",
+    "name.family.matchesFull('(.*a){12}')",
+])
+def test_catastrophic_regex_in_an_invariant_is_refused_at_create(fhir: str, expr: str) -> None:
+    # Python's re has no timeout: (a+)+$ against 'aaaa…b' blocked the event loop for minutes.
+    r = _put(fhir, _invariant(_uid(), expr))
+    assert r.status_code == 422, r.text
+    issue = r.json()["issue"][0]
+    assert issue["details"]["coding"][0]["code"] == "invariant-regex-refused"
+    assert "x-1" in issue["diagnostics"] and "refused" in issue["diagnostics"]
+
+
+def test_catastrophic_regex_reached_at_run_time_is_reported_not_run(fhir: str) -> None:
+    # The pattern is not a literal (it comes from the resource), so only the run-time vetting can stop it.
+    sid = _uid()
+    r = _put(fhir, _invariant(sid, "name.family.matches(%resource.name.given.first())"))
+    assert r.status_code in (200, 201), r.text
+    v, issues = _validate(fhir, sid, name=[{"family": "a" * 40 + "b", "given": ["(a+)+$"]}])
+    assert v.status_code == 200
+    hits = [(s, d) for s, code, d in issues if code == "invariant-regex-refused"]
+    assert hits and hits[0][0] == "error" and "x-1" in hits[0][1], issues
+    # A vetted pattern runs as before.
+    v, issues = _validate(fhir, sid, name=[{"family": "Aziz", "given": ["^Az"]}])
+    assert v.status_code == 200
+    assert not [i for i in issues if "x-1" in i[2]], issues
+
+
+def test_conforms_to_shares_the_budget_of_the_invariant_that_calls_it(fhir: str) -> None:
+    # Each conformsTo() evaluation used to start with a fresh step budget: 20 contained resources × 20^4 steps
+    # in the nested profile's invariant (3.2M) ran in full under an outer invariant allowed 1M.
+    inner, outer = _uid(), _uid()
+    costly = "telecom" + ".select(%resource.telecom" * 3 + ")" * 3 + ".count() > 0"
+    assert _put(fhir, _invariant(inner, costly, key="in-1")).status_code in (200, 201)
+    r = _put(fhir, _invariant(outer, f"contained.all(conformsTo('{EX + inner}'))", key="out-1"))
+    assert r.status_code in (200, 201), r.text
+    telecom = [{"system": "phone", "value": str(i)} for i in range(20)]
+    contained = [{"resourceType": "Patient", "id": f"c{i}", "telecom": telecom} for i in range(20)]
+    v, issues = _validate(fhir, outer, contained=contained)
+    assert v.status_code == 200
+    assert any(s == "error" and code == "invariant-too-costly" and "out-1" in d for s, code, d in issues), issues
+
+
+def _slices(sid: str, n: int) -> dict[str, Any]:
+    diff: list[Any] = [{"id": "Patient.identifier", "path": "Patient.identifier",
+                        "slicing": {"discriminator": [{"type": "value", "path": "system"}], "rules": "open"}}]
+    diff += [{"id": f"Patient.identifier:s{i}", "path": "Patient.identifier", "sliceName": f"s{i}",
+              "max": "1"} for i in range(n)]
+    return _sd(sid, diff)
+
+
+def _snapshot_calls(registry: Any, n: int) -> int:
+    """C-level calls (id comparisons, prefix tests, copies) made generating the snapshot of n slices."""
+    import sys
+
+    from dhp.validation.snapshot import generate_snapshot
+
+    sd = _slices("calls", n)
+    calls = 0
+
+    def count(_frame: Any, event: str, _arg: Any) -> None:
+        nonlocal calls
+        if event == "c_call":
+            calls += 1
+
+    sys.setprofile(count)
+    try:
+        out = generate_snapshot(sd, registry)
+    finally:
+        sys.setprofile(None)
+    assert len(out["snapshot"]["element"]) > n
+    return calls
+
+
+def test_snapshot_generation_is_near_linear_in_the_differential(registry: Any) -> None:
+    # Each new slice scanned every element before it (index, subtree end): 5,000 slices took 4 s of event loop.
+    # Counted in work, not time: twice the slices must cost about twice the calls (it was four times).
+    small, large = _snapshot_calls(registry, 400), _snapshot_calls(registry, 1600)
+    assert large < 6 * small, (small, large)
+
+
+def test_profile_with_thousands_of_slices_is_usable(fhir: str) -> None:
+    sid = _uid()
+    r = _put(fhir, _slices(sid, 4_990))
+    assert r.status_code in (200, 201), r.text
+    v, issues = _validate(fhir, sid, identifier=[{"system": "urn:x", "value": "1"}])
+    assert v.status_code == 200
+    assert not [i for i in issues if i[1] in ("profile-unusable", "profile-unknown")], issues

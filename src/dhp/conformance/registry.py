@@ -152,6 +152,13 @@ class Registry:
         """The API-written resources of one type (not package content)."""
         return [self._load(e) for e in self._overlay_by_type.get(resource_type, ())]
 
+    def from_api(self, resource: dict[str, Any]) -> bool:
+        """Was ``resource`` (as returned by :meth:`resolve`) written through the API, not read from a package?
+        Package content is trusted as the operator installed it; API-written definitions are not."""
+        url = resource.get("url")
+        return any(e.resource is resource for e in self._overlay_by_url.get(url, ())) if isinstance(url, str) \
+            else True
+
     def package_resources(self) -> Iterator[tuple[Package, dict[str, Any], dict[str, Any]]]:
         """(package, index entry, resource) for every resource of every package, in load order."""
         for p in self.packages:

@@ -10,6 +10,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 CONCEPT_PROPERTIES = "http://hl7.org/fhir/concept-properties#"
+# Properties a filter may name in any code system: FHIR's concept properties and what the index derives.
+BUILTIN_PROPERTIES = frozenset({
+    "concept", "code", "display", "definition", "designation", "parent", "child", "partOf", "inactive", "status",
+    "notSelectable", "abstract", "deprecated", "deprecationDate", "retirementDate", "effectiveDate", "synonym",
+    "comment", "itemWeight", "order"})
 
 # Code systems whose hierarchy is carried in the code itself rather than in nested concepts or
 # parent/child properties. KODP-2020 (position-and-profession-cs): "1111" is a group of positions,
@@ -108,6 +113,7 @@ class CodeSystemIndex:
         self._desc: dict[str, frozenset[str]] = {}
         self._anc: dict[str, frozenset[str]] = {}
         self._has_properties = False
+        self._used_props: frozenset[Any] | None = None
         self._all_items: Any = None  # every code as expansion items (dhp.terminology.valueset.all_items)
 
         parent_codes = {c for c, p in self.property_defs.items() if p.get("uri") == CONCEPT_PROPERTIES + "parent"}
@@ -249,6 +255,15 @@ class CodeSystemIndex:
             concepts[code].children = lst
 
     # -- reading
+
+    def knows_property(self, code: str) -> bool:
+        """Whether a filter on property ``code`` means anything here (defined, built in, or used by a concept)."""
+        if code in BUILTIN_PROPERTIES or code in self.property_defs or code in self._parent_props \
+                or code in self._child_props:
+            return True
+        if self._used_props is None:
+            self._used_props = frozenset(p.get("code") for c in self.order for p in c.properties)
+        return code in self._used_props
 
     @property
     def canonical(self) -> str:

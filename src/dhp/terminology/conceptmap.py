@@ -82,9 +82,13 @@ def _deps_ok(target: dict[str, Any], dependencies: list[tuple[str, str]]) -> boo
 def translate(cm: dict[str, Any], system: str, code: str, *, reverse: bool = False,
               target_system: str | None = None, dependencies: list[tuple[str, str]] = (),  # type: ignore[assignment]
               resolve_map: Callable[[str], dict[str, Any] | None] | None = None,
-              _seen: frozenset[str] = frozenset()) -> list[Match]:
+              _seen: set[str] | None = None) -> list[Match]:
     """Matches for ``system#code`` in one map (forward: code is a source code; reverse: a target code)."""
     origin = cm.get("url") or ("ConceptMap/" + str(cm.get("id", "")))
+    # Maps consulted in this translation, shared by the whole otherMap walk: each map is followed once, so
+    # loops end and fan-out (30 groups each pointing on, 4 maps deep) stays linear, not 30**4 matches.
+    seen = _seen if _seen is not None else set()
+    seen.add(origin)
     out: list[Match] = []
     for g in cm.get("group") or []:
         if not isinstance(g, dict):
@@ -130,11 +134,11 @@ def translate(cm: dict[str, Any], system: str, code: str, *, reverse: bool = Fal
                 out.append(Match(rel, tgt_url, um["code"], um.get("display"), tgt_version, origin))
             elif mode == "other-map" and um.get("otherMap") and resolve_map is not None:
                 ref = um["otherMap"]
-                other = resolve_map(ref) if ref not in _seen else None
+                other = resolve_map(ref) if ref not in seen and ref.split("|", 1)[0] not in seen else None
+                seen.add(ref)
                 if other is not None:
                     out.extend(translate(other, system, code, target_system=target_system,
-                                         dependencies=dependencies, resolve_map=resolve_map,
-                                         _seen=_seen | {ref, origin}))
+                                         dependencies=dependencies, resolve_map=resolve_map, _seen=seen))
     return out
 
 

@@ -16,8 +16,9 @@ from typing import Any
 from dhp.conformance import Registry
 from dhp.errors import FHIRError, Issue
 from dhp.terminology import ucum
-from dhp.terminology.codesystem import CodeSystemIndex, Concept
+from dhp.terminology.codesystem import CONCEPT_PROPERTIES, CodeSystemIndex, Concept
 from dhp.terminology.conceptmap import Match, map_systems, scope_of, translate
+from dhp.terminology.shape import shape_problem
 from dhp.terminology.text import no_gc, normalize
 from dhp.terminology.types import CodeCheck
 from dhp.terminology.valueset import (
@@ -625,6 +626,11 @@ class Terminology:
         """Terminology-specific problems in a CodeSystem, ValueSet, ConceptMap or NamingSystem about to be
         stored. Errors should reject the write (422); warnings can be returned to the client."""
         rt = resource.get("resourceType")
+        bad = shape_problem(resource)
+        if bad is not None:
+            # Stored definitions are read by the engine assuming FHIR JSON types; a wrong type would be a 500
+            # on every later use (and in validation of resources bound to it), so it is refused now.
+            return [Issue("error", "structure", f"{bad}", [bad.where], "tx-structure")]
         if rt == "CodeSystem":
             return self._check_codesystem(resource)
         if rt == "ValueSet":
@@ -665,7 +671,18 @@ class Terminology:
             if not isinstance(target, str) or not target:
                 issues.append(Issue("error", "required", "A supplement must say which code system it supplements",
                                     ["CodeSystem.supplements"], "cs-supplements-missing"))
+            elif _split(target)[0] == cs.get("url") or self._is_supplement(target):
+                issues.append(Issue("error", "invalid", f"A supplement cannot supplement {target}: it is "
+                                    "itself a supplement", ["CodeSystem.supplements"], "cs-supplements-supplement"))
             else:
+                for where, c in flat:
+                    for j, p in enumerate(c.get("property") or []):
+                        if isinstance(p, dict) and p.get("code") in ("parent", "child"):
+                            # The hierarchy is the code system's own; a supplement changing it could make a
+                            # cycle in a system it does not own.
+                            issues.append(Issue("error", "invalid", "A supplement cannot change the hierarchy "
+                                                f"(concept '{c.get('code')}' has property {p['code']})",
+                                                [f"{where}.property[{j}]"], "cs-supplement-hierarchy"))
                 base = self.code_system(*_split(target))
                 if base is None:
                     issues.append(Issue("warning", "not-found", f"Supplemented code system {target} is not "
@@ -681,6 +698,10 @@ class Terminology:
             issues.append(Issue("warning", "invalid", f"CodeSystem.count is {cs.get('count')} but {len(seen)} "
                                 "concepts are defined", ["CodeSystem.count"], "cs-count"))
         if content != "supplement":
+            cycle = _hierarchy_cycle(cs, flat)
+            if cycle:
+                issues.append(Issue("error", "invalid", "The concept hierarchy has a cycle: " + " → ".join(cycle),
+                                    ["CodeSystem.concept"], "cs-hierarchy-cycle"))
             for where, c in flat:
                 for j, p in enumerate(c.get("property") or []):
                     if isinstance(p, dict) and p.get("code") in ("parent", "child"):
@@ -690,6 +711,57 @@ class Terminology:
                                                 f"{p['code']} '{v}', which is not in this code system",
                                                 [f"{where}.property[{j}]"], "cs-hierarchy-unknown"))
         return issues
+
+    def _includes(self, ref: str, url: str) -> list[str] | None:
+        """The chain of ``valueSet`` includes by which ``ref`` reaches ``url`` (a loop, if ``url`` is the value
+        set being written), or None. Follows stored value sets only, each at most once."""
+        prev: dict[str, str | None] = {_split(ref)[0]: None}
+        todo = [ref]
+        while todo:
+            cur = todo.pop()
+            cur_url = _split(cur)[0]
+            if cur_url == url:
+                chain = [cur_url]
+                while (p := prev.get(chain[-1])) is not None:
+                    chain.append(p)
+                return [url, *reversed(chain)]
+            vs = self.value_set(*_split(cur))
+            compose = vs.get("compose") if isinstance(vs, dict) else None
+            if not isinstance(compose, dict):
+                continue
+            for kind in ("include", "exclude"):
+                for inc in compose.get(kind) or []:
+                    refs = inc.get("valueSet") if isinstance(inc, dict) else None
+                    for r in refs if isinstance(refs, list) else ():
+                        if isinstance(r, str) and _split(r)[0] not in prev:
+                            prev[_split(r)[0]] = cur_url
+                            todo.append(r)
+        return None
+
+    def _other_map_loop(self, ref: str, url: str) -> list[str] | None:
+        """The otherMap chain by which ``ref`` leads back to the map ``url``, or None (stored maps, each once)."""
+        prev: dict[str, str | None] = {_split(ref)[0]: None}
+        todo = [ref]
+        while todo:
+            cur = todo.pop()
+            cur_url = _split(cur)[0]
+            if cur_url == url:
+                chain = [cur_url]
+                while (p := prev.get(chain[-1])) is not None:
+                    chain.append(p)
+                return [url, *reversed(chain)]
+            cm = self.concept_map(*_split(cur))
+            for g in cm.get("group") or [] if isinstance(cm, dict) else ():
+                um = g.get("unmapped") if isinstance(g, dict) else None
+                nxt = um.get("otherMap") if isinstance(um, dict) and um.get("mode") == "other-map" else None
+                if isinstance(nxt, str) and _split(nxt)[0] not in prev:
+                    prev[_split(nxt)[0]] = cur_url
+                    todo.append(nxt)
+        return None
+
+    def _is_supplement(self, canonical: str) -> bool:
+        res = self.registry.resolve(canonical, "CodeSystem")
+        return res is not None and res.get("content") == "supplement"
 
     def _check_valueset(self, vs: dict[str, Any]) -> list[Issue]:
         issues: list[Issue] = []
@@ -716,8 +788,10 @@ class Terminology:
                         issues.append(Issue("error", "code-invalid", f"Filter operator {f['op']!r} is not "
                                             "supported", [f"{where}.filter[{j}].op"], "vs-filter-op"))
                 for j, ref in enumerate(inc.get("valueSet") or []):
-                    if ref == vs.get("url"):
-                        issues.append(Issue("error", "invalid", "A value set cannot include itself",
+                    loop = self._includes(ref, vs.get("url")) if vs.get("url") else None
+                    if loop is not None:
+                        issues.append(Issue("error", "invalid", "A value set cannot include itself"
+                                            + (f" (via {' → '.join(loop)})" if len(loop) > 1 else ""),
                                             [f"{where}.valueSet[{j}]"], "vs-circular"))
                     elif self.value_set(*_split(ref)) is None:
                         issues.append(Issue("warning", "not-found", f"ValueSet {ref} is not known here",
@@ -730,7 +804,15 @@ class Terminology:
                             issues.append(Issue("warning", "not-found", f"Code system {system} is not loaded "
                                                 "here; codes from it are not checked", [f"{where}.system"],
                                                 "unknown-system"))
-                    elif cs.complete:
+                    else:
+                        for j, f in enumerate(inc.get("filter") or []):
+                            prop = f.get("property") if isinstance(f, dict) else None
+                            if isinstance(prop, str) and not cs.knows_property(prop):
+                                # Such a filter silently matches nothing (or everything, for not-in).
+                                issues.append(Issue("error", "not-found", f"Filter property {prop!r} is not "
+                                                    f"defined by code system {cs.canonical}",
+                                                    [f"{where}.filter[{j}].property"], "vs-filter-property"))
+                    if cs is not None and cs.complete:
                         for j, c in enumerate(inc.get("concept") or []):
                             if isinstance(c, dict) and isinstance(c.get("code"), str) and cs.get(c["code"]) is None:
                                 issues.append(Issue("error", "code-invalid", f"Code '{c['code']}' is not in "
@@ -771,6 +853,12 @@ class Terminology:
                 elif mode == "other-map" and not um.get("otherMap"):
                     issues.append(Issue("error", "required", "unmapped mode 'other-map' needs otherMap",
                                         [f"ConceptMap.group[{gi}].unmapped"], "cm-unmapped-othermap"))
+                elif mode == "other-map" and isinstance(cm.get("url"), str):
+                    loop = self._other_map_loop(um["otherMap"], cm["url"])
+                    if loop is not None:
+                        issues.append(Issue("error", "invalid", "unmapped.otherMap leads back to this map: "
+                                            + " → ".join(loop), [f"ConceptMap.group[{gi}].unmapped.otherMap"],
+                                            "cm-othermap-circular"))
         return issues
 
     @staticmethod
@@ -809,3 +897,64 @@ def _flatten_with_path(concepts: list[Any], path: str) -> Any:
         if isinstance(c, dict):
             yield f"{path}[{i}]", c
             yield from _flatten_with_path(c.get("concept") or [], f"{path}[{i}].concept")
+
+
+def _hierarchy_cycle(cs: dict[str, Any], flat: list[tuple[str, dict[str, Any]]]) -> list[str] | None:
+    """A cycle in a CodeSystem's hierarchy (nested concepts plus parent/child properties), as codes, or None.
+
+    A cycle makes a code its own ancestor: subsumption answers both ways and hierarchical expansions lose codes."""
+    defs = [p for p in cs.get("property") or [] if isinstance(p, dict)]
+    parent_codes = {"parent"} | {p.get("code") for p in defs if p.get("uri") == CONCEPT_PROPERTIES + "parent"}
+    child_codes = {"child"} | {p.get("code") for p in defs if p.get("uri") == CONCEPT_PROPERTIES + "child"}
+    parents: dict[str, set[str]] = {}
+
+    def walk(concepts: list[Any], parent: str | None) -> None:
+        stack = [(concepts, parent)]
+        while stack:
+            items, up = stack.pop()
+            for c in items:
+                if not isinstance(c, dict) or not isinstance(c.get("code"), str):
+                    continue
+                if up is not None:
+                    parents.setdefault(c["code"], set()).add(up)
+                if isinstance(c.get("concept"), list):
+                    stack.append((c["concept"], c["code"]))
+
+    walk(cs.get("concept") or [], None)
+    for _, c in flat:
+        code = c.get("code")
+        if not isinstance(code, str):
+            continue
+        for p in c.get("property") or []:
+            if not isinstance(p, dict):
+                continue
+            v = next((x for k, x in p.items() if k.startswith("value")), None)
+            target = v.get("code") if isinstance(v, dict) else v
+            if not isinstance(target, str) or target == code:
+                continue
+            if p.get("code") in parent_codes:
+                parents.setdefault(code, set()).add(target)
+            elif p.get("code") in child_codes:
+                parents.setdefault(target, set()).add(code)
+    # Iterative depth-first search (a 100,000-code chain must not hit the recursion limit).
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in parents:
+        if start in state:
+            continue
+        path: list[str] = [start]
+        iters = [iter(parents.get(start, ()))]
+        state[start] = 1
+        while iters:
+            nxt = next(iters[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                iters.pop()
+                continue
+            st = state.get(nxt)
+            if st == 1:
+                return [*path[path.index(nxt):], nxt]
+            if st is None:
+                state[nxt] = 1
+                path.append(nxt)
+                iters.append(iter(parents.get(nxt, ())))
+    return None

@@ -106,13 +106,19 @@ def check_valueset(vs: dict[str, Any], where: str = "ValueSet") -> None:
         _contains(expansion, where + ".expansion")
 
 
+# Deeper concept nesting is refused rather than left unchecked: the index walks it recursively.
+MAX_CONCEPT_DEPTH = 100
+
+
 def _cs_concepts(d: dict[str, Any], where: str, depth: int = 0) -> None:
     for w, c in _objects(d, "concept", where):
         _str(c, ("code", "display", "definition"), w)
         _designations(c, w)
         for wp, p in _objects(c, "property", w):
             _str(p, ("code",), wp)
-        if depth < 100:
+        if c.get("concept") is not None:
+            if depth >= MAX_CONCEPT_DEPTH:
+                raise ShapeError(f"{w}.concept", f"nested at most {MAX_CONCEPT_DEPTH} levels deep")
             _cs_concepts(c, w, depth + 1)
 
 
@@ -143,6 +149,17 @@ def check_conceptmap(cm: dict[str, Any], where: str = "ConceptMap") -> None:
 
 
 _CHECKS = {"ValueSet": check_valueset, "CodeSystem": check_codesystem, "ConceptMap": check_conceptmap}
+
+
+def shape_problem(res: dict[str, Any]) -> ShapeError | None:
+    """The first wrong JSON type in a terminology resource about to be stored, if any."""
+    check = _CHECKS.get(str(res.get("resourceType")))
+    try:
+        if check is not None:
+            check(res)
+    except ShapeError as e:
+        return e
+    return None
 
 
 def check_resource(res: dict[str, Any], param: str) -> None:

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from dhp.errors import FHIRError
+from dhp.regexguard import MAX_UNBOUNDED as _REGEX_MAX_UNBOUNDED
+from dhp.regexguard import parsed_risk as _regex_risk
 from dhp.terminology.codesystem import CodeSystemIndex, Concept, value_text
 from dhp.terminology.text import no_gc, words, words_many
 
@@ -115,6 +117,11 @@ class Options:
     exclude_system: tuple[str, ...] = ()  # system or system|version left out of the expansion
 
 
+# Codes a compose may visit in all (every include, exclude, filter and nested value set counted): 20 passes over
+# a 100,000-code system; the DHP packages' largest compose visits about 30,000.
+MAX_COMPOSE_WORK = 2_000_000
+
+
 @dataclass
 class Expansion:
     url: str | None
@@ -134,6 +141,18 @@ class Expansion:
     # When the expansion is exactly one whole code system, its word index is kept with that system's items
     # and survives expansion-cache drops (API writes elsewhere) and other value sets over the same system.
     source: SystemItems | None = None
+    work: int = 0  # codes visited while evaluating the compose (see spend)
+
+    def spend(self, n: int, where: str) -> None:
+        """Count ``n`` units of compose work (codes visited); refuse a definition that needs too many.
+
+        Each include/exclude is bounded by its code system, but a compose may repeat them by the thousand
+        (3,000 filtered includes of a 100,000-code system ran for minutes in the event loop)."""
+        self.work += n
+        if self.work > MAX_COMPOSE_WORK:
+            raise FHIRError(422, f"ValueSet {self.url or '(inline)'} is too costly to expand: its compose visits "
+                                 f"more than {MAX_COMPOSE_WORK:,} codes (at {where})", "too-costly",
+                            expression=where, message_id="vs-too-costly")
 
     def add(self, it: Item) -> None:
         key = (it.system, it.code)
@@ -222,6 +241,7 @@ def expand_compose(eng: Terminology, vs: dict[str, Any], opts: Options, stack: t
     inactive_ok = compose.get("inactive") is not False and not opts.active_only
     for i, inc in enumerate(compose.get("include") or []):
         items, open_ = _eval_set(eng, exp, inc, opts, stack, f"ValueSet.compose.include[{i}]")
+        exp.spend(len(items) + 1, f"ValueSet.compose.include[{i}]")
         exp.open_systems |= open_
         if not exp.items and isinstance(items, SystemItems):
             # A whole code system first: copy its prebuilt list and index (C-speed) instead of adding one by one.
@@ -236,6 +256,7 @@ def expand_compose(eng: Terminology, vs: dict[str, Any], opts: Options, stack: t
     excluded: set[tuple[str, str]] = set()
     for i, exc in enumerate(compose.get("exclude") or []):
         items, _ = _eval_set(eng, exp, exc, opts, stack, f"ValueSet.compose.exclude[{i}]")
+        exp.spend(len(items) + 1, f"ValueSet.compose.exclude[{i}]")
         excluded.update((it.system, it.code) for it in items)
     dropped = _excluded_systems(opts.exclude_system)
     if excluded or not inactive_ok or opts.exclude_not_for_ui or dropped:
@@ -281,6 +302,7 @@ def _eval_set(eng: Terminology, exp: Expansion, inc: dict[str, Any], opts: Optio
     nested: list[Expansion] = []
     for ref in inc.get("valueSet") or []:
         sub = eng.expansion_for(ref, opts, stack)
+        exp.spend(len(sub.items) + 1, where)  # the intersection below walks it
         nested.append(sub)
         exp.used.update(sub.used)
         exp.warnings.extend(sub.warnings)
@@ -336,6 +358,10 @@ def _eval_set(eng: Terminology, exp: Expansion, inc: dict[str, Any], opts: Optio
         elif filters:
             selected: set[str] | None = None
             for j, f in enumerate(filters):
+                exp.spend(len(cs.order), where)
+                prop = f.get("property") if isinstance(f, dict) else None
+                if isinstance(prop, str) and not cs.knows_property(prop):
+                    exp.warnings.append(f"{where}.filter[{j}]: property {prop!r} is not defined by {cs.canonical}")
                 s = eval_filter(cs, f, f"{where}.filter[{j}]")
                 if selected is None:
                     selected = s
@@ -435,39 +461,7 @@ def eval_filter(cs: CodeSystemIndex, f: dict[str, Any], where: str) -> set[str]:
 # polynomial time (many ``.*``) per string, and a filter runs over every concept in the event loop: one
 # ``(.*a){12}`` in an inline ValueSet froze the whole server. Such patterns are refused, and the rest get a
 # time budget.
-_REGEX_MAX_UNBOUNDED = 3
 _REGEX_BUDGET_S = 3.0
-_REPEATS = frozenset({"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"})
-
-
-def _regex_risk(items: Any, in_repeat: bool, counts: list[int]) -> str | None:
-    for op, av in items:
-        name = str(op)
-        if name in _REPEATS:
-            lo, hi, sub = av
-            variable = lo != hi
-            if hi == _sre.MAXREPEAT or hi > 1000:
-                counts[0] += 1
-            if in_repeat and variable:
-                return "a repeat inside a repeat"
-            why = _regex_risk(sub, in_repeat or hi > 1, counts)
-        elif name == "SUBPATTERN":
-            why = _regex_risk(av[3], in_repeat, counts)
-        elif name == "BRANCH":
-            if in_repeat:
-                return "alternatives inside a repeat"
-            why = next((w for b in av[1] if (w := _regex_risk(b, in_repeat, counts))), None)
-        elif name in ("GROUPREF", "GROUPREF_EXISTS"):
-            return "a back-reference"
-        elif name in ("ASSERT", "ASSERT_NOT"):
-            why = _regex_risk(av[1], in_repeat, counts)
-        elif name == "ATOMIC_GROUP":
-            why = _regex_risk(av, in_repeat, counts)
-        else:
-            why = None
-        if why:
-            return why
-    return None
 
 
 def _regex_matches(cs: CodeSystemIndex, getter: Callable[[Concept], list[str]], value: str,

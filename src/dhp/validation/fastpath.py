@@ -16,6 +16,7 @@ from decimal import Decimal
 from itertools import repeat
 from typing import Any
 
+from dhp.regexguard import vetted
 from dhp.validation.primitives import date_bounds
 from dhp.validation.xhtml import check_xhtml
 
@@ -453,7 +454,7 @@ class _Parser:
         kind, text = tok
         if kind == "str":
             self.next()
-            return _const_fn([_unescape(text[1:-1])])
+            return _const_fn([unescape(text[1:-1])])
         if kind == "num":
             self.next()
             if self.peek() is not None and self.peek()[0] == "str":  # type: ignore[index]
@@ -517,7 +518,7 @@ class _Parser:
         return lambda c, t, x, _b=base, _n=name: _navigate(_b(c, t, x), _n)
 
 
-def _unescape(s: str) -> str:
+def unescape(s: str) -> str:
     return s.replace("\\'", "'").replace('\\"', '"').replace("\\\\", "\\").replace("\\n", "\n").replace(
         "\\t", "\t").replace("\\r", "\r").replace("\\/", "/")
 
@@ -873,9 +874,10 @@ def _function(base: Fn, name: str, args: list[Fn], leading: bool) -> Fn:
                 return [s.startswith(arg)]
             if name == "endsWith":
                 return [s.endswith(arg)]
+            # The pattern may come from a profile written through the API: vetted (RiskyRegex) before it runs.
             if name == "matches":
-                return [re.search(arg, s, re.S) is not None]
-            return [re.fullmatch(arg, s, re.S) is not None]
+                return [vetted(arg, re.S).search(s) is not None]
+            return [vetted(arg, re.S).fullmatch(s) is not None]
         return strfn
     if name == "length" and n == 0:
         return lambda c, t, x: [len(val(i)) for i in base(c, t, x)[:1] if isinstance(val(i), str)]
@@ -903,7 +905,7 @@ def _function(base: Fn, name: str, args: list[Fn], leading: bool) -> Fn:
                 return []
             if name == "replace":
                 return [val(items[0]).replace(pat, rep)]
-            return [re.sub(pat, rep.replace("$", "\\"), val(items[0]))]
+            return [vetted(pat).sub(rep.replace("$", "\\"), val(items[0]))]
         return repl
     if name in ("lower", "upper", "trim") and n == 0:
         return lambda c, t, x: [getattr(val(i), {"trim": "strip"}.get(name, name))()

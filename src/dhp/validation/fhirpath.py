@@ -19,6 +19,7 @@ from fhirpathpy import engine as _engine
 from fhirpathpy.engine.nodes import FP_Quantity, FP_Type, ResourceNode
 from fhirpathpy.models import models
 
+from dhp.regexguard import vetted
 from dhp.validation.fastpath import spend
 from dhp.validation.primitives import date_bounds
 from dhp.validation.xhtml import check_xhtml
@@ -130,7 +131,29 @@ def _matches_full(inputs: list[Any], regex: Any) -> list[bool]:
     v = _data(inputs[0])
     if not isinstance(v, str):
         return []
-    return [re.fullmatch(r, v, flags=re.S) is not None]
+    return [vetted(r, re.S).fullmatch(v) is not None]
+
+
+def _matches(inputs: list[Any], regex: Any) -> list[bool]:
+    # fhirpathpy's own matches()/replaceMatches() run any pattern: these vet it first (RiskyRegex).
+    r = _data(regex[0]) if isinstance(regex, list) and regex else _data(regex)
+    if len(inputs) != 1 or not isinstance(r, str) or not r:
+        return []
+    v = _data(inputs[0])
+    if not isinstance(v, str):
+        return []
+    return [vetted(r, re.S).search(v) is not None]
+
+
+def _replace_matches(inputs: list[Any], regex: Any, repl: Any) -> list[str]:
+    r = _data(regex[0]) if isinstance(regex, list) and regex else _data(regex)
+    s = _data(repl[0]) if isinstance(repl, list) and repl else _data(repl)
+    if len(inputs) != 1 or not isinstance(r, str) or not isinstance(s, str):
+        return []
+    v = _data(inputs[0])
+    if not isinstance(v, str):
+        return []
+    return [vetted(r).sub(re.sub(r"\$(\d+)", r"\\\1", s), v)]
 
 
 def _html_checks(inputs: list[Any]) -> list[bool]:
@@ -168,6 +191,8 @@ USER_FUNCTIONS: dict[str, dict[str, Any]] = {
     "lowBoundary": {"fn": _low, "arity": {0: [], 1: ["Integer"]}},
     "highBoundary": {"fn": _high, "arity": {0: [], 1: ["Integer"]}},
     "matchesFull": {"fn": _matches_full, "arity": {1: ["String"]}},
+    "matches": {"fn": _matches, "arity": {1: ["String"]}},
+    "replaceMatches": {"fn": _replace_matches, "arity": {2: ["String", "String"]}},
     "htmlChecks": {"fn": _html_checks},
     "comparable": {"fn": _comparable, "arity": {1: ["AnyAtRoot"]}},
 }

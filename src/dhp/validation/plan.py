@@ -51,6 +51,8 @@ class Constraint:
     human: str
     expression: str
     source: str
+    # From a definition of an installed package (not written through the API): its regexes run unvetted.
+    trusted: bool = False
 
 
 @dataclass

@@ -140,42 +140,74 @@ def _elem_id(de: dict[str, Any]) -> str:
     return path
 
 
-def _parent_id(eid: str) -> str:
-    return eid.rpartition(".")[0]
-
-
 class _Generator:
+    """Merges differential elements into ``elems``. Elements are only ever inserted, never removed or renamed,
+    and an element's descendants and slices stay together after it (tree order): lookups use an id → index map
+    whose entries can only lag behind (corrected by a forward C-level search), and the end of a subtree is
+    found by galloping then bisecting, so a differential of n elements costs about n log n, not n² (5,000 slices
+    took 4 s)."""
+
     def __init__(self, registry: Any, elems: list[dict[str, Any]], depth: int,
                  chain: tuple[str, ...] = ()) -> None:
         self.registry = registry
         self.elems = elems
         self.depth = depth
         self.chain = chain  # the definitions being generated (a type profile among them is a cycle)
+        self._ids: list[str] = [e["id"] for e in elems]  # parallel to elems
+        self._pos: dict[str, int] = {}  # id → index of its first element, or an index before it
+        for i, eid in enumerate(self._ids):
+            self._pos.setdefault(eid, i)
+
+    def _insert(self, pos: int, new: list[dict[str, Any]]) -> None:
+        self.elems[pos:pos] = new
+        ids = [e["id"] for e in new]
+        self._ids[pos:pos] = ids
+        for k, eid in enumerate(ids):
+            self._pos.setdefault(eid, pos + k)
 
     def index(self, eid: str) -> int:
-        for i, e in enumerate(self.elems):
-            if e.get("id") == eid:
-                return i
-        return -1
+        hint = self._pos.get(eid)
+        if hint is None:
+            return -1
+        ids = self._ids
+        if ids[hint] != eid:
+            hint = ids.index(eid, hint)  # insertions only move an element forward
+            self._pos[eid] = hint
+        return hint
+
+    def _run_end(self, i: int, prefixes: tuple[str, ...]) -> int:
+        """Index just past the elements after i whose ids start with one of ``prefixes`` (they are contiguous)."""
+        ids = self._ids
+        n = len(ids)
+        lo = i + 1
+        if lo >= n or not ids[lo].startswith(prefixes):
+            return lo
+        step = 1
+        while True:  # ids[lo] is in the run; find hi that is not
+            hi = lo + step
+            if hi >= n:
+                hi = n
+                break
+            if not ids[hi].startswith(prefixes):
+                break
+            lo = hi
+            step *= 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ids[mid].startswith(prefixes):
+                lo = mid
+            else:
+                hi = mid
+        return hi
 
     def subtree_end(self, i: int) -> int:
         """Index just past element i, its descendants and (for an unsliced element) its slices."""
-        eid = self.elems[i]["id"]
-        j = i + 1
-        while j < len(self.elems):
-            oid = self.elems[j]["id"]
-            if oid.startswith(eid + ".") or oid.startswith(eid + ":"):
-                j += 1
-            else:
-                break
-        return j
+        eid = self._ids[i]
+        return self._run_end(i, (eid + ".", eid + ":"))
 
     def children_end(self, i: int) -> int:
-        eid = self.elems[i]["id"]
-        j = i + 1
-        while j < len(self.elems) and self.elems[j]["id"].startswith(eid + "."):
-            j += 1
-        return j
+        eid = self._ids[i]
+        return self._run_end(i, (eid + ".",))
 
     def ensure(self, eid: str) -> int:
         i = self.index(eid)
@@ -198,7 +230,7 @@ class _Generator:
             new["id"] = eid
             new["sliceName"] = slice_name
             pos = self.subtree_end(si)
-            self.elems.insert(pos, new)
+            self._insert(pos, [new])
             return pos
         if not parent:
             raise SnapshotError(f"element {eid} not found in the base")
@@ -208,11 +240,12 @@ class _Generator:
             i = self.index(eid)
             if i >= 0:
                 return i
-        # A renamed choice (valueQuantity for value[x]).
-        for j in range(pi + 1, self.children_end(pi)):
-            cid = self.elems[j]["id"]
-            if cid.endswith("[x]") and _parent_id(cid) == parent and name.startswith(cid.rsplit(".", 1)[1][:-3]):
-                return j
+        # A renamed choice (valueQuantity for value[x]): its id is the parent's and a prefix of the name + [x]
+        # (looked up, not scanned for: a parent may have thousands of children).
+        end = self.children_end(pi)
+        found = [j for k in range(len(name) + 1) if pi < (j := self.index(f"{parent}.{name[:k]}[x]")) < end]
+        if found:
+            return min(found)
         raise SnapshotError(f"element {eid} not found in the base definition")
 
     def expand(self, pi: int) -> None:
@@ -245,7 +278,7 @@ class _Generator:
                     c = copy.deepcopy(e)
                     c["id"] = pid + c["id"][len(sliced_id):]
                     copies.append(c)
-                self.elems[pi + 1: pi + 1] = copies
+                self._insert(pi + 1, copies)
                 return
         if source is None and parent.get("contentReference"):
             ref = str(parent["contentReference"]).partition("#")[2]
@@ -260,7 +293,7 @@ class _Generator:
                     c["id"] = pid + c["id"][len(self.elems[ti]["id"]):]
                     c["path"] = ppath + c["path"][len(self.elems[ti]["path"]):]
                     copies.append(c)
-                self.elems[pi + 1: pi + 1] = copies
+                self._insert(pi + 1, copies)
                 return
         if source is None:
             code = (types[0].get("code") if types else None) or ""
@@ -278,7 +311,7 @@ class _Generator:
             c["id"] = pid + (c.get("id") or c["path"])[len(root_id):]
             c["path"] = ppath + c["path"][len(root_path):]
             copies.append(c)
-        self.elems[pi + 1: pi + 1] = copies
+        self._insert(pi + 1, copies)
 
     def apply(self, de: dict[str, Any]) -> None:
         eid = _elem_id(de)

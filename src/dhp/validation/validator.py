@@ -13,8 +13,9 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from dhp import fhirpathsyntax
+from dhp import fhirpathsyntax, regexguard
 from dhp.errors import Issue
+from dhp.regexguard import RiskyRegex, regex_risk
 from dhp.terminology.types import CodeCheck, CodeValidator
 from dhp.validation import fastpath, fhirpath
 from dhp.validation.plan import BASE, Constraint, Elem, Plan, build_plan
@@ -142,6 +143,11 @@ class Validator:
         if sd is not None:
             try:
                 plan = build_plan(sd, self.registry)
+                from_api = getattr(self.registry, "from_api", None)
+                if from_api is None or not from_api(sd):
+                    for el in plan.by_id.values():
+                        for c in el.constraints:
+                            c.trusted = True
             except Exception as e:  # a broken profile must not break validation of everything else
                 log.warning("cannot use StructureDefinition %s: %s", canonical, e)
                 self._plan_errors[canonical] = str(e) or type(e).__name__
@@ -187,6 +193,13 @@ class Validator:
                     run.add("error", "invalid", "invariant-syntax",
                             f"{el.id}: constraint {c.key}: the FHIRPath expression does not parse ({why}): "
                             f"{c.expression}", "StructureDefinition")
+                    continue
+                for pattern in _literal_regexes(c.expression):
+                    why = regex_risk(pattern)
+                    if why is not None:
+                        run.add("error", "too-costly", "invariant-regex-refused",
+                                f"{el.id}: constraint {c.key}: regex {pattern!r} {why}: {c.expression}",
+                                "StructureDefinition")
         return run.issues
 
     def type_plan(self, code: str) -> Plan | None:
@@ -1061,6 +1074,10 @@ class Validator:
         sub.contained_flags = list(run.contained_flags)
         sub.conform_cache = run.conform_cache
         sub.depth = run.depth  # the stack is shared: keep counting from here
+        # So are the invariant steps: a profile reached this way (slicing, targetProfile, conformsTo()) must not
+        # bring a fresh budget. Inside an invariant, that invariant's own budget counts the nested steps.
+        sub.steps_left = run.steps_left
+        in_invariant = fastpath.budget_left() is not None
         run.conform_cache[key] = True  # break cycles
         if isinstance(value, dict) and value.get("resourceType") and p.kind == "resource":
             if value.get("resourceType") != p.type:
@@ -1071,6 +1088,12 @@ class Validator:
         else:
             self._complex(sub, value, p.root, tcode or p.type, p.type, p.type)
             ok = sub.errors == 0
+        if not in_invariant:
+            run.steps_left = sub.steps_left
+        elif any(i.message_id == "invariant-too-costly" for i in sub.issues):
+            # The enclosing invariant's budget ran out in there: no verdict, the enclosing one is too costly.
+            run.conform_cache.pop(key, None)
+            raise fastpath.TooCostly(f"conformsTo({profile}) needs too many evaluation steps")
         run.conform_cache[key] = ok
         return ok
 
@@ -1429,7 +1452,13 @@ class Validator:
                         "context": focus, "env": self._env(run),
                     }
                 allowed = min(INVARIANT_STEPS, run.steps_left)
+                enclosing = fastpath.budget_left()
+                if enclosing is not None:
+                    # Nested in another invariant's evaluation (conformsTo(), a profile reached from it): share
+                    # what that one has left, or each nesting level would bring a fresh budget.
+                    allowed = max(0, min(allowed, enclosing))
                 outer = fastpath.set_budget(allowed)
+                trust = None if c.trusted else regexguard.set_trusted(False)  # API-written: vet its regexes
                 try:
                     try:
                         ok = fastpath.truth(fastpath.evaluate(c.expression, focus, variables))
@@ -1442,6 +1471,11 @@ class Validator:
                             f"{path}: constraint {c.key} was stopped: its evaluation takes too many steps "
                             f"(expression: {c.expression})", path)
                     continue
+                except RiskyRegex as e:
+                    run.add("error", "too-costly", "invariant-regex-refused",
+                            f"{path}: constraint {c.key} was not evaluated: its {e} "
+                            f"(expression: {c.expression})", path)
+                    continue
                 except fhirpath.NotEvaluable as e:
                     run.add("information", "informational", "invariant-not-evaluated",
                             f"{path}: constraint {c.key} not checked: {e}", path)
@@ -1452,8 +1486,11 @@ class Validator:
                             f"expression: {c.expression}", path)
                     continue
                 finally:
-                    run.steps_left -= allowed - (fastpath.budget_left() or 0)
-                    fastpath.set_budget(outer)
+                    used = allowed - (fastpath.budget_left() or 0)
+                    run.steps_left -= used
+                    fastpath.set_budget(None if outer is None else outer - used)
+                    if trust is not None:
+                        regexguard.set_trusted(trust)
             if ok is False:
                 run.add(c.severity, "invariant", f"invariant-{c.key}",
                         f"{path}: constraint {c.key} failed: {c.human} ({_where(run, None)})", path)
@@ -1472,6 +1509,21 @@ class Validator:
 
 
 # ---------------------------------------------------------------------- native invariants
+
+
+_REGEX_FUNCTIONS = frozenset({"matches", "matchesFull", "replaceMatches"})
+
+
+def _literal_regexes(expression: str) -> list[str]:
+    """The string literals an expression passes as the pattern of matches() and the like (vetted when the
+    profile is written; patterns computed at run time are vetted when they run)."""
+    try:
+        toks = fastpath.tokenize(expression)
+    except fastpath.Unsupported:
+        return []
+    return [fastpath.unescape(toks[i + 2][1][1:-1]) for i in range(len(toks) - 2)
+            if toks[i][0] == "id" and toks[i][1] in _REGEX_FUNCTIONS and toks[i + 1] == ("op", "(")
+            and toks[i + 2][0] == "str"]
 
 
 def _n_ele1(v: Validator, run: _Run, focus: Any, path: str) -> bool | None:
