@@ -9,6 +9,7 @@ so a CodeSystem or ValueSet written through the REST API takes effect at once.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -715,49 +716,29 @@ class Terminology:
     def _includes(self, ref: str, url: str) -> list[str] | None:
         """The chain of ``valueSet`` includes by which ``ref`` reaches ``url`` (a loop, if ``url`` is the value
         set being written), or None. Follows stored value sets only, each at most once."""
-        prev: dict[str, str | None] = {_split(ref)[0]: None}
-        todo = [ref]
-        while todo:
-            cur = todo.pop()
-            cur_url = _split(cur)[0]
-            if cur_url == url:
-                chain = [cur_url]
-                while (p := prev.get(chain[-1])) is not None:
-                    chain.append(p)
-                return [url, *reversed(chain)]
+
+        def refs(cur: str) -> Iterator[Any]:
             vs = self.value_set(*_split(cur))
             compose = vs.get("compose") if isinstance(vs, dict) else None
-            if not isinstance(compose, dict):
-                continue
-            for kind in ("include", "exclude"):
-                for inc in compose.get(kind) or []:
-                    refs = inc.get("valueSet") if isinstance(inc, dict) else None
-                    for r in refs if isinstance(refs, list) else ():
-                        if isinstance(r, str) and _split(r)[0] not in prev:
-                            prev[_split(r)[0]] = cur_url
-                            todo.append(r)
-        return None
+            if isinstance(compose, dict):
+                for kind in ("include", "exclude"):
+                    for inc in compose.get(kind) or []:
+                        got = inc.get("valueSet") if isinstance(inc, dict) else None
+                        yield from got if isinstance(got, list) else ()
+
+        return _chain_to(ref, url, refs)
 
     def _other_map_loop(self, ref: str, url: str) -> list[str] | None:
         """The otherMap chain by which ``ref`` leads back to the map ``url``, or None (stored maps, each once)."""
-        prev: dict[str, str | None] = {_split(ref)[0]: None}
-        todo = [ref]
-        while todo:
-            cur = todo.pop()
-            cur_url = _split(cur)[0]
-            if cur_url == url:
-                chain = [cur_url]
-                while (p := prev.get(chain[-1])) is not None:
-                    chain.append(p)
-                return [url, *reversed(chain)]
+
+        def refs(cur: str) -> Iterator[Any]:
             cm = self.concept_map(*_split(cur))
             for g in cm.get("group") or [] if isinstance(cm, dict) else ():
                 um = g.get("unmapped") if isinstance(g, dict) else None
-                nxt = um.get("otherMap") if isinstance(um, dict) and um.get("mode") == "other-map" else None
-                if isinstance(nxt, str) and _split(nxt)[0] not in prev:
-                    prev[_split(nxt)[0]] = cur_url
-                    todo.append(nxt)
-        return None
+                if isinstance(um, dict) and um.get("mode") == "other-map":
+                    yield um.get("otherMap")
+
+        return _chain_to(ref, url, refs)
 
     def _is_supplement(self, canonical: str) -> bool:
         res = self.registry.resolve(canonical, "CodeSystem")
@@ -897,6 +878,26 @@ def _flatten_with_path(concepts: list[Any], path: str) -> Any:
         if isinstance(c, dict):
             yield f"{path}[{i}]", c
             yield from _flatten_with_path(c.get("concept") or [], f"{path}[{i}].concept")
+
+
+def _chain_to(ref: str, url: str, refs: Callable[[str], Iterator[Any]]) -> list[str] | None:
+    """The chain of canonical references (``refs`` of each stored resource) from ``ref`` to ``url``, as urls
+    starting with ``url``, or None. Each resource is followed once."""
+    prev: dict[str, str | None] = {_split(ref)[0]: None}
+    todo = [ref]
+    while todo:
+        cur = todo.pop()
+        cur_url = _split(cur)[0]
+        if cur_url == url:
+            chain = [cur_url]
+            while (p := prev.get(chain[-1])) is not None:
+                chain.append(p)
+            return [url, *reversed(chain)]
+        for r in refs(cur):
+            if isinstance(r, str) and _split(r)[0] not in prev:
+                prev[_split(r)[0]] = cur_url
+                todo.append(r)
+    return None
 
 
 def _hierarchy_cycle(cs: dict[str, Any], flat: list[tuple[str, dict[str, Any]]]) -> list[str] | None:
