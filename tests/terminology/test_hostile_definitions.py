@@ -259,3 +259,39 @@ def test_othermap_fan_out_is_followed_once(client: httpx.Client) -> None:
     assert r.status_code == 200
     matches = [p for p in r.json()["parameter"] if p["name"] == "match"]
     assert len(matches) == 1
+
+
+# ---------------------------------------------------------------- definitions stored before the write-time checks
+
+
+def test_definitions_stored_with_wrong_types_are_not_known_never_a_500(server: Any, client: httpx.Client) -> None:
+    """A ValueSet, CodeSystem and ConceptMap stored with wrong JSON types (before write-time checks existed:
+    simulated by switching the check off for the writes) are treated as not known here: using them is a 4xx,
+    and the other definitions keep working. They were a 500 on every use."""
+    eng = server.server.terminology
+    vs_url, cs_url, cm_url, ok_url = _url("vs"), _url("cs"), _url("cm"), _url("vs")
+    check = eng.check_definition
+    eng.check_definition = lambda res: []
+    try:
+        stored(put(client, {"resourceType": "ValueSet", "url": vs_url, "compose": {"include": "x"}}))
+        stored(put(client, codesystem(cs_url, "x")))
+        stored(put(client, {"resourceType": "ConceptMap", "url": cm_url, "group": [{"source": cs_url,
+                                                                                  "element": "x"}]}))
+    finally:
+        eng.check_definition = check
+    good_cs = _url("cs")
+    stored(put(client, codesystem(good_cs, [{"code": "a"}])))
+    stored(put(client, valueset(ok_url, [{"system": good_cs}])))
+    for path, params in (("/ValueSet/$expand", {"url": vs_url}),
+                         ("/ValueSet/$validate-code", {"url": vs_url, "system": good_cs, "code": "a"}),
+                         ("/CodeSystem/$lookup", {"system": cs_url, "code": "a"}),
+                         ("/ConceptMap/$translate", {"url": cm_url, "system": cs_url, "code": "a"})):
+        r = client.get(path, params=params)
+        assert r.status_code < 500, (path, r.status_code, r.text)
+        if r.status_code == 200:  # an answer about an unknown definition, not a result from the broken one
+            assert value(r.json(), "result") is not True, r.text
+    r = client.get("/ConceptMap/$translate", params={"system": cs_url, "code": "a"})
+    assert r.status_code < 500, r.text  # every map of the system is considered: the broken one is skipped
+    exp = client.get("/ValueSet/$expand", params={"url": ok_url})
+    assert exp.status_code == 200, exp.text
+    assert [c["code"] for c in exp.json()["expansion"]["contains"]] == ["a"]

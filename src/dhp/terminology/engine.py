@@ -8,6 +8,7 @@ so a CodeSystem or ValueSet written through the REST API takes effect at once.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ _EXPANSION_CACHE_MAX = 256
 _WS = re.compile(r"\s+")
 RELATIONSHIPS = frozenset({"related-to", "equivalent", "source-is-narrower-than-target",
                            "source-is-broader-than-target", "not-related-to"})
+
+log = logging.getLogger("dhp.terminology")
 
 
 def _norm_display(s: str) -> str:
@@ -79,12 +82,31 @@ class Terminology:
         self._canon: dict[str, str] = {}
         self._aliases: dict[str, str] | None = None
         self._maps_by_system: dict[str, list[str]] | None = None
+        #: API-written definitions whose JSON types this engine cannot read (stored before write-time checks
+        #: existed): treated as not known here, never a 500 on every use. id → resource (kept alive).
+        self._unusable: dict[int, dict[str, Any]] = {}
+        self._find_unusable()
         registry.listeners.append(self._changed)
 
     # ------------------------------------------------------------------ cache upkeep
 
+    def _find_unusable(self) -> None:
+        bad: dict[int, dict[str, Any]] = {}
+        for rtype in ("CodeSystem", "ValueSet", "ConceptMap"):
+            for res in self.registry.overlay(rtype):
+                problem = shape_problem(res)
+                if problem is not None:
+                    log.warning("%s %s is stored with a structure this server cannot use (%s): treated as "
+                                "not known here", rtype, res.get("url") or res.get("id"), problem)
+                    bad[id(res)] = res
+        self._unusable = bad
+
+    def _usable(self, res: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if res is None or id(res) in self._unusable else res
+
     def _changed(self) -> None:
         """The registry overlay changed: keep only code system indexes built from the very same resources."""
+        self._find_unusable()
         self._supp = None
         keep: dict[tuple[str, str | None], tuple[CodeSystemIndex | None, Any, tuple[Any, ...]]] = {}
         for key, (idx, res, supps) in list(self._cs.items()):
@@ -116,7 +138,7 @@ class Terminology:
 
     def _resolve_cs(self, url: str, version: str | None) -> dict[str, Any] | None:
         with no_gc():  # the first resolve parses the file: 12,551 concepts are ~60,000 objects
-            res = self.registry.resolve(url + ("|" + version if version else ""), "CodeSystem")
+            res = self._usable(self.registry.resolve(url + ("|" + version if version else ""), "CodeSystem"))
         if res is None or res.get("content") == "supplement":
             return None
         return res
@@ -141,7 +163,7 @@ class Terminology:
     def _supplement_resources(self, url: str) -> list[dict[str, Any]]:
         out = []
         for s_url, s_ver in self._supplement_map().get(url, ()):
-            r = self.registry.resolve(s_url + ("|" + s_ver if s_ver else ""), "CodeSystem")
+            r = self._usable(self.registry.resolve(s_url + ("|" + s_ver if s_ver else ""), "CodeSystem"))
             if r is not None and r.get("content") == "supplement":
                 out.append(r)
         return out
@@ -205,7 +227,7 @@ class Terminology:
     # ------------------------------------------------------------------ value sets and expansions
 
     def value_set(self, url: str, version: str | None = None) -> dict[str, Any] | None:
-        vs = self.registry.resolve(url + ("|" + version if version else ""), "ValueSet")
+        vs = self._usable(self.registry.resolve(url + ("|" + version if version else ""), "ValueSet"))
         if vs is None and "?fhir_vs" in url:
             vs = self._implicit_vs(url)
         return vs
@@ -523,7 +545,7 @@ class Terminology:
     # ------------------------------------------------------------------ translate
 
     def concept_map(self, url: str, version: str | None = None) -> dict[str, Any] | None:
-        return self.registry.resolve(url + ("|" + version if version else ""), "ConceptMap")
+        return self._usable(self.registry.resolve(url + ("|" + version if version else ""), "ConceptMap"))
 
     def _maps_for(self, system: str) -> list[str]:
         if self._maps_by_system is None:
@@ -534,7 +556,7 @@ class Terminology:
                 if not url or url in seen:
                     continue
                 seen.add(url)
-                cm = self.registry.resolve(url, "ConceptMap")
+                cm = self._usable(self.registry.resolve(url, "ConceptMap"))
                 if cm is None:
                     continue
                 src, tgt = map_systems(cm)
@@ -551,7 +573,7 @@ class Terminology:
         if maps is None:
             maps = []
             for url in self._maps_for(sys):
-                cm = self.registry.resolve(url, "ConceptMap")
+                cm = self._usable(self.registry.resolve(url, "ConceptMap"))
                 if cm is None:
                     continue
                 if source_scope and scope_of(cm, "sourceScope") not in (source_scope, None):
