@@ -1451,49 +1451,55 @@ class Validator:
                         "rootResource": self._container_root(run) or focus,
                         "context": focus, "env": self._env(run),
                     }
-                allowed = min(INVARIANT_STEPS, run.steps_left)
-                enclosing = fastpath.budget_left()
-                if enclosing is not None:
-                    # Nested in another invariant's evaluation (conformsTo(), a profile reached from it): share
-                    # what that one has left, or each nesting level would bring a fresh budget.
-                    allowed = max(0, min(allowed, enclosing))
-                outer = fastpath.set_budget(allowed)
-                trust = None if c.trusted else regexguard.set_trusted(False)  # API-written: vet its regexes
-                try:
-                    try:
-                        ok = fastpath.truth(fastpath.evaluate(c.expression, focus, variables))
-                    except fastpath.Unsupported:
-                        res = fhirpath.evaluate(c.expression, focus, type_path, variables["env"], {
-                            "resource": variables["resource"], "rootResource": variables["rootResource"]})
-                        ok = fhirpath.truthy(res)
-                except fastpath.TooCostly:
-                    run.add("error", "too-costly", "invariant-too-costly",
-                            f"{path}: constraint {c.key} was stopped: its evaluation takes too many steps "
-                            f"(expression: {c.expression})", path)
-                    continue
-                except RiskyRegex as e:
-                    run.add("error", "too-costly", "invariant-regex-refused",
-                            f"{path}: constraint {c.key} was not evaluated: its {e} "
-                            f"(expression: {c.expression})", path)
-                    continue
-                except fhirpath.NotEvaluable as e:
-                    run.add("information", "informational", "invariant-not-evaluated",
-                            f"{path}: constraint {c.key} not checked: {e}", path)
-                    continue
-                except Exception as e:
-                    run.add("warning", "informational", "invariant-not-evaluated",
-                            f"{path}: constraint {c.key} could not be evaluated ({type(e).__name__}: {e}); "
-                            f"expression: {c.expression}", path)
-                    continue
-                finally:
-                    used = allowed - (fastpath.budget_left() or 0)
-                    run.steps_left -= used
-                    fastpath.set_budget(None if outer is None else outer - used)
-                    if trust is not None:
-                        regexguard.set_trusted(trust)
+                ok = self._evaluate(run, c, focus, type_path, variables, path)
             if ok is False:
                 run.add(c.severity, "invariant", f"invariant-{c.key}",
                         f"{path}: constraint {c.key} failed: {c.human} ({_where(run, None)})", path)
+
+    def _evaluate(self, run: _Run, c: Constraint, focus: Any, type_path: str, variables: dict[str, Any],
+                  path: str) -> bool | None:
+        """One FHIRPath invariant under the step budget (and, for API-written profiles, regex vetting); None,
+        with the reason reported, when it could not be evaluated."""
+        allowed = min(INVARIANT_STEPS, run.steps_left)
+        enclosing = fastpath.budget_left()
+        if enclosing is not None:
+            # Nested in another invariant's evaluation (conformsTo(), a profile reached from it): share
+            # what that one has left, or each nesting level would bring a fresh budget.
+            allowed = max(0, min(allowed, enclosing))
+        outer = fastpath.set_budget(allowed)
+        trust = None if c.trusted else regexguard.set_trusted(False)  # API-written: vet its regexes
+        try:
+            try:
+                return fastpath.truth(fastpath.evaluate(c.expression, focus, variables))
+            except fastpath.Unsupported:
+                res = fhirpath.evaluate(c.expression, focus, type_path, variables["env"], {
+                    "resource": variables["resource"], "rootResource": variables["rootResource"]})
+                return fhirpath.truthy(res)
+        except fastpath.TooCostly:
+            run.add("error", "too-costly", "invariant-too-costly",
+                    f"{path}: constraint {c.key} was stopped: its evaluation takes too many steps "
+                    f"(expression: {c.expression})", path)
+            return None
+        except RiskyRegex as e:
+            run.add("error", "too-costly", "invariant-regex-refused",
+                    f"{path}: constraint {c.key} was not evaluated: its {e} "
+                    f"(expression: {c.expression})", path)
+            return None
+        except fhirpath.NotEvaluable as e:
+            run.add("information", "informational", "invariant-not-evaluated",
+                    f"{path}: constraint {c.key} not checked: {e}", path)
+            return None
+        except Exception as e:
+            run.add("warning", "informational", "invariant-not-evaluated",
+                    f"{path}: constraint {c.key} could not be evaluated ({type(e).__name__}: {e}); "
+                    f"expression: {c.expression}", path)
+            return None
+        finally:
+            used = allowed - (fastpath.budget_left() or 0)
+            run.steps_left -= used
+            fastpath.set_budget(None if outer is None else outer - used)
+            if trust is not None:
+                regexguard.set_trusted(trust)
 
     def _env(self, run: _Run) -> fhirpath.Env:
         if run.env is None:
