@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from dhp.store import ConflictError, Store, StoredResource, now_us, retry_conflicts
+from dhp.store import ConflictError, Store, StoredResource, new_id, now_us, retry_conflicts
 
 WRITERS, INCREMENTS = 8, 50
 
@@ -736,6 +736,61 @@ def test_pg_group_commit_keeps_one_bad_write_to_itself(new_db_url: Callable[[str
     outcomes, present = asyncio.run(run())
     assert outcomes.count("ok") == 23, outcomes
     assert present == [f"g{i}" for i in range(24) if i != 7]
+
+
+def test_pg_next_group_of_creates_is_on_the_wire_before_the_last_ones_writers_resume(
+        new_db_url: Callable[[str], str]) -> None:
+    """When a group of creates under new ids lands, the group queued behind it is sent before the landed
+    group's writers go on to answer their clients, so the database works while they do. A group with updates
+    wakes its writers first (their next requests start with reads, which a statement sent early would
+    compete with on a small machine)."""
+
+    async def run(kind: str) -> list[tuple[str, int]]:
+        store = Store(new_db_url("pg"))
+        await store.open()
+        try:
+            events: list[tuple[str, int]] = []
+            waves: list[asyncio.Task[None]] = []
+            send = store._pg_send
+
+            async def writer(i: int) -> None:
+                async with store.begin(optimistic=True) as tx:
+                    if kind == "update":
+                        await tx.put(basic(f"u{i}", b'{"v":2}', 2), "PUT", exists_before=True,
+                                     prev=basic(f"u{i}"))
+                    else:
+                        await tx.put(basic(new_id()), "POST", exists_before=False, generated=True)
+                events.append(("resumed", i))
+
+            async def logging_send(p: Any) -> None:
+                n = sum(1 for e in events if e[0] == "send") + 1
+                events.append(("send", n))
+                if n <= 2:  # the next wave of writers arrives while this statement is on the wire
+                    waves.extend(asyncio.create_task(writer(i)) for i in range(n * 10, n * 10 + 10))
+                await send(p)
+                events.append(("landed", n))
+
+            if kind == "update":
+                for i in range(30):
+                    async with store.begin() as tx:
+                        await tx.put(basic(f"u{i}"), "POST", exists_before=False)
+            store._pg_send = logging_send  # type: ignore[method-assign]
+            await writer(0)
+            while not all(t.done() for t in waves):
+                await asyncio.gather(*waves)
+            return events
+        finally:
+            await store.close()
+
+    for kind in ("create", "update"):
+        events = asyncio.run(run(kind))
+        assert sum(1 for e in events if e[0] == "resumed") == 21, events
+        assert [e for e in events if e[0] == "send"] == [("send", 1), ("send", 2), ("send", 3)], events
+        after = events[events.index(("landed", 2)) + 1]
+        if kind == "create":
+            assert after == ("send", 3), events
+        else:
+            assert after[0] == "resumed" and 10 <= after[1] < 20, events
 
 
 def test_pg_stale_update_fails_alone_before_it_is_sent(new_db_url: Callable[[str], str]) -> None:

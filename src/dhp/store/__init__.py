@@ -1276,9 +1276,22 @@ class Store:
             self._spawn(self._send_group(group))
 
     async def _send_group(self, group: list[tuple[_Pending, asyncio.Future[None]]]) -> None:
+        landed = False
+
+        def land() -> None:
+            """The statement is done: the next group may go on the wire."""
+            nonlocal landed
+            if not landed:
+                landed = True
+                for p, _f in group:
+                    self._fly(p, -1)
+                self._writes_in_flight -= 1
+                self._drain_writes()
+
         try:
             if len(group) == 1:
-                await self._send_one(*group[0])
+                p, fut = group[0]
+                await self._send_one(p, fut, land if p.fresh() else None)
                 return
             try:
                 await self._pg_send(_merge(p for p, _f in group))
@@ -1288,27 +1301,36 @@ class Store:
                 for p, fut in group:
                     await self._send_one(p, fut)
             else:
+                self._outdated_by(*(p for p, _f in group))
+                # A group of creates under new ids: the next group goes on the wire before its writers resume
+                # (they are woken after it is sent), so the database works on it while they answer their
+                # clients — creates of the search mix +15 % over HTTP. Not after updates: their writers' next
+                # requests begin with reads, which on a 2-core machine then compete with the early statement
+                # (updates −7 %; docs/benchmarks.md).
+                if all(p.fresh() for p, _f in group):
+                    land()
                 for _p, fut in group:
                     _settle(fut, None)
-                self._outdated_by(*(p for p, _f in group))
         except BaseException:  # cancelled (shutdown): nobody may wait forever
             for _p, fut in group:
                 _settle(fut, ConnectionError("the write was cancelled"))
             raise
         finally:
-            for p, _f in group:
-                self._fly(p, -1)
-            self._writes_in_flight -= 1
-            self._drain_writes()
+            land()
 
-    async def _send_one(self, p: _Pending, fut: asyncio.Future[None]) -> None:
+    async def _send_one(self, p: _Pending, fut: asyncio.Future[None],
+                        land: Callable[[], None] | None = None) -> None:
         try:
             await self._pg_send(p)
         except Exception as e:
+            if land is not None:
+                land()
             _settle(fut, e)
         else:
-            _settle(fut, None)
             self._outdated_by(p)
+            if land is not None:
+                land()
+            _settle(fut, None)
 
     async def _pg_send(self, p: _Pending) -> None:
         import asyncpg
