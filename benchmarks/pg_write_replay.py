@@ -15,6 +15,9 @@ Layouts:
 - ``as built``: the migrations' schema;
 - ``no (type, id) index``: the search tables without their per-resource index;
 - ``no search index``: the search tables without any index (the rows alone);
+- ``parameter keys``: rows keyed by (type, id) as built, but a 64-bit parameter key in place of the code, and the
+  value indexes lead with it instead of (type, code);
+- ``hashed (type, id) index``: the per-resource index on ``hashtext(id)`` (4 bytes) instead of (type, id);
 - ``integer keys``: a prototype of a narrower layout — each search row keyed by a 64-bit resource key
   (assigned in time order, also stored in ``resources`` under a unique index) and a parameter key standing
   for (type, code), instead of the type, id and code strings; the same value indexes on those keys. The
@@ -148,6 +151,41 @@ def integer_keys(stmts: list[Statement]) -> tuple[list[Statement], list[str]]:
     return out, ddl
 
 
+def parameter_keys(stmts: list[Statement]) -> tuple[list[Statement], list[str]]:
+    """The statements rewritten to rows keyed by (type, id, pkey): a 64-bit parameter key in place of the code."""
+    pkeys: dict[tuple[str, str], int] = {}
+    out: list[Statement] = []
+    for sql, params in stmts:
+        ps = list(params)
+        sql2 = sql
+        for m in _INSERT_CTE.finditer(sql):
+            kind, n = m.group(1), int(m.group(2))
+            rows = orjson.loads(ps[n - 1])
+            ps[n - 1] = orjson.dumps([[r[0], r[1], pkeys.setdefault((r[0], r[2]), (1 << 50) + len(pkeys)), *r[3:]]
+                                      for r in rows]).decode()
+            t = TABLES[kind]
+            picks = ", ".join(f"(e->>{i + 3})::{_pg_type(t.c[c])}" for i, c in enumerate(COLUMNS[kind]))
+            sql2 = sql2.replace(m.group(0), f"i_{kind} AS (INSERT INTO search_{kind} (type, id, pkey, "
+                                f"{', '.join(COLUMNS[kind])}) SELECT e->>0, e->>1, (e->>2)::bigint, {picks} "
+                                f"FROM jsonb_array_elements(${n}::text::jsonb) AS e)")
+        out.append((sql2, tuple(ps)))
+    ddl = []
+    for kind, t in TABLES.items():
+        cols = ", ".join(f"{c} {_pg_type(t.c[c])}" for c in COLUMNS[kind])
+        ddl += [f"DROP TABLE search_{kind}",
+                f"CREATE TABLE search_{kind} (type varchar(64) NOT NULL, id varchar(64) NOT NULL, "
+                f"pkey bigint NOT NULL, {cols})",
+                f"CREATE INDEX ix_{kind}_res ON search_{kind} (type, id)"]
+        for i, ix in enumerate(_INT_INDEXES[kind]):
+            ops = " varchar_pattern_ops" if kind in ("string", "uri") else ""
+            cols_ix = ", ".join(("id" if c == "rkey" else c) + (ops if c == "value" else "") for c in ix)
+            ddl.append(f"CREATE INDEX ix_{kind}_{i} ON search_{kind} ({cols_ix})")
+    ddl += ["CREATE INDEX ix_reference_url ON search_reference (pkey, url) WHERE url IS NOT NULL",
+            "CREATE INDEX ix_reference_ivalue ON search_reference (pkey, ivalue) WHERE ivalue IS NOT NULL",
+            "CREATE INDEX ix_string_trgm ON search_string USING gin (value gin_trgm_ops)"]
+    return out, ddl
+
+
 _DROP_ALL = ("DO $$ DECLARE r record; BEGIN FOR r IN SELECT indexname FROM pg_indexes "
              "WHERE tablename LIKE 'search\\_%' LOOP EXECUTE 'DROP INDEX ' || r.indexname; END LOOP; END $$")
 
@@ -192,6 +230,9 @@ async def main() -> None:
             "as built": (stmts, []),
             "no (type, id) index": (stmts, [f"DROP INDEX ix_search_{k}_res" for k in TABLES]),
             "no search index": (stmts, [_DROP_ALL]),
+            "parameter keys": parameter_keys(stmts),
+            "hashed (type, id) index": (stmts, [q for k in TABLES for q in (
+                f"DROP INDEX ix_search_{k}_res", f"CREATE INDEX ix_search_{k}_hres ON search_{k} (hashtext(id))")]),
             "integer keys": (ints, int_ddl),
         }
         got: dict[str, list[tuple[float, float]]] = {k: [] for k in layouts}
