@@ -1306,7 +1306,7 @@ class Store:
                 # (they are woken after it is sent), so the database works on it while they answer their
                 # clients — creates of the search mix +15 % over HTTP. Not after updates: their writers' next
                 # requests begin with reads, which on a 2-core machine then compete with the early statement
-                # (updates −7 %; docs/benchmarks.md).
+                # (updates −1 to −26 %, median −10 %, in seven pairs; docs/benchmarks.md).
                 if all(p.fresh() for p, _f in group):
                     land()
                 for _p, fut in group:
