@@ -108,6 +108,40 @@ async def capture(url: str, creates: int, writers: int) -> list[Statement]:
     return got
 
 
+def _rewrite_index_rows(sql: str, ps: list[Any], row: Any, lead: list[tuple[str, str]]) -> str:
+    """``sql`` with its search-row CTEs taking ``lead`` ((column, cast) pairs) in place of type, id and code;
+    each row of their JSON parameters (in ``ps``, changed in place) is mapped by ``row``."""
+    out = sql
+    for m in _INSERT_CTE.finditer(sql):
+        kind, n = m.group(1), int(m.group(2))
+        ps[n - 1] = orjson.dumps([row(r) for r in orjson.loads(ps[n - 1])]).decode()
+        t = TABLES[kind]
+        leads = ", ".join(f"(e->>{i}){cast}" for i, (_c, cast) in enumerate(lead))
+        picks = ", ".join(f"(e->>{i + len(lead)})::{_pg_type(t.c[c])}" for i, c in enumerate(COLUMNS[kind]))
+        out = out.replace(m.group(0), f"i_{kind} AS (INSERT INTO search_{kind} ({', '.join(c for c, _ in lead)}, "
+                          f"{', '.join(COLUMNS[kind])}) SELECT {leads}, {picks} "
+                          f"FROM jsonb_array_elements(${n}::text::jsonb) AS e)")
+    return out
+
+
+def _keyed_tables(lead: str, per_resource: str, id_col: str) -> list[str]:
+    """DDL replacing the search tables: columns ``lead`` before the values, a per-resource index on
+    ``per_resource``, and the value indexes of :data:`_INT_INDEXES` with ``id_col`` for the resource key."""
+    ddl = []
+    for kind, t in TABLES.items():
+        cols = ", ".join(f"{c} {_pg_type(t.c[c])}" for c in COLUMNS[kind])
+        ddl += [f"DROP TABLE search_{kind}", f"CREATE TABLE search_{kind} ({lead}, {cols})",
+                f"CREATE INDEX ix_{kind}_res ON search_{kind} ({per_resource})"]
+        for i, ix in enumerate(_INT_INDEXES[kind]):
+            ops = " varchar_pattern_ops" if kind in ("string", "uri") else ""
+            cols_ix = ", ".join((id_col if c == "rkey" else c) + (ops if c == "value" else "") for c in ix)
+            ddl.append(f"CREATE INDEX ix_{kind}_{i} ON search_{kind} ({cols_ix})")
+    return [
+        *ddl, "CREATE INDEX ix_reference_url ON search_reference (pkey, url) WHERE url IS NOT NULL",
+        "CREATE INDEX ix_reference_ivalue ON search_reference (pkey, ivalue) WHERE ivalue IS NOT NULL",
+        "CREATE INDEX ix_string_trgm ON search_string USING gin (value gin_trgm_ops)"]
+
+
 def integer_keys(stmts: list[Statement]) -> tuple[list[Statement], list[str]]:
     """The statements rewritten to the integer-key prototype, and its DDL."""
     rkeys: dict[tuple[str, str], int] = {}
@@ -115,6 +149,9 @@ def integer_keys(stmts: list[Statement]) -> tuple[list[Statement], list[str]]:
 
     def rkey(t: str, i: str) -> int:
         return rkeys.setdefault((t, i), (1 << 40) + len(rkeys))  # time order: the order of creation
+
+    def row(r: list[Any]) -> list[Any]:
+        return [rkey(r[0], r[1]), pkeys.setdefault((r[0], r[2]), len(pkeys) + 1), *r[3:]]
 
     out: list[Statement] = []
     for sql, params in stmts:
@@ -124,66 +161,25 @@ def integer_keys(stmts: list[Statement]) -> tuple[list[Statement], list[str]]:
         sql2 = sql.replace("package, content, index_key) SELECT", "package, content, index_key, rkey) SELECT", 1)
         sql2 = re.sub(r"(\(e->>8\)::BIGINT) FROM jsonb_array_elements\(\$2", r"\1, (e->>9)::bigint FROM "
                       r"jsonb_array_elements($2", sql2, count=1)
-        for m in _INSERT_CTE.finditer(sql):
-            kind, n = m.group(1), int(m.group(2))
-            rows = orjson.loads(ps[n - 1])
-            ps[n - 1] = orjson.dumps([[rkey(r[0], r[1]), pkeys.setdefault((r[0], r[2]), len(pkeys) + 1), *r[3:]]
-                                      for r in rows]).decode()
-            t = TABLES[kind]
-            picks = ", ".join(f"(e->>{i + 2})::{_pg_type(t.c[c])}" for i, c in enumerate(COLUMNS[kind]))
-            sql2 = sql2.replace(m.group(0), f"i_{kind} AS (INSERT INTO search_{kind} (rkey, pkey, "
-                                f"{', '.join(COLUMNS[kind])}) SELECT (e->>0)::bigint, (e->>1)::bigint, {picks} "
-                                f"FROM jsonb_array_elements(${n}::text::jsonb) AS e)")
+        sql2 = _rewrite_index_rows(sql2, ps, row, [("rkey", "::bigint"), ("pkey", "::bigint")])
         out.append((sql2, tuple(ps)))
     ddl = ["ALTER TABLE resources ADD COLUMN rkey bigint", "CREATE UNIQUE INDEX ix_resources_rkey ON resources (rkey)"]
-    for kind, t in TABLES.items():
-        cols = ", ".join(f"{c} {_pg_type(t.c[c])}" for c in COLUMNS[kind])
-        ddl += [f"DROP TABLE search_{kind}",
-                f"CREATE TABLE search_{kind} (rkey bigint NOT NULL, pkey bigint NOT NULL, {cols})",
-                f"CREATE INDEX ix_{kind}_rkey ON search_{kind} (rkey)"]
-        for i, ix in enumerate(_INT_INDEXES[kind]):
-            ops = " varchar_pattern_ops" if kind in ("string", "uri") else ""
-            ddl.append(f"CREATE INDEX ix_{kind}_{i} ON search_{kind} "
-                       f"({', '.join(c + (ops if c == 'value' else '') for c in ix)})")
-    ddl += ["CREATE INDEX ix_reference_url ON search_reference (pkey, url) WHERE url IS NOT NULL",
-            "CREATE INDEX ix_reference_ivalue ON search_reference (pkey, ivalue) WHERE ivalue IS NOT NULL",
-            "CREATE INDEX ix_string_trgm ON search_string USING gin (value gin_trgm_ops)"]
-    return out, ddl
+    return out, ddl + _keyed_tables("rkey bigint NOT NULL, pkey bigint NOT NULL", "rkey", "rkey")
 
 
 def parameter_keys(stmts: list[Statement]) -> tuple[list[Statement], list[str]]:
     """The statements rewritten to rows keyed by (type, id, pkey): a 64-bit parameter key in place of the code."""
     pkeys: dict[tuple[str, str], int] = {}
+
+    def row(r: list[Any]) -> list[Any]:
+        return [r[0], r[1], pkeys.setdefault((r[0], r[2]), (1 << 50) + len(pkeys)), *r[3:]]
+
     out: list[Statement] = []
     for sql, params in stmts:
         ps = list(params)
-        sql2 = sql
-        for m in _INSERT_CTE.finditer(sql):
-            kind, n = m.group(1), int(m.group(2))
-            rows = orjson.loads(ps[n - 1])
-            ps[n - 1] = orjson.dumps([[r[0], r[1], pkeys.setdefault((r[0], r[2]), (1 << 50) + len(pkeys)), *r[3:]]
-                                      for r in rows]).decode()
-            t = TABLES[kind]
-            picks = ", ".join(f"(e->>{i + 3})::{_pg_type(t.c[c])}" for i, c in enumerate(COLUMNS[kind]))
-            sql2 = sql2.replace(m.group(0), f"i_{kind} AS (INSERT INTO search_{kind} (type, id, pkey, "
-                                f"{', '.join(COLUMNS[kind])}) SELECT e->>0, e->>1, (e->>2)::bigint, {picks} "
-                                f"FROM jsonb_array_elements(${n}::text::jsonb) AS e)")
-        out.append((sql2, tuple(ps)))
-    ddl = []
-    for kind, t in TABLES.items():
-        cols = ", ".join(f"{c} {_pg_type(t.c[c])}" for c in COLUMNS[kind])
-        ddl += [f"DROP TABLE search_{kind}",
-                f"CREATE TABLE search_{kind} (type varchar(64) NOT NULL, id varchar(64) NOT NULL, "
-                f"pkey bigint NOT NULL, {cols})",
-                f"CREATE INDEX ix_{kind}_res ON search_{kind} (type, id)"]
-        for i, ix in enumerate(_INT_INDEXES[kind]):
-            ops = " varchar_pattern_ops" if kind in ("string", "uri") else ""
-            cols_ix = ", ".join(("id" if c == "rkey" else c) + (ops if c == "value" else "") for c in ix)
-            ddl.append(f"CREATE INDEX ix_{kind}_{i} ON search_{kind} ({cols_ix})")
-    ddl += ["CREATE INDEX ix_reference_url ON search_reference (pkey, url) WHERE url IS NOT NULL",
-            "CREATE INDEX ix_reference_ivalue ON search_reference (pkey, ivalue) WHERE ivalue IS NOT NULL",
-            "CREATE INDEX ix_string_trgm ON search_string USING gin (value gin_trgm_ops)"]
-    return out, ddl
+        out.append((_rewrite_index_rows(sql, ps, row, [("type", ""), ("id", ""), ("pkey", "::bigint")]), tuple(ps)))
+    lead = "type varchar(64) NOT NULL, id varchar(64) NOT NULL, pkey bigint NOT NULL"
+    return out, _keyed_tables(lead, "type, id", "id")
 
 
 _DROP_ALL = ("DO $$ DECLARE r record; BEGIN FOR r IN SELECT indexname FROM pg_indexes "
