@@ -1289,13 +1289,13 @@ class Store:
                 self._drain_writes()
 
         try:
-            if len(group) == 1:
-                p, fut = group[0]
-                await self._send_one(p, fut, land if p.fresh() else None)
-                return
+            single = len(group) == 1
             try:
-                await self._pg_send(_merge(p for p, _f in group))
-            except Exception:
+                await self._pg_send(group[0][0] if single else _merge(p for p, _f in group))
+            except Exception as e:
+                if single:
+                    _settle(group[0][1], e)
+                    return
                 # Whatever failed — a conflict, a value the database refused — is one member's: each goes
                 # again on its own and gets its own outcome.
                 for p, fut in group:
@@ -1318,19 +1318,14 @@ class Store:
         finally:
             land()
 
-    async def _send_one(self, p: _Pending, fut: asyncio.Future[None],
-                        land: Callable[[], None] | None = None) -> None:
+    async def _send_one(self, p: _Pending, fut: asyncio.Future[None]) -> None:
         try:
             await self._pg_send(p)
         except Exception as e:
-            if land is not None:
-                land()
             _settle(fut, e)
         else:
-            self._outdated_by(p)
-            if land is not None:
-                land()
             _settle(fut, None)
+            self._outdated_by(p)
 
     async def _pg_send(self, p: _Pending) -> None:
         import asyncpg
