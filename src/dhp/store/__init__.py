@@ -889,8 +889,10 @@ class WriteTx:
 SQLITE_MMAP = 1 << 30
 #: Page cache of the SQLite writer connection, KiB.
 SQLITE_WRITER_CACHE_KIB = 65536
-#: PostgreSQL primary-key reads on the wire at once per process; reads arriving meanwhile are batched.
-PG_READS_IN_FLIGHT = 4
+#: PostgreSQL primary-key reads on the wire at once per process; reads arriving meanwhile are batched. Two,
+#: not four: under load a third and fourth read went out alone, a round trip each, where waiting put them in
+#: the next batch (reads 0.62–0.65 → 0.71–0.72 of the ceiling; docs/benchmarks.md, ninth session).
+PG_READS_IN_FLIGHT = 2
 PG_READ_BATCH = 256
 #: PostgreSQL write-only statements on the wire at once per process; transactions that finish meanwhile are
 #: merged into the next statement (group commit), at most PG_WRITE_GROUP of them. One: each statement costs
