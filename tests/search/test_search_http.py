@@ -755,3 +755,143 @@ def test_a_new_parameter_takes_its_part_out_of_a_shared_one_and_gives_it_back(fh
     assert wait_for("/Patient?name=profes", ["pfx"]) == ["pfx"]
     get(fhir, "/Patient?name-prefix=profes", status=400, headers={"Prefer": "handling=strict"})
     assert fhir.delete("/Patient/pfx").status_code in (200, 204)
+
+
+# ------------------------------------------------------------------ open reindex jobs (search_reindex)
+
+def _on_loop(live: LiveServer, coro: Any) -> Any:
+    return asyncio.run_coroutine_threadsafe(coro, live.loop).result(60)
+
+
+def _job_rows(live: LiveServer) -> dict[int, dict[str, Any]]:
+    from sqlalchemy import select
+
+    from dhp.store.search import reindex_jobs
+
+    async def rows() -> dict[int, dict[str, Any]]:
+        async with live.server.store.read_conn() as conn:
+            return {r.id: dict(r._mapping) for r in (await conn.execute(select(reindex_jobs))).all()}
+
+    return _on_loop(live, rows())
+
+
+def _add_job(live: LiveServer, job_id: int, types: list[str], codes: list[str], owner: str, age_s: float) -> None:
+    import json as _json
+
+    from sqlalchemy import insert
+
+    from dhp.store.search import reindex_jobs
+
+    async def add() -> None:
+        async with live.server.store.begin() as tx:
+            await tx.conn.execute(insert(reindex_jobs).values(
+                id=job_id, types=_json.dumps(types), codes=_json.dumps(codes), owner=owner,
+                heartbeat=time.time_ns() // 1000 - int(age_s * 1e6), done=0, total=0))
+
+    _on_loop(live, add())
+
+
+def _finish_job(live: LiveServer, job_id: int) -> None:
+    from sqlalchemy import update
+
+    from dhp.store.search import reindex_jobs
+
+    async def finish() -> None:
+        async with live.server.store.begin() as tx:
+            await tx.conn.execute(update(reindex_jobs).where(reindex_jobs.c.id == job_id)
+                                  .values(finished=time.time_ns() // 1000))
+
+    _on_loop(live, finish())
+
+
+def _sync_jobs(live: LiveServer) -> None:
+    _on_loop(live, live.server.search.sync_jobs(live.server.store))
+
+
+def _reindex_warnings(bundle: dict[str, Any]) -> list[str]:
+    return [i["diagnostics"] for e in bundle.get("entry", []) if e["search"]["mode"] == "outcome"
+            for i in e["resource"]["issue"]
+            if i.get("details", {}).get("coding", [{}])[0].get("code") == "search-reindex-pending"]
+
+
+def test_a_search_parameter_write_records_its_reindex_job_in_the_same_transaction(
+        fhir: httpx.Client, search_server: LiveServer) -> None:
+    """The job row commits with the SearchParameter (types and codes of the new and the old definition), is
+    run by the process that wrote it, and is closed when the existing resources are reindexed; a delete of the
+    parameter opens and closes another."""
+    before = set(_job_rows(search_server))
+    sp = {"resourceType": "SearchParameter", "id": "patient-birth-order", "status": "active", "name": "birthorder",
+          "url": "http://dhp.test/SearchParameter/patient-birth-order", "code": "birth-order",
+          "base": ["Patient"], "type": "number", "description": "Birth order",
+          "expression": "Patient.multipleBirth.ofType(integer)"}
+    r = fhir.put("/SearchParameter/patient-birth-order", json=sp, headers=H)
+    assert r.status_code in (200, 201), r.text
+    new = {k: v for k, v in _job_rows(search_server).items() if k not in before}
+    assert len(new) == 1
+    (job_id, row), = new.items()
+    assert row["codes"] == '["birth-order"]' and row["owner"] == search_server.server.search.owner
+    deadline = time.time() + 30
+    while _job_rows(search_server)[job_id]["finished"] is None and time.time() < deadline:
+        time.sleep(0.1)
+    row = _job_rows(search_server)[job_id]
+    assert row["finished"] is not None and row["error"] is None
+    assert row["types"] == '["Patient"]' and row["total"] == row["done"] > 0  # the data set has Patients
+    assert fhir.delete("/SearchParameter/patient-birth-order").status_code in (200, 204)
+    later = {k: v for k, v in _job_rows(search_server).items() if k not in before and k != job_id}
+    assert [v["codes"] for v in later.values()] == ['["birth-order"]']
+
+
+def test_searches_on_a_parameter_being_reindexed_say_matches_may_be_missing(
+        fhir: httpx.Client, search_server: LiveServer) -> None:
+    """An open job (another process runs it: fresh heartbeat) makes every search naming its parameter carry a
+    warning — directly, chained, in ``_sort`` — and no other search; once closed, the warning goes."""
+    job_id = 4_000_000_001
+    _add_job(search_server, job_id, ["Patient"], ["family"], "another-process", age_s=0)
+    try:
+        _sync_jobs(search_server)
+        b = get(fhir, "/Patient?family=karimov")
+        assert ids(b) == ["pat1"]  # the rows there are still searched
+        warned = _reindex_warnings(b)
+        assert len(warned) == 1 and "family" in warned[0] and str(job_id) in warned[0]
+        assert _reindex_warnings(get(fhir, "/Patient?gender=male&_sort=family"))
+        assert _reindex_warnings(get(fhir, "/Observation?subject:Patient.family=karimov"))
+        assert not _reindex_warnings(get(fhir, "/Patient?gender=male"))
+        assert not _reindex_warnings(get(fhir, "/Organization?name=toshkent"))  # no family on Organization
+        assert _job_rows(search_server)[job_id]["owner"] == "another-process"  # alive: not taken over
+    finally:
+        _finish_job(search_server, job_id)
+    _sync_jobs(search_server)
+    assert not _reindex_warnings(get(fhir, "/Patient?family=karimov"))
+
+
+def test_a_reindex_job_whose_process_stopped_is_taken_over(fhir: httpx.Client, search_server: LiveServer) -> None:
+    """A job left open by a process that died (stale heartbeat) is claimed and run by another: rows it never
+    wrote appear, and the job is closed under its new owner."""
+    from sqlalchemy import delete
+
+    from dhp.store.search import TABLES
+
+    p = {"resourceType": "Patient", "id": "orphan-job", "name": [{"family": "Qaytaindeksov"}]}
+    assert fhir.put("/Patient/orphan-job", json=p, headers=H).status_code in (200, 201)
+    t = TABLES["string"]
+
+    async def drop_rows() -> None:  # as if the parameter had changed and its job never ran
+        async with search_server.server.store.begin() as tx:
+            await tx.conn.execute(delete(t).where(t.c.type == "Patient", t.c.id == "orphan-job",
+                                                  t.c.code == "family"))
+
+    _on_loop(search_server, drop_rows())
+    try:
+        assert ids(get(fhir, "/Patient?family=qaytaindeksov")) == []
+        job_id = 4_000_000_002
+        _add_job(search_server, job_id, ["Patient"], ["family"], "a-process-that-died", age_s=600)
+        _sync_jobs(search_server)
+        deadline = time.time() + 30
+        while _job_rows(search_server)[job_id]["finished"] is None and time.time() < deadline:
+            time.sleep(0.1)
+        row = _job_rows(search_server)[job_id]
+        assert row["finished"] is not None and row["error"] is None
+        assert row["owner"] == search_server.server.search.owner
+        assert ids(get(fhir, "/Patient?family=qaytaindeksov")) == ["orphan-job"]
+    finally:
+        assert fhir.delete("/Patient/orphan-job").status_code in (200, 204)

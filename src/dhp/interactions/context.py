@@ -63,12 +63,14 @@ class Server:
         await self.sync_conformance()
 
     async def sync_conformance(self) -> None:
-        """Reload API-written conformance resources if any process changed them since we last looked."""
+        """Reload API-written conformance resources if any process changed them since we last looked, and read
+        the open search reindex jobs (searches on their parameters warn; a stopped one is taken over)."""
         epoch = await self.store.conformance_epoch()
-        if epoch == self._epoch_seen:
-            return
-        from dhp import fhirjson
+        if epoch != self._epoch_seen:
+            from dhp import fhirjson
 
-        overlay = [fhirjson.fast_loads(c) for c in await self.store.api_resources_of_types(CANONICAL_TYPES)]
-        self.registry.set_overlay(overlay, epoch)
-        self._epoch_seen = epoch
+            overlay = [fhirjson.fast_loads(c) for c in await self.store.api_resources_of_types(CANONICAL_TYPES)]
+            self.registry.set_overlay(overlay, epoch)
+            self._epoch_seen = epoch
+        if self.search is not None:
+            await self.search.sync_jobs(self.store)

@@ -248,14 +248,19 @@ async def _store(server: Server, tx: WriteTx, rtype: str, rid: str, resource: di
     if server.search is not None:
         await server.search.index(tx, rtype, rid, resource, old=cur)
     if rtype in CANONICAL_TYPES:
-        _conformance_changed(server, tx)
+        await _conformance_changed(server, tx, rtype, resource, cur)
     return rec
 
 
-def _conformance_changed(server: Server, tx: WriteTx) -> None:
+async def _conformance_changed(server: Server, tx: WriteTx, rtype: str, new: dict[str, Any] | None,
+                               cur: StoredResource | None) -> None:
+    """``new``: the resource as written (None: deleted); ``cur``: the version it replaces."""
     tx.mark_conformance_changed()
     if server.search is not None:
         server.search.changed_here(server.store)
+        if rtype == "SearchParameter":
+            old = fhirjson.fast_loads(cur.content) if cur is not None and not cur.deleted else None
+            await server.search.record_change(tx, new, old)
     if server.sync_conformance not in tx.after_commit:
         tx.after_commit.append(server.sync_conformance)
 
@@ -450,7 +455,7 @@ async def delete(server: Server, ctx: RequestContext, rtype: str, rid: str, *, i
         if server.search is not None:
             await server.search.unindex(t, rtype, rid)
         if rtype in CANONICAL_TYPES:
-            _conformance_changed(server, t)
+            await _conformance_changed(server, t, rtype, None, cur)
         return WriteResult(rec, 200)
 
     return await _in_tx(server, tx, work)

@@ -210,7 +210,7 @@ async def _search(server: Any, ctx: Any, types: list[str] | None, params: list[t
         after, backward = _decode_cursor(cursor)
         _check_cursor(after, q.sort, search_types is not None and len(search_types) == 1)
     count_only = q.summary == "count" or q.count == 0
-    issues: list[Issue] = list(q.issues)
+    issues: list[Issue] = list(q.issues) + eng.reindex_warnings(search_types, params)
     async with store.read_conn() as conn:
         await sql.prepare_read(conn, store.is_sqlite)
         total: int | None = None

@@ -7,6 +7,7 @@ import hashlib
 import importlib.metadata
 import logging
 import math
+import secrets
 import sys
 import time
 from collections.abc import Iterable
@@ -20,7 +21,7 @@ import orjson
 
 from dhp import fhirjson
 from dhp.conformance import Registry
-from dhp.errors import FHIRError
+from dhp.errors import FHIRError, Issue
 from dhp.search import shared
 from dhp.search.compiled import Run, compile_run
 from dhp.search.extract import TABLE_OF, ParamExtractor, stem
@@ -68,6 +69,11 @@ class _Run:
 
 #: Sets of property names remembered per resource type.
 PLAN_SHAPES = 512
+#: An open reindex job whose heartbeat is older than this many seconds has lost its process (a job renews it
+#: with every chunk of 500 resources): another process takes it over.
+REINDEX_STALE = 60.0
+#: Types meaning "every resource type" in a SearchParameter's base.
+_ALL_TYPES = frozenset({"Resource", "DomainResource"})
 #: Lists of extractors generated as functions, per engine; beyond it the general loop runs them. Shapes map
 #: to far fewer lists (elements no parameter reads change nothing), but clients choose the shapes: one function
 #: and its source take up to ~110 KiB (a type's every parameter), so the bound keeps them under ~60 MiB.
@@ -155,6 +161,14 @@ class SearchEngine:
         self._reindex_next = False
         self.jobs: list[ReindexJob] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: This process's name in the reindex job table (``search_reindex``).
+        self.owner = secrets.token_hex(8)
+        #: Job rows written by this process's transactions, for the reindex its next own reload starts.
+        self._own_rows: list[int] = []
+        #: Open jobs in the table, as last read (:meth:`sync_jobs`), by parameter code ("*": every code).
+        self._pending: dict[str, list[sql.ReindexRow]] = {}
+        #: Job rows this process runs now.
+        self._running: set[int] = set()
         registry.listeners.append(self.reload)
 
     # ------------------------------------------------------------------ parameters
@@ -180,6 +194,26 @@ class SearchEngine:
         self.store = store
         self._reindex_next = True
 
+    async def record_change(self, tx: Any, new: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
+        """A SearchParameter is written or deleted in ``tx``: its reindex job is recorded in the same
+        transaction, open until done, so every process knows from the commit on that searches on it can miss
+        matches (:meth:`reindex_warnings`) and a job whose process stops is taken over (:meth:`sync_jobs`).
+        The job itself starts at this process's reload after the commit (:meth:`reload`)."""
+        types: set[str] = set()
+        codes: set[str] = set()
+        for sp in (new, old):
+            if not isinstance(sp, dict):
+                continue
+            base, code = sp.get("base"), sp.get("code")
+            types.update(b for b in (base if isinstance(base, list) else [base]) if isinstance(b, str))
+            if isinstance(code, str):
+                codes.add(code)
+        if not types or not codes:
+            return
+        job_id = secrets.randbits(62)
+        await sql.open_reindex_job(tx.conn, job_id, sorted(types), sorted(codes), self.owner)
+        self._own_rows.append(job_id)
+
     def reload(self) -> None:
         """Registry listener: API-written conformance changed. New parameters apply at once to searches and
         writes; existing data is reindexed for new or changed parameters in the background, by the process
@@ -200,7 +234,12 @@ class SearchEngine:
         self._signature = new
         changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))  # removed ones too
         own, self._reindex_next = self._reindex_next, False
-        if not changed or not old or self.store is None or not own:
+        rows, self._own_rows = self._own_rows, []
+        if self.store is None or not own:
+            return
+        if not changed or not old:
+            if rows:  # the definitions came out the same: nothing to rebuild
+                self._spawn(self._finish_rows(self.store, rows))
             return
         by_code: dict[str, set[str]] = {}
         for base, code in changed:
@@ -219,13 +258,88 @@ class SearchEngine:
                 types = set(self.params.resource_types)
                 break
             types |= bases & set(self.params.resource_types)
+        self._spawn(self.reindex(self.store, sorted(types), sorted(by_code), rows=rows))
+
+    def _spawn(self, coro: Any) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # no loop here (a CLI command): `$reindex` does it
-        task = loop.create_task(self.reindex(self.store, sorted(types), sorted(by_code)))
+            coro.close()
+            return  # no loop here (a CLI command): `$reindex` does it; open job rows are taken over
+        task = loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _finish_rows(self, store: Any, rows: list[int], error: str | None = None) -> None:
+        try:
+            async with store.begin() as tx:
+                await sql.finish_reindex_jobs(tx.conn, rows, self.owner, error)
+        except Exception:  # left open: taken over once stale, and done again
+            log.exception("could not close reindex jobs %s", rows)
+            return
+        # Here at once; other processes see it at their next poll.
+        done = set(rows)
+        self._pending = {c: kept for c, lst in self._pending.items() if (kept := [r for r in lst if r.id not in done])}
+
+    async def sync_jobs(self, store: Any) -> None:
+        """Read the open reindex jobs (every process, on its conformance poll): searches on their parameters
+        warn. A job whose heartbeat is stale lost its process; one process claims it and runs it again."""
+        async with store.read_conn() as conn:
+            open_rows = await sql.open_reindex_jobs(conn)
+        pending: dict[str, list[sql.ReindexRow]] = {}
+        for row in open_rows:
+            for code in row.codes if row.codes is not None else ["*"]:
+                pending.setdefault(code, []).append(row)
+        self._pending = pending
+        stale = time.time_ns() // 1000 - int(REINDEX_STALE * 1e6)
+        for row in open_rows:
+            if row.heartbeat >= stale or row.id in self._running:
+                continue
+            async with store.begin() as tx:
+                won = await sql.claim_reindex_job(tx.conn, row.id, row.heartbeat, self.owner)
+            if won:
+                log.warning("taking over reindex job %s of %s (its process stopped)", row.id, row.owner)
+                self.store = store
+                types = None if _ALL_TYPES & set(row.types) else row.types
+                self._running.add(row.id)
+                self._spawn(self.reindex(store, types, row.codes, rows=[row.id]))
+
+    def reindex_warnings(self, types: list[str] | None, params: Iterable[tuple[str, str]]) -> list[Issue]:
+        """Warnings for a search naming a parameter whose reindex job is open (its rows are being rebuilt):
+        ``types`` searched (None: all). Chained and ``_has`` parameters count on any type."""
+        if not self._pending:
+            return []
+        direct: set[str] = set()
+        indirect: set[str] = set()
+        for key, value in params:
+            if key in ("_sort",):
+                direct.update(v.strip().lstrip("-") for v in value.split(",") if v.strip())
+                continue
+            if key.startswith(("_include", "_revinclude")):
+                parts = value.split(":")
+                if len(parts) > 1:
+                    indirect.add(parts[1])
+                continue
+            parts = key.replace(".", ":").split(":")
+            if key.startswith("_has:") or "." in key:
+                indirect.update(parts)
+            else:
+                direct.add(parts[0])
+        found: dict[int, tuple[sql.ReindexRow, set[str]]] = {}
+        for code in sorted(direct | indirect):
+            for row in self._pending.get(code, []) + self._pending.get("*", []):
+                if code in indirect or types is None or _ALL_TYPES & set(row.types) or set(types) & set(row.types):
+                    found.setdefault(row.id, (row, set()))[1].add(code)
+        out = []
+        for row, codes in found.values():
+            progress = f"{row.done} of {row.total}" if row.total else "not started"
+            out.append(Issue(
+                "warning", "incomplete",
+                f"Search parameter {', '.join(sorted(codes))} changed and the index of existing "
+                f"{', '.join(row.types)} resources is being rebuilt (reindex job {row.id}: {progress}); until it "
+                "finishes, matches can be missing and resources can match by the old definition",
+                message_id="search-reindex-pending"))
+        return out
 
     def check_definition(self, sp: dict[str, Any]) -> list[Any]:
         """Errors (``Issue``) that must refuse a SearchParameter written through the API."""
@@ -641,12 +755,19 @@ class SearchEngine:
     # ------------------------------------------------------------------ reindexing
 
     async def reindex(self, store: Any, types: list[str] | None = None, codes: list[str] | None = None,
-                      job: ReindexJob | None = None, batch: int = 500) -> ReindexJob:
-        """Rebuild index rows of the given types (all present when None), for ``codes`` only or all."""
+                      job: ReindexJob | None = None, batch: int = 500, rows: list[int] | None = None,
+                      ) -> ReindexJob:
+        """Rebuild index rows of the given types (all present when None), for ``codes`` only or all.
+        ``rows``: this process's open job rows in ``search_reindex`` that this run does: their heartbeat is
+        renewed with every chunk, and they are closed at the end."""
         if job is None:
             job = ReindexJob(len(self.jobs) + 1, list(types or []), codes)
             self.jobs.append(job)
             del self.jobs[:-20]
+        rows = rows or []
+        self._running.update(rows)
+        error: str | None = None
+        covers = sorted(types) if types is not None else ["Resource"]  # what the job rows will say
         try:
             async with store.read_conn() as conn:
                 present = await sql.types_present(conn)
@@ -656,6 +777,12 @@ class SearchEngine:
                 job.types = types
                 for t in types:
                     job.total += await sql.count_type(conn, t)
+            if rows:
+                async with store.begin() as tx:
+                    mine = await sql.beat_reindex_jobs(tx.conn, rows, self.owner, 0, job.total, types=covers,
+                                                       codes=codes)
+                if not mine:
+                    return job  # taken over meanwhile: the other process does it
             wanted = set(codes) if codes else None
             for t in types:
                 job.current_type = t
@@ -666,13 +793,20 @@ class SearchEngine:
                         if not chunk:
                             break
                         await self._reindex_chunk(tx, t, chunk, wanted)
+                        if rows and not await sql.beat_reindex_jobs(tx.conn, rows, self.owner,
+                                                                    job.done + len(chunk), job.total):
+                            return job  # presumed gone and taken over: the other process finishes it
                     after = chunk[-1][0]
                     job.done += len(chunk)
                     await asyncio.sleep(0)
         except Exception as e:
-            job.error = str(e)
+            job.error = error = str(e)
             log.exception("reindex failed")
-        job.finished = time.time()
+        finally:
+            job.finished = time.time()
+            if rows:
+                await self._finish_rows(store, rows, error)
+                self._running.difference_update(rows)
         return job
 
     async def _reindex_chunk(self, tx: Any, rtype: str, chunk: list[tuple[str, bytes]],

@@ -25,8 +25,10 @@ from sqlalchemy import (
     Column,
     Float,
     Index,
+    Integer,
     String,
     Table,
+    Text,
     and_,
     bindparam,
     case,
@@ -136,6 +138,83 @@ TABLES: dict[str, Table] = {"string": string_t, "token": token_t, "reference": r
 COLUMNS: dict[str, tuple[str, ...]] = {k: tuple(c.name for c in t.columns)[3:] for k, t in TABLES.items()}
 
 SearchRow = tuple[str, str, str, tuple[Any, ...]]  # (table kind, type, id, code + values)
+
+#: Reindex jobs a SearchParameter change started. A job's row is written in the transaction that changes the
+#: parameter and stays open until every resource of its types has been reindexed: every process reads the open
+#: ones (searches on their parameters say that matches may be missing), and a job whose process stopped
+#: beating is taken over by another.
+reindex_jobs = Table(
+    "search_reindex", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("types", Text, nullable=False),  # JSON list of resource types ("Resource": all)
+    Column("codes", Text, nullable=True),  # JSON list of parameter codes; NULL: all of the types' parameters
+    Column("owner", String(64), nullable=False),  # the process running it (SearchEngine.owner)
+    Column("heartbeat", BigInteger, nullable=False),  # µs since the epoch, renewed with every chunk
+    Column("done", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("finished", BigInteger, nullable=True),
+    Column("error", Text, nullable=True),
+)
+
+
+@dataclass
+class ReindexRow:
+    """An open reindex job as the table has it."""
+
+    id: int
+    types: list[str]
+    codes: list[str] | None
+    owner: str
+    heartbeat: int
+    done: int
+    total: int
+
+
+async def open_reindex_job(conn: Any, job_id: int, types: Sequence[str], codes: Sequence[str] | None,
+                           owner: str) -> None:
+    """Record an open job (inside the transaction that makes it necessary)."""
+    await conn.execute(insert(reindex_jobs).values(
+        id=job_id, types=orjson.dumps(sorted(types)).decode(),
+        codes=None if codes is None else orjson.dumps(sorted(codes)).decode(), owner=owner,
+        heartbeat=time.time_ns() // 1000, done=0, total=0))
+
+
+async def open_reindex_jobs(conn: AsyncConnection) -> list[ReindexRow]:
+    j = reindex_jobs
+    q = (select(j.c.id, j.c.types, j.c.codes, j.c.owner, j.c.heartbeat, j.c.done, j.c.total)
+         .where(j.c.finished.is_(None)).order_by(j.c.id))
+    return [ReindexRow(r[0], orjson.loads(r[1]), None if r[2] is None else orjson.loads(r[2]), r[3], r[4], r[5],
+                       r[6]) for r in (await conn.execute(q)).all()]
+
+
+async def beat_reindex_jobs(conn: Any, ids: Sequence[int], owner: str, done: int, total: int,
+                            types: Sequence[str] | None = None, codes: Sequence[str] | None = None) -> int:
+    """Renew the heartbeat (and progress) of ``owner``'s open jobs ``ids``; ``types``/``codes``: what the jobs
+    turned out to cover. How many rows are still ``owner``'s (0: another process took them over)."""
+    j = reindex_jobs
+    values: dict[str, Any] = {"heartbeat": time.time_ns() // 1000, "done": done, "total": total}
+    if types is not None:
+        values["types"] = orjson.dumps(sorted(types)).decode()
+        values["codes"] = None if codes is None else orjson.dumps(sorted(codes)).decode()
+    r = await conn.execute(update(j).where(j.c.id.in_(list(ids)), j.c.owner == owner, j.c.finished.is_(None))
+                           .values(**values))
+    return int(r.rowcount or 0)
+
+
+async def claim_reindex_job(conn: Any, job_id: int, seen_heartbeat: int, owner: str) -> bool:
+    """Take over an open job whose heartbeat is still the stale one seen: one process wins."""
+    j = reindex_jobs
+    r = await conn.execute(update(j).where(j.c.id == job_id, j.c.heartbeat == seen_heartbeat,
+                                           j.c.finished.is_(None))
+                           .values(owner=owner, heartbeat=time.time_ns() // 1000))
+    return bool(r.rowcount)
+
+
+async def finish_reindex_jobs(conn: Any, ids: Sequence[int], owner: str, error: str | None = None) -> None:
+    j = reindex_jobs
+    await conn.execute(update(j).where(j.c.id.in_(list(ids)), j.c.owner == owner, j.c.finished.is_(None))
+                       .values(finished=time.time_ns() // 1000, heartbeat=time.time_ns() // 1000,
+                               error=error))
 
 
 # ------------------------------------------------------------------ writing
