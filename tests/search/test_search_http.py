@@ -775,7 +775,8 @@ def _job_rows(live: LiveServer) -> dict[int, dict[str, Any]]:
     return _on_loop(live, rows())
 
 
-def _add_job(live: LiveServer, job_id: int, types: list[str], codes: list[str], owner: str, age_s: float) -> None:
+def _add_job(live: LiveServer, job_id: int, types: list[str], codes: list[str] | None, owner: str,
+             age_s: float) -> None:
     import json as _json
 
     from sqlalchemy import insert
@@ -785,7 +786,7 @@ def _add_job(live: LiveServer, job_id: int, types: list[str], codes: list[str], 
     async def add() -> None:
         async with live.server.store.begin() as tx:
             await tx.conn.execute(insert(reindex_jobs).values(
-                id=job_id, types=_json.dumps(types), codes=_json.dumps(codes), owner=owner,
+                id=job_id, types=_json.dumps(types), codes=None if codes is None else _json.dumps(codes), owner=owner,
                 heartbeat=time.time_ns() // 1000 - int(age_s * 1e6), done=0, total=0))
 
     _on_loop(live, add())
@@ -862,6 +863,17 @@ def test_searches_on_a_parameter_being_reindexed_say_matches_may_be_missing(
         _finish_job(search_server, job_id)
     _sync_jobs(search_server)
     assert not _reindex_warnings(get(fhir, "/Patient?family=karimov"))
+    # A job over all of a type's parameters: any search parameter on it warns, result parameters alone do not.
+    job_id = 4_000_000_003
+    _add_job(search_server, job_id, ["Organization"], None, "another-process", age_s=0)
+    try:
+        _sync_jobs(search_server)
+        assert _reindex_warnings(get(fhir, "/Organization?name=toshkent"))
+        assert not _reindex_warnings(get(fhir, "/Organization?_count=5&_total=accurate"))
+        assert not _reindex_warnings(get(fhir, "/Patient?gender=male"))
+    finally:
+        _finish_job(search_server, job_id)
+    _sync_jobs(search_server)
 
 
 def test_a_reindex_job_whose_process_stopped_is_taken_over(fhir: httpx.Client, search_server: LiveServer) -> None:

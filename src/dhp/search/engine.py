@@ -74,6 +74,9 @@ PLAN_SHAPES = 512
 REINDEX_STALE = 60.0
 #: Types meaning "every resource type" in a SearchParameter's base.
 _ALL_TYPES = frozenset({"Resource", "DomainResource"})
+#: Search result parameters: they name no parameter whose rows a reindex rebuilds.
+_RESULT_PARAMS = frozenset({"_count", "_summary", "_elements", "_total", "_format", "_pretty", "_contained",
+                            "_containedType", "_maxresults", "_score", "_graph", "_cursor"})
 #: Lists of extractors generated as functions, per engine; beyond it the general loop runs them. Shapes map
 #: to far fewer lists (elements no parameter reads change nothing), but clients choose the shapes: one function
 #: and its source take up to ~110 KiB (a type's every parameter), so the bound keeps them under ~60 MiB.
@@ -312,7 +315,9 @@ class SearchEngine:
         direct: set[str] = set()
         indirect: set[str] = set()
         for key, value in params:
-            if key in ("_sort",):
+            if key in _RESULT_PARAMS:
+                continue
+            if key == "_sort":
                 direct.update(v.strip().lstrip("-") for v in value.split(",") if v.strip())
                 continue
             if key.startswith(("_include", "_revinclude")):
