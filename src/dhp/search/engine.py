@@ -769,8 +769,8 @@ class SearchEngine:
             job = ReindexJob(len(self.jobs) + 1, list(types or []), codes)
             self.jobs.append(job)
             del self.jobs[:-20]
-        rows = rows or []
-        self._running.update(rows)
+        rows = held = rows or []
+        self._running.update(held)
         error: str | None = None
         covers = sorted(types) if types is not None else ["Resource"]  # what the job rows will say
         try:
@@ -787,7 +787,9 @@ class SearchEngine:
                     mine = await sql.beat_reindex_jobs(tx.conn, rows, self.owner, 0, job.total, types=covers,
                                                        codes=codes)
                 if not mine:
-                    return job  # taken over meanwhile: the other process does it
+                    # Not committed yet (a transaction still open when this reload came), or taken over: the
+                    # change seen here is reindexed all the same; the rows are closed by whoever owns them.
+                    rows = []
             wanted = set(codes) if codes else None
             for t in types:
                 job.current_type = t
@@ -811,7 +813,7 @@ class SearchEngine:
             job.finished = time.time()
             if rows:
                 await self._finish_rows(store, rows, error)
-                self._running.difference_update(rows)
+            self._running.difference_update(held)
         return job
 
     async def _reindex_chunk(self, tx: Any, rtype: str, chunk: list[tuple[str, bytes]],
