@@ -232,8 +232,7 @@ def report(run: dict[str, object]) -> str:
              f"| empty endpoint (ceiling, mean of its 4 runs) | {overall:,.0f} | "
              f"{_mean(ceilings, 'p50_ms'):.2f} | {_mean(ceilings, 'p99_ms'):.2f} | "
              f"{sum(c['errors'] for c in ceilings):.0f} | {each} | 1.00 | | "
-             f"{_cpu({'v': _mean(ceilings, 'server_cpu_us')}, 'v')} | "
-             f"{_cpu({'v': _mean(ceilings, 'db_cpu_us')}, 'v')} |"]
+             f"{_us(_mean(ceilings, 'server_cpu_us'))} | {_us(_mean(ceilings, 'db_cpu_us'))} |"]
     for i, k in enumerate(("read", "create", "update")):
         r = res[k]
         before, after = ceilings[i]["rps"], ceilings[i + 1]["rps"]
@@ -241,7 +240,7 @@ def report(run: dict[str, object]) -> str:
         ok = "met" if ratio >= TARGETS[k] and r["errors"] == 0 else "NOT met"
         lines.append(f"| {k} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']:.0f} | "
                      f"{before:,.0f} / {after:,.0f} | {ratio:.2f} | ≥ {TARGETS[k]:.2f} ({ok}) | "
-                     f"{_cpu(r, 'server_cpu_us')} | {_cpu(r, 'db_cpu_us')} |")
+                     f"{_us(r.get('server_cpu_us', float('nan')))} | {_us(r.get('db_cpu_us', float('nan')))} |")
     return "\n".join(lines)
 
 
@@ -249,8 +248,7 @@ def _mean(rows: list[dict[str, float]], key: str) -> float:
     return sum(r.get(key, float("nan")) for r in rows) / len(rows)
 
 
-def _cpu(r: dict[str, float], key: str) -> str:
-    v = r.get(key, float("nan"))
+def _us(v: float) -> str:
     return "—" if v != v else f"{v:,.0f}"
 
 
